@@ -1,0 +1,118 @@
+"""Backend dispatch: the C++ extension when it loads, else the NumPy reference.
+
+The kernel contract
+-------------------
+Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same two
+functions, which work on one whole stack of layers and directions, time-major:
+
+``stack_forward(cell, x, h0, c0, weights, lengths, dropout_masks, keep_tape)``
+    cell           "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
+    x              (T, B, I) C-contiguous, float32 or float64 (every array below has x's dtype)
+    h0             (L*D, B, H) C-contiguous, ordered l0-fwd, l0-bwd, l1-fwd, ...
+    c0             (L*D, B, H) for "lstm", else None
+    weights        list of L*D tuples (w_ih (G*H, I_k), w_hh (G*H, H), b_ih (G*H,), b_hh (G*H,)),
+                   same order as h0; I_0 = I, I_k = D*H for k > 0; G = 1, 4, 3 for rnn, lstm, gru;
+                   gate rows stacked as PyTorch stacks them (lstm i,f,g,o; gru r,z,n)
+    lengths        int64 (B,) with every value in [1, T], any order; or None (all T)
+    dropout_masks  None, or a list of L-1 arrays (T, B, D*H), multiplied into the output of
+                   layer k before layer k+1 reads it (already scaled by 1/(1-p))
+    keep_tape      False: inference, tape is None
+    returns (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H) or None, tape)
+
+    Lengths follow PyTorch's packed sequences: out[t, b] = 0 for t >= lengths[b]; the forward
+    direction's final state is its state after step lengths[b]-1; the reverse direction starts
+    from h0 at step lengths[b]-1 and ends at step 0.
+
+``stack_backward(tape, d_out, d_h_n, d_c_n)``
+    d_out (T, B, D*H); d_h_n (L*D, B, H); d_c_n (L*D, B, H) for "lstm", else None
+    returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights), d_weights shaped like
+    weights (a list of L*D tuples of 4 arrays); gradients are summed over time steps.
+
+The tape is opaque to callers and stays valid after the caller changes or drops its arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+from . import reference
+
+BACKENDS = ("auto", "cpp", "numpy")
+
+try:
+    from . import _core  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # the extension did not build or does not load here
+    _core = None
+    _IMPORT_ERROR = exc
+
+_warned_fallback = False
+
+
+def cpp_available() -> bool:
+    """True when the compiled extension loaded and provides the RNN kernels."""
+    return _core is not None and hasattr(_core, "stack_forward")
+
+
+def resolve(backend: str) -> str:
+    """Turn "auto" | "cpp" | "numpy" into the concrete backend name, or raise."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numpy":
+        return "numpy"
+    if cpp_available():
+        return "cpp"
+    if backend == "cpp":
+        why = (
+            f"it failed to import: {_IMPORT_ERROR}"
+            if _core is None
+            else "this build has no RNN kernels"
+        )
+        raise RuntimeError(f"backend='cpp' requested but the C++ extension is unavailable: {why}")
+    if not _warned_fallback:
+        warnings.warn(
+            "pyrnn: C++ extension unavailable, using the (slower) NumPy reference backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned_fallback = True
+    return "numpy"
+
+
+def kernels(backend: str) -> ModuleType:
+    """The module implementing the kernel contract for a resolved backend name."""
+    return _core if backend == "cpp" else reference  # type: ignore[return-value]
+
+
+def set_num_threads(n: int) -> None:
+    """Set how many threads the C++ kernels use (the NumPy reference is unaffected)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    if _core is not None and hasattr(_core, "set_num_threads"):
+        _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    if _core is not None and hasattr(_core, "get_num_threads"):
+        return int(_core.get_num_threads())
+    return 1
+
+
+def backend_info() -> dict[str, Any]:
+    """Which backend ``backend="auto"`` uses, and how the C++ core was built."""
+    info: dict[str, Any] = {
+        "active": "cpp" if cpp_available() else "numpy",
+        "cpp_available": cpp_available(),
+        "num_threads": get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+    }
+    if _core is not None:
+        info.update(_core.build_info())
+    else:
+        info["import_error"] = str(_IMPORT_ERROR)
+    return info

@@ -1,0 +1,109 @@
+"""The base every pyrnn layer and model shares: named parameters, their gradients, modes.
+
+A module owns ``params`` and ``grads``, two dicts of NumPy arrays with the same keys. The arrays
+keep their identity for the module's life: ``zero_grad`` zeroes them in place, backward adds into
+them in place, ``load_state_dict`` copies into them. Optimizers rely on that.
+
+Child modules assigned as attributes are registered by name, as in PyTorch, so a model's
+``state_dict()`` holds ``"rnn.weight_ih_l0"``, ``"head.weight"`` and so on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Within this block, forward passes keep no tape (as ``torch.no_grad``)."""
+    global _grad_enabled
+    previous = _grad_enabled
+    _grad_enabled = False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class Module:
+    """Named parameters with gradients, child modules, train/eval mode."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "params", {})
+        object.__setattr__(self, "grads", {})
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, Module):
+            self._children[name] = value
+        object.__setattr__(self, name, value)
+
+    def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Register a parameter and its zeroed gradient; returns the parameter array."""
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+        return value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, parameter, gradient) for this module and its children, depth first."""
+        for name, value in self.params.items():
+            yield prefix + name, value, self.grads[name]
+        for child_name, child in self._children.items():
+            yield from child.named_parameters(prefix + child_name + ".")
+
+    def zero_grad(self) -> None:
+        for _, _, grad in self.named_parameters():
+            grad.fill(0)
+
+    def train(self, mode: bool = True) -> Module:
+        object.__setattr__(self, "training", bool(mode))
+        for child in self._children.values():
+            child.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def num_parameters(self) -> int:
+        return sum(value.size for _, value, _ in self.named_parameters())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter, keyed by PyTorch-style dotted names."""
+        return {name: value.copy() for name, value, _ in self.named_parameters()}
+
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Copy parameters in, after checking every key and shape first (never half-loads)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        own = {name: value for name, value, _ in self.named_parameters()}
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"state_dict keys do not match {type(self).__name__}: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        incoming = {}
+        for name, target in own.items():
+            value = np.asarray(state_dict[name])
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"state_dict[{name!r}] has shape {value.shape}, expected {target.shape}"
+                )
+            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                raise TypeError(
+                    f"state_dict[{name!r}] has dtype {value.dtype}, expected a real number type"
+                )
+            incoming[name] = value
+        for name, target in own.items():
+            np.copyto(target, incoming[name], casting="unsafe")
