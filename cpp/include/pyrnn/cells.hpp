@@ -1,0 +1,188 @@
+// The cell math, one struct per cell: gate count, pointwise forward, pointwise backward.
+//
+// Both passes work on one time step and on a block of hidden units [j0, j0 + w) of the n active
+// rows, so that each thread of the sequence driver can own a slice of the hidden units. All
+// pointers below are already offset to unit j0; rows of every (·, H)-shaped buffer are H apart.
+#pragma once
+
+#include "pyrnn/types.hpp"
+
+namespace pyrnn {
+
+// Row r, gate g of a (rows, G·H)-shaped buffer: `p + r * ld + g * gate_stride`.
+template <typename S>
+struct GateView {
+  S* p;
+  Index ld;
+  Index gate_stride;
+  S* at(Index r, Index g) const { return p + r * ld + g * gate_stride; }
+};
+
+template <typename S>
+struct StepForward {
+  Index n, w, H;
+  GateView<S> gates;         // in: x W_ih^T + b_ih; out: the activated gates (kept on the tape)
+  GateView<const S> hh;      // h_prev W_hh^T, without bias
+  const S* b_hh;             // gate stride H
+  const S* h_prev;           // (n, w)
+  S* h;                      // (n, w) out: the new hidden state
+  S* c;                      // lstm only, (n, w) in: c_prev, out: c
+  S* aux;                    // lstm: tanh(c); gru: W_hn h_prev + b_hn; (n, w)
+};
+
+template <typename S>
+struct StepBackward {
+  Index n, w, H;
+  GateView<const S> gates;   // activated gates from the forward pass
+  const S* aux;
+  const S* h_prev;
+  const S* c_prev;
+  S* dh;                     // in: dL/dh_t; out: the part of dL/dh_prev that bypasses W_hh
+  S* dc;                     // lstm, in: dL/dc_t from later steps; out: dL/dc_prev
+  GateView<S> d_gates;       // dL/d(pre-activation gates), the x side (and h side unless gru)
+  GateView<S> d_gates_hh;    // gru only: the h side differs in its n block
+};
+
+struct Tanh {
+  template <typename A>
+  static auto f(const A& a) { return a.tanh(); }
+  // derivative written through the output y = tanh(a)
+  template <typename A>
+  static auto df(const A& y) { return 1 - y.square(); }
+};
+
+struct Relu {
+  template <typename A>
+  static auto f(const A& a) { return a.cwiseMax(typename A::Scalar(0)); }
+  template <typename A>
+  static auto df(const A& y) { return (y > typename A::Scalar(0)).template cast<typename A::Scalar>(); }
+};
+
+// h = act(W_ih x + b_ih + W_hh h_prev + b_hh)
+template <class Act>
+struct RnnCell {
+  static constexpr Index G = 1;
+  static constexpr bool has_c = false;
+  static constexpr bool has_aux = false;
+  static constexpr bool split_hh_grad = false;
+  static constexpr bool dh_bypasses_w_hh = false;
+
+  template <typename S>
+  static void forward(const StepForward<S>& s) {
+    const auto b = carr(s.b_hh, s.w);
+    for (Index r = 0; r < s.n; ++r) {
+      auto a = arr(s.gates.at(r, 0), s.w);
+      a = Act::f(a + carr(s.hh.at(r, 0), s.w) + b);
+      arr(s.h + r * s.H, s.w) = a;
+    }
+  }
+
+  template <typename S>
+  static void backward(const StepBackward<S>& s) {
+    for (Index r = 0; r < s.n; ++r) {
+      const auto y = carr(s.gates.at(r, 0), s.w);
+      arr(s.d_gates.at(r, 0), s.w) = carr(s.dh + r * s.H, s.w) * Act::df(y);
+    }
+  }
+};
+
+using RnnTanhCell = RnnCell<Tanh>;
+using RnnReluCell = RnnCell<Relu>;
+
+// gates i, f, g, o;  c = f * c_prev + i * g;  h = o * tanh(c)
+struct LstmCell {
+  static constexpr Index G = 4;
+  static constexpr bool has_c = true;
+  static constexpr bool has_aux = true;
+  static constexpr bool split_hh_grad = false;
+  static constexpr bool dh_bypasses_w_hh = false;
+
+  template <typename S>
+  static void forward(const StepForward<S>& s) {
+    const Index w = s.w, H = s.H;
+    for (Index r = 0; r < s.n; ++r) {
+      auto i = arr(s.gates.at(r, 0), w);
+      auto f = arr(s.gates.at(r, 1), w);
+      auto g = arr(s.gates.at(r, 2), w);
+      auto o = arr(s.gates.at(r, 3), w);
+      i = (i + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w)).logistic();
+      f = (f + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w)).logistic();
+      g = (g + carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w)).tanh();
+      o = (o + carr(s.hh.at(r, 3), w) + carr(s.b_hh + 3 * H, w)).logistic();
+      auto c = arr(s.c + r * H, w);
+      auto tanh_c = arr(s.aux + r * H, w);
+      c = f * c + i * g;
+      tanh_c = c.tanh();
+      arr(s.h + r * H, w) = o * tanh_c;
+    }
+  }
+
+  template <typename S>
+  static void backward(const StepBackward<S>& s) {
+    const Index w = s.w, H = s.H;
+    for (Index r = 0; r < s.n; ++r) {
+      const auto i = carr(s.gates.at(r, 0), w);
+      const auto f = carr(s.gates.at(r, 1), w);
+      const auto g = carr(s.gates.at(r, 2), w);
+      const auto o = carr(s.gates.at(r, 3), w);
+      const auto tanh_c = carr(s.aux + r * H, w);
+      const auto c_prev = carr(s.c_prev + r * H, w);
+      const auto dh = carr(s.dh + r * H, w);
+      auto dc = arr(s.dc + r * H, w);
+      dc += dh * o * (1 - tanh_c.square());
+      arr(s.d_gates.at(r, 0), w) = dc * g * i * (1 - i);
+      arr(s.d_gates.at(r, 1), w) = dc * c_prev * f * (1 - f);
+      arr(s.d_gates.at(r, 2), w) = dc * i * (1 - g.square());
+      arr(s.d_gates.at(r, 3), w) = dh * tanh_c * o * (1 - o);
+      dc *= f;
+    }
+  }
+};
+
+// gates r, z, n;  n = tanh(W_in x + b_in + r * (W_hn h_prev + b_hn));  h = (1 - z) * n + z * h_prev
+struct GruCell {
+  static constexpr Index G = 3;
+  static constexpr bool has_c = false;
+  static constexpr bool has_aux = true;
+  static constexpr bool split_hh_grad = true;
+  static constexpr bool dh_bypasses_w_hh = true;
+
+  template <typename S>
+  static void forward(const StepForward<S>& s) {
+    const Index w = s.w, H = s.H;
+    for (Index r = 0; r < s.n; ++r) {
+      auto rg = arr(s.gates.at(r, 0), w);
+      auto z = arr(s.gates.at(r, 1), w);
+      auto n = arr(s.gates.at(r, 2), w);
+      auto hn = arr(s.aux + r * H, w);
+      rg = (rg + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w)).logistic();
+      z = (z + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w)).logistic();
+      hn = carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w);
+      n = (n + rg * hn).tanh();
+      arr(s.h + r * H, w) = (1 - z) * n + z * carr(s.h_prev + r * H, w);
+    }
+  }
+
+  template <typename S>
+  static void backward(const StepBackward<S>& s) {
+    const Index w = s.w, H = s.H;
+    for (Index r = 0; r < s.n; ++r) {
+      const auto rg = carr(s.gates.at(r, 0), w);
+      const auto z = carr(s.gates.at(r, 1), w);
+      const auto n = carr(s.gates.at(r, 2), w);
+      const auto hn = carr(s.aux + r * H, w);
+      const auto h_prev = carr(s.h_prev + r * H, w);
+      auto dh = arr(s.dh + r * H, w);
+      auto d_n = arr(s.d_gates.at(r, 2), w);
+      d_n = dh * (1 - z) * (1 - n.square());
+      arr(s.d_gates.at(r, 0), w) = d_n * hn * rg * (1 - rg);
+      arr(s.d_gates.at(r, 1), w) = dh * (h_prev - n) * z * (1 - z);
+      arr(s.d_gates_hh.at(r, 0), w) = carr(s.d_gates.at(r, 0), w);
+      arr(s.d_gates_hh.at(r, 1), w) = carr(s.d_gates.at(r, 1), w);
+      arr(s.d_gates_hh.at(r, 2), w) = d_n * rg;
+      dh *= z;
+    }
+  }
+};
+
+}  // namespace pyrnn

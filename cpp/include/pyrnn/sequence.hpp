@@ -1,0 +1,219 @@
+// The sequence driver: one direction of one layer over all time steps, forward and BPTT.
+//
+// Batch rows are sorted by length (longest first) by the stack driver, so at time t the active
+// sequences are the first batch_sizes[t] rows and only they do work. Within a time loop the
+// threads of a team each own a slice of the hidden units: each computes the recurrent GEMM for
+// its own gate columns, runs the cell's pointwise pass on them, and meets the others at one
+// barrier per step.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "pyrnn/cells.hpp"
+#include "pyrnn/threads.hpp"
+#include "pyrnn/types.hpp"
+
+namespace pyrnn {
+
+struct SeqShape {
+  Index T, B, I, H;
+  const Index* batch_sizes;  // (T,) active rows at each time step
+};
+
+template <typename S>
+struct DirWeights {
+  const S* w_ih;  // (G*H, I)
+  const S* w_hh;  // (G*H, H)
+  const S* b_ih;  // (G*H,)
+  const S* b_hh;  // (G*H,)
+};
+
+// What BPTT needs from one direction's forward pass; everything indexed by time t, (T, B, ·).
+template <typename S>
+struct DirTape {
+  std::vector<S> gates;   // (T, B, G*H) activated gates
+  std::vector<S> aux;     // (T, B, H) lstm: tanh(c); gru: W_hn h_prev + b_hn
+  std::vector<S> h_prev;  // (T, B, H) the state each step started from
+  std::vector<S> c_prev;  // (T, B, H) lstm
+};
+
+// Hidden units are handed to threads in multiples of this (one or two SIMD registers).
+constexpr Index kUnitAlign = 16;
+
+// Threads for one time loop: a barrier per step only pays when the step's GEMM is big enough.
+inline int step_team_size(Index B, Index H, Index G, int threads) {
+  const Index macs = B * H * G * H;
+  if (threads <= 1 || macs < (Index(1) << 17)) return 1;
+  return static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign));
+}
+
+inline Index time_at(Index step, Index T, bool reverse) { return reverse ? T - 1 - step : step; }
+
+// Copy columns [j0, j0 + w) of rows [r0, r1) between two (·, ld) row-major buffers.
+template <typename S>
+void copy_cols(S* dst, Index ld_dst, const S* src, Index ld_src, Index r0, Index r1, Index w) {
+  if (r1 > r0 && w > 0) mat(dst + r0 * ld_dst, r1 - r0, w, ld_dst) = cmat(src + r0 * ld_src, r1 - r0, w, ld_src);
+}
+template <typename S>
+void zero_cols(S* dst, Index ld, Index r0, Index r1, Index w) {
+  if (r1 > r0 && w > 0) mat(dst + r0 * ld, r1 - r0, w, ld).setZero();
+}
+
+// xp = x W_ih^T + b_ih for all T*B rows at once: (T*B, I) x (I, G*H).
+template <typename S>
+void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, const S* b_ih, S* xp,
+                      int threads) {
+  const auto w = cmat(w_ih, GH, I, I);
+  const Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>> b(b_ih, GH);
+  parallel_for_blocks(rows, threads, 32, 1, [&](Range r) {
+    auto out = mat(xp + r.begin * GH, r.size(), GH, GH);
+    out.noalias() = cmat(x + r.begin * I, r.size(), I, I) * w.transpose();
+    out.rowwise() += b;
+  });
+}
+
+// Forward through time. xp holds the input projection on entry and the activated gates on exit.
+// out is this direction's (T, B, H) slice of a (T, B, ld_out) buffer; rows past a sequence's end
+// are zero. h0/c0 (B, H) in, h_n/c_n (B, H) out; c0/c_n only for lstm. tape may be null.
+template <class Cell, typename S>
+void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, S* xp, const S* h0,
+                      const S* c0, S* out, Index ld_out, S* h_n, S* c_n, DirTape<S>* tape,
+                      int threads) {
+  constexpr Index G = Cell::G;
+  const Index T = s.T, B = s.B, H = s.H, GH = G * H;
+  std::vector<S> w_hh_blocks(GH * H), h_buf(2 * B * H), hh(B * GH);
+  std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
+
+  run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
+    const Range u = split(H, tid, team, kUnitAlign);
+    const Index j0 = u.begin, w = u.size();
+    // This thread's rows of W_hh, gate after gate, made contiguous: one GEMM per step.
+    S* my_w_hh = w_hh_blocks.data() + G * j0 * H;
+    for (Index g = 0; g < G; ++g)
+      copy_cols(my_w_hh + g * w * H, H, wt.w_hh + (g * H + j0) * H, H, 0, w, H);
+    copy_cols(h_buf.data() + j0, H, h0 + j0, H, 0, B, w);
+    if constexpr (Cell::has_c) copy_cols(c.data() + j0, H, c0 + j0, H, 0, B, w);
+    team_barrier();
+
+    for (Index step = 0; step < T; ++step) {
+      const Index t = time_at(step, T, reverse), n = s.batch_sizes[t];
+      const S* h_prev = h_buf.data() + (step % 2) * B * H;
+      S* h = h_buf.data() + ((step + 1) % 2) * B * H;
+      if (tape) {
+        copy_cols(tape->h_prev.data() + t * B * H + j0, H, h_prev + j0, H, 0, B, w);
+        if constexpr (Cell::has_c) copy_cols(tape->c_prev.data() + t * B * H + j0, H, c.data() + j0, H, 0, B, w);
+      }
+      if (w > 0 && n > 0) {
+        mat(hh.data() + G * j0, n, G * w, GH).noalias() =
+            cmat(h_prev, n, H, H) * cmat<S>(my_w_hh, G * w, H, H).transpose();
+        S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
+        StepForward<S> step_io{n, w, H,
+                               {xp + t * B * GH + j0, GH, H},
+                               {hh.data() + G * j0, GH, w},
+                               wt.b_hh + j0,
+                               h_prev + j0,
+                               h + j0,
+                               Cell::has_c ? c.data() + j0 : nullptr,
+                               aux ? aux + j0 : nullptr};
+        Cell::forward(step_io);
+      }
+      copy_cols(h + j0, H, h_prev + j0, H, n, B, w);  // finished (or not yet started) rows keep their state
+      S* out_t = out + t * B * ld_out + j0;
+      copy_cols(out_t, ld_out, h + j0, H, 0, n, w);
+      zero_cols(out_t, ld_out, n, B, w);
+      team_barrier();
+    }
+    copy_cols(h_n + j0, H, h_buf.data() + (T % 2) * B * H + j0, H, 0, B, w);
+    if constexpr (Cell::has_c) copy_cols(c_n + j0, H, c.data() + j0, H, 0, B, w);
+  });
+}
+
+// BPTT through one direction. d_out is this direction's slice of a (T, B, ld_dout) buffer;
+// d_h_n/d_c_n (B, H) may be null (zero). Writes d_gates (T, B, G*H) (rows past a sequence's end
+// zero), d_gates_hh likewise for gru (else null), and dh0/dc0 (B, H).
+template <class Cell, typename S>
+void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const DirTape<S>& tape,
+                       const S* d_out, Index ld_dout, const S* d_h_n, const S* d_c_n, S* d_gates,
+                       S* d_gates_hh, S* dh0, S* dc0, int threads) {
+  constexpr Index G = Cell::G;
+  const Index T = s.T, B = s.B, H = s.H, GH = G * H;
+  std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
+  S* dg_hh = Cell::split_hh_grad ? d_gates_hh : d_gates;
+
+  run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
+    const Range u = split(H, tid, team, kUnitAlign);
+    const Index j0 = u.begin, w = u.size();
+    if (d_h_n) copy_cols(dh.data() + j0, H, d_h_n + j0, H, 0, B, w);
+    else zero_cols(dh.data() + j0, H, 0, B, w);
+    if constexpr (Cell::has_c) {
+      if (d_c_n) copy_cols(dc.data() + j0, H, d_c_n + j0, H, 0, B, w);
+      else zero_cols(dc.data() + j0, H, 0, B, w);
+    }
+
+    for (Index step = T - 1; step >= 0; --step) {
+      const Index t = time_at(step, T, reverse), n = s.batch_sizes[t];
+      const Index at_t = t * B * H;
+      S* dg_t = d_gates + t * B * GH;
+      S* dg_hh_t = dg_hh + t * B * GH;
+      if (w > 0) {
+        mat(dh.data() + j0, n, w, H) += cmat(d_out + t * B * ld_dout + j0, n, w, ld_dout);
+        StepBackward<S> step_io{n, w, H,
+                                {tape.gates.data() + t * B * GH + j0, GH, H},
+                                Cell::has_aux ? tape.aux.data() + at_t + j0 : nullptr,
+                                tape.h_prev.data() + at_t + j0,
+                                Cell::has_c ? tape.c_prev.data() + at_t + j0 : nullptr,
+                                dh.data() + j0,
+                                Cell::has_c ? dc.data() + j0 : nullptr,
+                                {dg_t + j0, GH, H},
+                                {dg_hh_t + j0, GH, H}};
+        Cell::backward(step_io);
+        for (Index g = 0; g < G; ++g) {
+          zero_cols(dg_t + g * H + j0, GH, n, B, w);
+          if constexpr (Cell::split_hh_grad) zero_cols(dg_hh_t + g * H + j0, GH, n, B, w);
+        }
+      }
+      team_barrier();  // the recurrent GEMM below reads every thread's d_gates
+      if (w > 0 && n > 0) {
+        auto dh_prev = mat(dh.data() + j0, n, w, H);
+        const auto dg = cmat<S>(dg_hh_t, n, GH, GH);
+        const auto w_cols = cmat(w_hh + j0, GH, w, H);
+        if constexpr (Cell::dh_bypasses_w_hh) dh_prev.noalias() += dg * w_cols;
+        else dh_prev.noalias() = dg * w_cols;
+      }
+    }
+    copy_cols(dh0 + j0, H, dh.data() + j0, H, 0, B, w);
+    if constexpr (Cell::has_c) copy_cols(dc0 + j0, H, dc.data() + j0, H, 0, B, w);
+  });
+}
+
+// Weight gradients summed over all steps, as two large GEMMs after the loop:
+// dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev, and the biases as column sums.
+template <typename S>
+void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_gates_hh,
+                  const S* x, const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
+  parallel_for_blocks(GH, threads, 8, 8, [&](Range g) {
+    const auto dg = cmat(d_gates + g.begin, rows, g.size(), GH);
+    const auto dg_hh = cmat(d_gates_hh + g.begin, rows, g.size(), GH);
+    mat(dw_ih + g.begin * I, g.size(), I, I).noalias() = dg.transpose() * cmat(x, rows, I, I);
+    mat(dw_hh + g.begin * H, g.size(), H, H).noalias() = dg_hh.transpose() * cmat(h_prev, rows, H, H);
+    mat(db_ih + g.begin, 1, g.size(), g.size()) = dg.colwise().sum();
+    mat(db_hh + g.begin, 1, g.size(), g.size()) = dg_hh.colwise().sum();
+  });
+}
+
+// dx = sum over directions of d_gates W_ih: (T*B, G*H) x (G*H, I), split by rows.
+template <typename S>
+void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
+                const std::vector<const S*>& w_ih, S* dx, int threads) {
+  parallel_for_blocks(rows, threads, 32, 1, [&](Range r) {
+    auto out = mat(dx + r.begin * I, r.size(), I, I);
+    for (size_t d = 0; d < d_gates.size(); ++d) {
+      const auto dg = cmat(d_gates[d] + r.begin * GH, r.size(), GH, GH);
+      if (d == 0) out.noalias() = dg * cmat(w_ih[d], GH, I, I);
+      else out.noalias() += dg * cmat(w_ih[d], GH, I, I);
+    }
+  });
+}
+
+}  // namespace pyrnn
