@@ -1,9 +1,265 @@
 // Thin pybind11 layer: check arrays, release the GIL, call the core. No math here.
+//
+// Everything that could make the core read or write out of bounds is checked here, so that a
+// direct call with bad arguments raises a Python exception instead of crashing.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "pyrnn/build_info.hpp"
+#include "pyrnn/stack.hpp"
+#include "pyrnn/threads.hpp"
 
 namespace py = pybind11;
+using pyrnn::Index;
+
+namespace {
+
+template <typename S>
+using Array = py::array_t<S, py::array::c_style>;
+
+const char* const kCells[] = {"rnn_tanh", "rnn_relu", "lstm", "gru"};
+
+pyrnn::CellKind parse_cell(const std::string& name) {
+  if (name == "rnn_tanh") return pyrnn::CellKind::rnn_tanh;
+  if (name == "rnn_relu") return pyrnn::CellKind::rnn_relu;
+  if (name == "lstm") return pyrnn::CellKind::lstm;
+  if (name == "gru") return pyrnn::CellKind::gru;
+  throw py::value_error("cell must be one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '" + name + "'");
+}
+
+std::string shape_str(const std::vector<Index>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::vector<Index> shape_of(const py::array& a) {
+  return std::vector<Index>(a.shape(), a.shape() + a.ndim());
+}
+
+template <typename S>
+std::string dtype_name() {
+  return sizeof(S) == 4 ? "float32" : "float64";
+}
+
+// An array argument with x's dtype and exactly `shape`, as a C-contiguous aligned array
+// (the caller's own buffer when it already is one, else a copy).
+template <typename S>
+Array<S> take(py::handle obj, const std::string& name, const std::vector<Index>& shape) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!py::isinstance<py::array_t<S>>(a))
+    throw py::type_error(name + ": expected dtype " + dtype_name<S>() + " (native byte order, the dtype of x), got " +
+                         std::string(py::str(a.dtype())));
+  if (shape_of(a) != shape)
+    throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
+  const bool ready = (a.flags() & py::array::c_style) &&
+                     (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+  if (!ready) a = py::module_::import("numpy").attr("require")(a, a.dtype(), "CA");
+  return py::reinterpret_borrow<Array<S>>(a);
+}
+
+// lengths: None, or B integers in [1, T], any integer dtype.
+std::vector<std::int64_t> take_lengths(py::handle obj, Index T, Index B) {
+  if (obj.is_none()) return {};
+  py::array a = py::module_::import("numpy").attr("asarray")(obj);
+  const char kind = a.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw py::type_error("lengths: expected integers, got dtype " + std::string(py::str(a.dtype())));
+  if (shape_of(a) != std::vector<Index>{B})
+    throw py::value_error("lengths: expected shape " + shape_str({B}) + " (one per sequence), got " +
+                          shape_str(shape_of(a)));
+  auto as64 = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!as64) throw py::type_error("lengths: cannot be read as int64");
+  std::vector<std::int64_t> lengths(as64.data(), as64.data() + B);
+  for (Index b = 0; b < B; ++b)
+    if (lengths[b] < 1 || lengths[b] > T)
+      throw py::value_error("lengths: every length must be in [1, T] = [1, " + std::to_string(T) + "], got " +
+                            std::to_string(lengths[b]) + " at index " + std::to_string(b));
+  return lengths;
+}
+
+py::sequence take_list(py::handle obj, const std::string& name, Index expected, const std::string& why) {
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+    throw py::type_error(name + ": expected a list, got " + std::string(py::str(py::type::of(obj))));
+  auto seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (static_cast<Index>(seq.size()) != expected)
+    throw py::value_error(name + ": expected " + std::to_string(expected) + " entries (" + why + "), got " +
+                          std::to_string(seq.size()));
+  return seq;
+}
+
+// Number of directions D: layer 0's entries read I features, later layers' entries read D*H.
+// L*D alone does not tell D; the weight shapes and the mask count do, except for two entries
+// with I == H and no masks, where both readings fit: then the entries are a bidirectional layer.
+Index infer_directions(const py::sequence& weights, Index I, Index H, const py::object& masks) {
+  const Index LD = static_cast<Index>(weights.size());
+  auto fits = [&](Index D) {
+    if (LD % D != 0) return false;
+    if (!masks.is_none() && py::isinstance<py::sequence>(masks) &&
+        static_cast<Index>(py::len(masks)) != LD / D - 1)
+      return false;
+    for (Index k = 0; k < LD; ++k) {
+      py::object entry = weights[k];
+      if (!py::isinstance<py::sequence>(entry) || py::len(entry) != 4) return true;  // reported later
+      py::object w_ih = py::reinterpret_borrow<py::sequence>(entry)[0];
+      if (!py::isinstance<py::array>(w_ih)) return true;
+      auto a = py::reinterpret_borrow<py::array>(w_ih);
+      if (a.ndim() != 2 || a.shape(1) != (k < D ? I : D * H)) return false;
+    }
+    return true;
+  };
+  if (fits(2)) return 2;
+  return 1;
+}
+
+template <typename S>
+py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::object& h0_obj,
+                       const py::object& c0_obj, const py::object& weights_obj,
+                       const py::object& lengths_obj, const py::object& masks_obj, bool keep_tape) {
+  if (x_obj.ndim() != 3)
+    throw py::value_error("x: expected 3 dimensions (T, B, I), got shape " + shape_str(shape_of(x_obj)));
+  const Index T = x_obj.shape(0), B = x_obj.shape(1), I = x_obj.shape(2);
+  if (T < 1 || B < 1 || I < 1) throw py::value_error("x: every dimension must be >= 1, got shape " + shape_str(shape_of(x_obj)));
+  Array<S> x = take<S>(x_obj, "x", {T, B, I});
+
+  if (h0_obj.is_none()) throw py::value_error("h0: required, an array (L*D, B, H)");
+  if (!py::isinstance<py::array>(h0_obj)) throw py::type_error("h0: expected a numpy array");
+  const auto h0_shape = shape_of(py::reinterpret_borrow<py::array>(h0_obj));
+  if (h0_shape.size() != 3 || h0_shape[0] < 1 || h0_shape[2] < 1)
+    throw py::value_error("h0: expected shape (L*D, B, H) with L*D, H >= 1, got " + shape_str(h0_shape));
+  const Index LD = h0_shape[0], H = h0_shape[2];
+  Array<S> h0 = take<S>(h0_obj, "h0", {LD, B, H});
+
+  const bool is_lstm = cell == pyrnn::CellKind::lstm;
+  Array<S> c0;
+  if (is_lstm) {
+    if (c0_obj.is_none()) throw py::value_error("c0: required for cell 'lstm', got None");
+    c0 = take<S>(c0_obj, "c0", {LD, B, H});
+  } else if (!c0_obj.is_none()) {
+    throw py::value_error("c0: only 'lstm' has a cell state; expected None");
+  }
+
+  py::sequence weights = take_list(weights_obj, "weights", LD, "one tuple per layer and direction, as h0");
+  const Index D = infer_directions(weights, I, H, masks_obj), L = LD / D;
+  const Index GH = pyrnn::gate_count(cell) * H;
+  const pyrnn::Dims dims{T, B, I, H, L, D};
+  std::vector<Array<S>> keep;  // holds converted arrays alive while the core runs
+  std::vector<pyrnn::DirWeights<S>> dir_weights;
+  for (Index k = 0; k < LD; ++k) {
+    const std::string name = "weights[" + std::to_string(k) + "]";
+    py::sequence entry = take_list(weights[k], name, 4, "w_ih, w_hh, b_ih, b_hh");
+    const Index Ik = dims.input_size(k / D);
+    keep.push_back(take<S>(entry[0], name + " w_ih", {GH, Ik}));
+    keep.push_back(take<S>(entry[1], name + " w_hh", {GH, H}));
+    keep.push_back(take<S>(entry[2], name + " b_ih", {GH}));
+    keep.push_back(take<S>(entry[3], name + " b_hh", {GH}));
+    const size_t n = keep.size();
+    dir_weights.push_back({keep[n - 4].data(), keep[n - 3].data(), keep[n - 2].data(), keep[n - 1].data()});
+  }
+
+  const std::vector<std::int64_t> lengths = take_lengths(lengths_obj, T, B);
+  std::vector<const S*> masks;
+  if (!masks_obj.is_none()) {
+    py::sequence seq = take_list(masks_obj, "dropout_masks", L - 1, "one per layer but the last");
+    for (Index k = 0; k + 1 < L; ++k) {
+      keep.push_back(take<S>(seq[k], "dropout_masks[" + std::to_string(k) + "]", {T, B, D * H}));
+      masks.push_back(keep.back().data());
+    }
+  }
+
+  Array<S> out({T, B, D * H}), h_n({LD, B, H});
+  Array<S> c_n = is_lstm ? Array<S>({LD, B, H}) : Array<S>();
+  const pyrnn::StackInputs<S> in{cell, dims, x.data(), h0.data(), is_lstm ? c0.data() : nullptr,
+                                 std::move(dir_weights), lengths.empty() ? nullptr : lengths.data(),
+                                 std::move(masks)};
+  const pyrnn::StackOutputs<S> res{out.mutable_data(), h_n.mutable_data(), is_lstm ? c_n.mutable_data() : nullptr};
+  const int threads = pyrnn::get_num_threads();
+  std::unique_ptr<pyrnn::Tape<S>> tape;
+  {
+    py::gil_scoped_release release;
+    tape = pyrnn::stack_forward(in, res, keep_tape, threads);
+  }
+  py::object c_n_obj = is_lstm ? py::object(c_n) : py::none();
+  py::object tape_obj = tape ? py::cast(std::shared_ptr<pyrnn::TapeBase>(std::move(tape))) : py::none();
+  return py::make_tuple(out, h_n, c_n_obj, tape_obj);
+}
+
+py::tuple stack_forward(const std::string& cell_name, const py::object& x, const py::object& h0,
+                        const py::object& c0, const py::object& weights, const py::object& lengths,
+                        const py::object& dropout_masks, bool keep_tape) {
+  const pyrnn::CellKind cell = parse_cell(cell_name);
+  if (!py::isinstance<py::array>(x))
+    throw py::type_error("x: expected a numpy array, got " + std::string(py::str(py::type::of(x))));
+  auto xa = py::reinterpret_borrow<py::array>(x);
+  if (py::isinstance<py::array_t<float>>(xa))
+    return forward_impl<float>(cell, xa, h0, c0, weights, lengths, dropout_masks, keep_tape);
+  if (py::isinstance<py::array_t<double>>(xa))
+    return forward_impl<double>(cell, xa, h0, c0, weights, lengths, dropout_masks, keep_tape);
+  throw py::type_error("x: expected dtype float32 or float64 (native byte order), got " + std::string(py::str(xa.dtype())));
+}
+
+template <typename S>
+py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj, const py::object& d_h_n_obj,
+                        const py::object& d_c_n_obj) {
+  const pyrnn::Dims& dm = tape.dims;
+  const Index LD = dm.L * dm.D, GH = pyrnn::gate_count(tape.cell) * dm.H;
+  const bool is_lstm = tape.cell == pyrnn::CellKind::lstm;
+  Array<S> d_out = take<S>(d_out_obj, "d_out", {dm.T, dm.B, dm.D * dm.H});
+  Array<S> d_h_n, d_c_n;
+  if (!d_h_n_obj.is_none()) d_h_n = take<S>(d_h_n_obj, "d_h_n", {LD, dm.B, dm.H});
+  if (!d_c_n_obj.is_none()) {
+    if (!is_lstm) throw py::value_error("d_c_n: only 'lstm' has a cell state; expected None");
+    d_c_n = take<S>(d_c_n_obj, "d_c_n", {LD, dm.B, dm.H});
+  }
+
+  Array<S> dx({dm.T, dm.B, dm.I}), dh0({LD, dm.B, dm.H});
+  Array<S> dc0 = is_lstm ? Array<S>({LD, dm.B, dm.H}) : Array<S>();
+  pyrnn::StackGrads<S> grads{dx.mutable_data(), dh0.mutable_data(), is_lstm ? dc0.mutable_data() : nullptr, {}, {}, {}, {}};
+  py::list d_weights;
+  for (Index k = 0; k < LD; ++k) {
+    Array<S> dw_ih({GH, dm.input_size(k / dm.D)}), dw_hh({GH, dm.H}), db_ih({GH}), db_hh({GH});
+    grads.dw_ih.push_back(dw_ih.mutable_data());
+    grads.dw_hh.push_back(dw_hh.mutable_data());
+    grads.db_ih.push_back(db_ih.mutable_data());
+    grads.db_hh.push_back(db_hh.mutable_data());
+    d_weights.append(py::make_tuple(dw_ih, dw_hh, db_ih, db_hh));
+  }
+  const int threads = pyrnn::get_num_threads();
+  {
+    py::gil_scoped_release release;
+    pyrnn::stack_backward(tape, d_out.data(), d_h_n ? d_h_n.data() : nullptr, d_c_n ? d_c_n.data() : nullptr,
+                          grads, threads);
+  }
+  py::object dc0_obj = is_lstm ? py::object(dc0) : py::none();
+  return py::make_tuple(dx, dh0, dc0_obj, d_weights);
+}
+
+py::tuple stack_backward(const py::object& tape_obj, const py::object& d_out, const py::object& d_h_n,
+                         const py::object& d_c_n) {
+  if (tape_obj.is_none())
+    throw py::value_error("tape: got None; run stack_forward with keep_tape=True to get one");
+  if (!py::isinstance<pyrnn::TapeBase>(tape_obj))
+    throw py::type_error("tape: expected the Tape returned by pyrnn._core.stack_forward, got " +
+                         std::string(py::str(py::type::of(tape_obj))));
+  const auto tape = tape_obj.cast<std::shared_ptr<pyrnn::TapeBase>>();
+  if (auto t32 = std::dynamic_pointer_cast<pyrnn::Tape<float>>(tape)) return backward_impl(*t32, d_out, d_h_n, d_c_n);
+  if (auto t64 = std::dynamic_pointer_cast<pyrnn::Tape<double>>(tape)) return backward_impl(*t64, d_out, d_h_n, d_c_n);
+  throw py::type_error("tape: unknown tape type");
+}
+
+std::string tape_dtype(const pyrnn::TapeBase& t) {
+  return dynamic_cast<const pyrnn::Tape<float>*>(&t) ? "float32" : "float64";
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pyrnn C++ core (Eigen + OpenMP)";
@@ -20,4 +276,27 @@ PYBIND11_MODULE(_core, m) {
     d["max_threads"] = info.max_threads;
     return d;
   }, "Facts about how the core was compiled.");
+
+  py::class_<pyrnn::TapeBase, std::shared_ptr<pyrnn::TapeBase>>(
+      m, "Tape", "What stack_backward needs from a stack_forward call (opaque; owns its copies).")
+      .def_property_readonly("cell", [](const pyrnn::TapeBase& t) { return kCells[static_cast<int>(t.cell)]; })
+      .def_property_readonly("dtype", &tape_dtype)
+      .def("__repr__", [](const pyrnn::TapeBase& t) {
+        const pyrnn::Dims& d = t.dims;
+        return "<pyrnn._core.Tape " + std::string(kCells[static_cast<int>(t.cell)]) + " " + tape_dtype(t) +
+               " T=" + std::to_string(d.T) + " B=" + std::to_string(d.B) + " I=" + std::to_string(d.I) +
+               " H=" + std::to_string(d.H) + " L=" + std::to_string(d.L) + " D=" + std::to_string(d.D) + ">";
+      });
+
+  m.def("stack_forward", &stack_forward, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
+        py::arg("weights"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),
+        "Run a stack of layers and directions over (T, B, I) x; see pyrnn/_backend.py for the contract.\n"
+        "Returns (out, h_n, c_n or None, tape or None).");
+  m.def("stack_backward", &stack_backward, py::arg("tape"), py::arg("d_out"), py::arg("d_h_n"), py::arg("d_c_n"),
+        "BPTT through the stack recorded on tape. Returns (dx, dh0, dc0 or None, d_weights).");
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    pyrnn::set_num_threads(n);
+  }, py::arg("n"), "Threads the kernels may use (default: OpenMP's max, i.e. OMP_NUM_THREADS).");
+  m.def("get_num_threads", &pyrnn::get_num_threads, "Threads the kernels may use.");
 }
