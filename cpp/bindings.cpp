@@ -96,34 +96,10 @@ py::sequence take_list(py::handle obj, const std::string& name, Index expected, 
   return seq;
 }
 
-// Number of directions D: layer 0's entries read I features, later layers' entries read D*H.
-// L*D alone does not tell D; the weight shapes and the mask count do, except for two entries
-// with I == H and no masks, where both readings fit: then the entries are a bidirectional layer.
-Index infer_directions(const py::sequence& weights, Index I, Index H, const py::object& masks) {
-  const Index LD = static_cast<Index>(weights.size());
-  auto fits = [&](Index D) {
-    if (LD % D != 0) return false;
-    if (!masks.is_none() && py::isinstance<py::sequence>(masks) &&
-        static_cast<Index>(py::len(masks)) != LD / D - 1)
-      return false;
-    for (Index k = 0; k < LD; ++k) {
-      py::object entry = weights[k];
-      if (!py::isinstance<py::sequence>(entry) || py::len(entry) != 4) return true;  // reported later
-      py::object w_ih = py::reinterpret_borrow<py::sequence>(entry)[0];
-      if (!py::isinstance<py::array>(w_ih)) return true;
-      auto a = py::reinterpret_borrow<py::array>(w_ih);
-      if (a.ndim() != 2 || a.shape(1) != (k < D ? I : D * H)) return false;
-    }
-    return true;
-  };
-  if (fits(2)) return 2;
-  return 1;
-}
-
 template <typename S>
 py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::object& h0_obj,
                        const py::object& c0_obj, const py::object& weights_obj,
-                       const py::object& lengths_obj, const py::object& masks_obj, bool keep_tape) {
+                       bool bidirectional, const py::object& lengths_obj, const py::object& masks_obj, bool keep_tape) {
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected 3 dimensions (T, B, I), got shape " + shape_str(shape_of(x_obj)));
   const Index T = x_obj.shape(0), B = x_obj.shape(1), I = x_obj.shape(2);
@@ -148,7 +124,9 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
   }
 
   py::sequence weights = take_list(weights_obj, "weights", LD, "one tuple per layer and direction, as h0");
-  const Index D = infer_directions(weights, I, H, masks_obj), L = LD / D;
+  const Index D = bidirectional ? 2 : 1, L = LD / D;
+  if (LD % D != 0)
+    throw py::value_error("h0: expected L*D entries with D = 2 (bidirectional), got " + std::to_string(LD));
   const Index GH = pyrnn::gate_count(cell) * H;
   const pyrnn::Dims dims{T, B, I, H, L, D};
   std::vector<Array<S>> keep;  // holds converted arrays alive while the core runs
@@ -193,16 +171,17 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
 }
 
 py::tuple stack_forward(const std::string& cell_name, const py::object& x, const py::object& h0,
-                        const py::object& c0, const py::object& weights, const py::object& lengths,
+                        const py::object& c0, const py::object& weights, bool bidirectional,
+                        const py::object& lengths,
                         const py::object& dropout_masks, bool keep_tape) {
   const pyrnn::CellKind cell = parse_cell(cell_name);
   if (!py::isinstance<py::array>(x))
     throw py::type_error("x: expected a numpy array, got " + std::string(py::str(py::type::of(x))));
   auto xa = py::reinterpret_borrow<py::array>(x);
   if (py::isinstance<py::array_t<float>>(xa))
-    return forward_impl<float>(cell, xa, h0, c0, weights, lengths, dropout_masks, keep_tape);
+    return forward_impl<float>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
   if (py::isinstance<py::array_t<double>>(xa))
-    return forward_impl<double>(cell, xa, h0, c0, weights, lengths, dropout_masks, keep_tape);
+    return forward_impl<double>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
   throw py::type_error("x: expected dtype float32 or float64 (native byte order), got " + std::string(py::str(xa.dtype())));
 }
 
@@ -289,7 +268,7 @@ PYBIND11_MODULE(_core, m) {
       });
 
   m.def("stack_forward", &stack_forward, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
-        py::arg("weights"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),
+        py::arg("weights"), py::arg("bidirectional"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),
         "Run a stack of layers and directions over (T, B, I) x; see pyrnn/_backend.py for the contract.\n"
         "Returns (out, h_n, c_n or None, tape or None).");
   m.def("stack_backward", &stack_backward, py::arg("tape"), py::arg("d_out"), py::arg("d_h_n"), py::arg("d_c_n"),

@@ -5,7 +5,7 @@ The kernel contract
 Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same two
 functions, which work on one whole stack of layers and directions, time-major:
 
-``stack_forward(cell, x, h0, c0, weights, lengths, dropout_masks, keep_tape)``
+``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape)``
     cell           "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
     x              (T, B, I) C-contiguous, float32 or float64 (every array below has x's dtype)
     h0             (L*D, B, H) C-contiguous, ordered l0-fwd, l0-bwd, l1-fwd, ...
@@ -13,6 +13,7 @@ functions, which work on one whole stack of layers and directions, time-major:
     weights        list of L*D tuples (w_ih (G*H, I_k), w_hh (G*H, H), b_ih (G*H,), b_hh (G*H,)),
                    same order as h0; I_0 = I, I_k = D*H for k > 0; G = 1, 4, 3 for rnn, lstm, gru;
                    gate rows stacked as PyTorch stacks them (lstm i,f,g,o; gru r,z,n)
+    bidirectional  bool: D = 2 if True else 1 (L*D entries alone cannot tell L from D)
     lengths        int64 (B,) with every value in [1, T], any order; or None (all T)
     dropout_masks  None, or a list of L-1 arrays (T, B, D*H), multiplied into the output of
                    layer k before layer k+1 reads it (already scaled by 1/(1-p))
