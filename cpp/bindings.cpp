@@ -240,7 +240,8 @@ std::string tape_dtype(const pyrnn::TapeBase& t) {
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+// The module name comes from CMake: one module per code-generation target (_core_avx2, ...).
+PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
   m.doc() = "pyrnn C++ core (Eigen + OpenMP)";
 
   m.def("build_info", [] {

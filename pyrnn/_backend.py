@@ -113,6 +113,7 @@ def backend_info() -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
     }
     if _core is not None:
+        info["core_module"] = _core.variant
         info.update(_core.build_info())
     else:
         info["import_error"] = str(_IMPORT_ERROR)
