@@ -1,1 +1,434 @@
-"""Pure-NumPy reference of every kernel (see the kernel contract in pyrnn/_backend.py)."""
+"""Pure-NumPy reference of every kernel (see the kernel contract in pyrnn/_backend.py).
+
+This is both the fallback backend and the oracle the C++ core is tested against, so it is
+written to be read next to the equations rather than to be fast. Arrays are time-major,
+(T, B, ·); the batch is handled with whole-array operations, and the only Python loops are
+over time steps, layers and directions.
+
+Variable lengths follow PyTorch's packed sequences. At step t a row b is *active* when
+t < lengths[b]; inactive rows keep their state and emit zeros, which gives the forward
+direction its state at its own last step and starts the reverse direction at its own last
+step from h0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = ["Tape", "stack_forward", "stack_backward", "CELLS"]
+
+Array = np.ndarray
+Weights = tuple[Array, Array, Array, Array]  # w_ih, w_hh, b_ih, b_hh
+
+
+def sigmoid(x: Array) -> Array:
+    # exp overflows to inf for very negative x, and 1 / (1 + inf) is the right limit, 0.
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-x))
+
+
+def split(gates: Array, n: int) -> list[Array]:
+    """The n gate blocks of a (B, n*H) pre-activation, in PyTorch's stacking order."""
+    return np.split(gates, n, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells: one time step forward, and its backward.
+#
+# step(x_proj, h_prev, c_prev, w_hh, b_hh) -> (h, c, cache), where x_proj = x_t @ w_ih.T + b_ih
+# was computed for all steps at once; c is None except for the LSTM.
+#
+# step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh) -> (d_ih, d_hh, d_h_prev, d_c_prev):
+# d_ih is the gradient w.r.t. x_proj (so w.r.t. the input side's gates), d_hh the gradient
+# w.r.t. h_prev @ w_hh.T + b_hh. They differ only for the GRU, whose reset gate multiplies the
+# hidden side of its candidate.
+# ---------------------------------------------------------------------------------------------
+
+
+def rnn_tanh_step(x_proj, h_prev, c_prev, w_hh, b_hh):
+    h = np.tanh(x_proj + h_prev @ w_hh.T + b_hh)
+    return h, None, h
+
+
+def rnn_tanh_step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh):
+    h = cache
+    d_gates = d_h * (1 - h * h)
+    return d_gates, d_gates, d_gates @ w_hh, None
+
+
+def rnn_relu_step(x_proj, h_prev, c_prev, w_hh, b_hh):
+    h = np.maximum(x_proj + h_prev @ w_hh.T + b_hh, 0)
+    return h, None, h
+
+
+def rnn_relu_step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh):
+    h = cache
+    d_gates = d_h * (h > 0)
+    return d_gates, d_gates, d_gates @ w_hh, None
+
+
+def lstm_step(x_proj, h_prev, c_prev, w_hh, b_hh):
+    gates = x_proj + h_prev @ w_hh.T + b_hh
+    i, f, g, o = split(gates, 4)
+    i, f, g, o = sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)
+    c = f * c_prev + i * g
+    tanh_c = np.tanh(c)
+    h = o * tanh_c
+    return h, c, (i, f, g, o, tanh_c)
+
+
+def lstm_step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh):
+    i, f, g, o, tanh_c = cache
+    d_c = d_c + d_h * o * (1 - tanh_c * tanh_c)  # c reaches the loss directly and through h
+    d_i, d_f, d_g, d_o = d_c * g, d_c * c_prev, d_c * i, d_h * tanh_c
+    d_gates = np.concatenate(
+        [d_i * i * (1 - i), d_f * f * (1 - f), d_g * (1 - g * g), d_o * o * (1 - o)], axis=1
+    )
+    return d_gates, d_gates, d_gates @ w_hh, d_c * f
+
+
+def gru_step(x_proj, h_prev, c_prev, w_hh, b_hh):
+    h_proj = h_prev @ w_hh.T + b_hh
+    x_r, x_z, x_n = split(x_proj, 3)
+    h_r, h_z, h_n = split(h_proj, 3)
+    r = sigmoid(x_r + h_r)
+    z = sigmoid(x_z + h_z)
+    n = np.tanh(x_n + r * h_n)
+    h = (1 - z) * n + z * h_prev
+    return h, None, (r, z, n, h_n)
+
+
+def gru_step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh):
+    r, z, n, h_n = cache
+    d_n = d_h * (1 - z) * (1 - n * n)  # w.r.t. the candidate's pre-activation
+    d_z = d_h * (h_prev - n) * z * (1 - z)
+    d_r = d_n * h_n * r * (1 - r)
+    d_ih = np.concatenate([d_r, d_z, d_n], axis=1)
+    d_hh = np.concatenate([d_r, d_z, d_n * r], axis=1)
+    return d_ih, d_hh, d_h * z + d_hh @ w_hh, None
+
+
+class Cell(NamedTuple):
+    gates: int  # G: the weight matrices have G*H rows
+    step: Callable[..., Any]
+    step_backward: Callable[..., Any]
+    has_c: bool  # carries a cell state besides h
+
+
+CELLS: dict[str, Cell] = {
+    "rnn_tanh": Cell(1, rnn_tanh_step, rnn_tanh_step_backward, False),
+    "rnn_relu": Cell(1, rnn_relu_step, rnn_relu_step_backward, False),
+    "lstm": Cell(4, lstm_step, lstm_step_backward, True),
+    "gru": Cell(3, gru_step, gru_step_backward, False),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer, one direction, over the whole sequence.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequenceTape:
+    """What sequence_backward needs from one layer and direction (owned copies)."""
+
+    x: Array  # (T, B, I_k) the layer's input, zero past each sequence's end
+    h_prev: Array  # (T, B, H) the state fed into step t
+    c_prev: Array | None  # (T, B, H), LSTM only
+    caches: list  # per step t, the cell's saved activations
+    w_ih: Array
+    w_hh: Array
+    reverse: bool
+
+
+def time_steps(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def sequence_forward(cell, x, h0, c0, weights, active, reverse):
+    """Run one cell over x (T, B, I_k); active (T, B, 1) says which rows step at each t.
+
+    Returns out (T, B, H), the final h and c, and the SequenceTape.
+    """
+    w_ih, w_hh, b_ih, b_hh = weights
+    step = CELLS[cell].step
+    T, B = x.shape[:2]
+    H = h0.shape[1]
+    x = np.where(active, x, 0)  # what lies past a sequence's end never reaches any result
+    x_proj = x @ w_ih.T + b_ih  # the input side of every step as one matmul
+    out = np.zeros((T, B, H), x.dtype)
+    h_prev = np.empty((T, B, H), x.dtype)
+    c_prev = np.empty((T, B, H), x.dtype) if c0 is not None else None
+    caches: list = [None] * T
+    h, c = h0, c0
+    for t in time_steps(T, reverse):
+        h_prev[t] = h
+        if c is not None:
+            c_prev[t] = c
+        h_new, c_new, caches[t] = step(x_proj[t], h, c, w_hh, b_hh)
+        h = np.where(active[t], h_new, h)  # finished / not yet started rows keep their state
+        if c is not None:
+            c = np.where(active[t], c_new, c)
+        out[t] = np.where(active[t], h_new, 0)
+    tape = SequenceTape(x, h_prev, c_prev, caches, w_ih.copy(), w_hh.copy(), reverse)
+    return out, h, c, tape
+
+
+def sequence_backward(cell, tape, active, d_out, d_h_n, d_c_n):
+    """BPTT through one layer and direction.
+
+    Returns dx (T, B, I_k), dh0, dc0 (or None) and (dw_ih, dw_hh, db_ih, db_hh).
+    """
+    step_backward = CELLS[cell].step_backward
+    T, B, H = tape.h_prev.shape
+    GH = tape.w_hh.shape[0]
+    d_ih = np.zeros((T, B, GH), d_out.dtype)
+    d_hh = np.zeros((T, B, GH), d_out.dtype)
+    d_h, d_c = d_h_n, d_c_n
+    for t in time_steps(T, not tape.reverse):
+        c_prev = tape.c_prev[t] if tape.c_prev is not None else None
+        d_h = d_h + np.where(active[t], d_out[t], 0)
+        d_ih_t, d_hh_t, d_h_prev, d_c_prev = step_backward(
+            d_h, d_c, tape.caches[t], tape.h_prev[t], c_prev, tape.w_hh
+        )
+        # A row that did not step passed its state through untouched, and so its gradient.
+        d_ih[t] = np.where(active[t], d_ih_t, 0)
+        d_hh[t] = np.where(active[t], d_hh_t, 0)
+        d_h = np.where(active[t], d_h_prev, d_h)
+        if d_c is not None:
+            d_c = np.where(active[t], d_c_prev, d_c)
+    dx = d_ih @ tape.w_ih
+    # Weight gradients summed over all steps, each as one matmul over the T*B rows.
+    dw_ih = d_ih.reshape(T * B, GH).T @ tape.x.reshape(T * B, -1)
+    dw_hh = d_hh.reshape(T * B, GH).T @ tape.h_prev.reshape(T * B, H)
+    return dx, d_h, d_c, (dw_ih, dw_hh, d_ih.sum(axis=(0, 1)), d_hh.sum(axis=(0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack: layers and directions.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tape:
+    """What stack_backward needs from a stack_forward call. Opaque to callers; owns its copies,
+    and stack_backward only reads it, so it can be used more than once."""
+
+    cell: str
+    dtype: np.dtype
+    T: int
+    B: int
+    I: int  # noqa: E741 - the input size, named as in the contract
+    H: int
+    L: int
+    D: int
+    active: Array  # (T, B, 1) bool: row b steps at time t
+    masks: list[Array] | None  # L-1 dropout masks (T, B, D*H)
+    dirs: list[SequenceTape]  # L*D, ordered l0-fwd, l0-bwd, l1-fwd, ...
+
+    def __repr__(self) -> str:
+        return (
+            f"<pyrnn.reference.Tape {self.cell} {self.dtype} T={self.T} B={self.B} I={self.I} "
+            f"H={self.H} L={self.L} D={self.D}>"
+        )
+
+
+def stack_forward(
+    cell: str,
+    x: Array,
+    h0: Array,
+    c0: Array | None,
+    weights: Sequence[Weights],
+    bidirectional: bool,
+    lengths: Array | None,
+    dropout_masks: Sequence[Array] | None,
+    keep_tape: bool,
+) -> tuple[Array, Array, Array | None, Tape | None]:
+    """Run a stack of L layers and D directions over x (T, B, I).
+
+    Returns (out (T, B, D*H), h_n (L*D, B, H), c_n or None, tape or None).
+    """
+    args = _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks)
+    T, B, L, D, active, masks = args
+    _check_flag("keep_tape", keep_tape)
+    h_n, c_n = np.empty_like(h0), (np.empty_like(c0) if c0 is not None else None)
+    dirs = []
+    layer_input = x
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            c0_k = c0[k] if c0 is not None else None
+            out_d, h_n[k], c_n_k, seq_tape = sequence_forward(
+                cell, layer_input, h0[k], c0_k, weights[k], active, reverse=d == 1
+            )
+            if c_n is not None:
+                c_n[k] = c_n_k
+            outs.append(out_d)
+            dirs.append(seq_tape)
+        out = np.concatenate(outs, axis=2)
+        if layer < L - 1:
+            layer_input = out * masks[layer] if masks is not None else out
+    tape = Tape(cell, x.dtype, T, B, x.shape[2], h0.shape[2], L, D, active, masks, dirs)
+    return out, h_n, c_n, (tape if keep_tape else None)
+
+
+def stack_backward(
+    tape: Tape, d_out: Array, d_h_n: Array | None, d_c_n: Array | None
+) -> tuple[Array, Array, Array | None, list[Weights]]:
+    """BPTT through the stack recorded on tape; d_h_n and d_c_n may be None (zero).
+
+    Returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights shaped like weights).
+    """
+    d_h_n, d_c_n = _check_backward(tape, d_out, d_h_n, d_c_n)
+    B, H, L, D = tape.B, tape.H, tape.L, tape.D
+    has_c = CELLS[tape.cell].has_c
+    dh0 = np.empty((L * D, B, H), tape.dtype)
+    dc0 = np.empty((L * D, B, H), tape.dtype) if has_c else None
+    d_weights: list[Any] = [None] * (L * D)
+    d_layer_out = d_out
+    for layer in reversed(range(L)):
+        dx = 0
+        for d in range(D):
+            k = layer * D + d
+            d_c_n_k = d_c_n[k] if has_c else None
+            dx_d, dh0[k], dc0_k, d_weights[k] = sequence_backward(
+                tape.cell, tape.dirs[k], tape.active, d_layer_out[..., d * H : (d + 1) * H],
+                d_h_n[k], d_c_n_k,
+            )
+            if has_c:
+                dc0[k] = dc0_k
+            dx = dx + dx_d  # both directions read the same layer input
+        if layer > 0:
+            d_layer_out = dx * tape.masks[layer - 1] if tape.masks is not None else dx
+    return dx, dh0, dc0, d_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: every failure names the argument, what was expected and what it got.
+# ---------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_array(name: str, a: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _check_list(name: str, value: Any, n: int, what: str) -> None:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
+    if len(value) != n:
+        raise ValueError(f"{name}: expected {n} entries ({what}), got {len(value)}")
+
+
+def _check_lengths(lengths: Any, T: int, B: int) -> Array:
+    """lengths as int64 (B,), every value in [1, T]."""
+    if lengths is None:
+        return np.full(B, T, np.int64)
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(
+            f"lengths: expected shape ({B},) (one per sequence), got {lengths.shape}"
+        )
+    bad = np.flatnonzero((lengths < 1) | (lengths > T))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"lengths: every length must be in [1, T] = [1, {T}], got {lengths[b]} at index {b}"
+        )
+    return lengths.astype(np.int64)
+
+
+def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks):
+    """Check every forward argument; return T, B, L, D, active (T, B, 1) and the masks."""
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"cell: expected one of {tuple(CELLS)}, got {cell!r}")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float32 or float64 (native byte order), got {x.dtype}")
+    if x.ndim != 3 or min(x.shape) < 1:
+        raise ValueError(f"x: expected shape (T, B, I) with every dimension >= 1, got {x.shape}")
+    T, B, I = x.shape  # noqa: E741
+    _check_flag("bidirectional", bidirectional)
+    D = 2 if bidirectional else 1
+    if not isinstance(h0, np.ndarray):
+        raise TypeError(f"h0: expected a numpy array (L*D, B, H), got {type(h0).__name__}")
+    if h0.ndim != 3 or h0.shape[0] < 1 or h0.shape[2] < 1 or h0.shape[0] % D:
+        raise ValueError(
+            f"h0: expected shape (L*D, B, H) with L >= 1, D = {D}, H >= 1, got {h0.shape}"
+        )
+    LD, H = h0.shape[0], h0.shape[2]
+    _check_array("h0", h0, (LD, B, H), x.dtype)
+    if CELLS[cell].has_c:
+        if c0 is None:
+            raise ValueError("c0: required for cell 'lstm', got None")
+        _check_array("c0", c0, (LD, B, H), x.dtype)
+    elif c0 is not None:
+        raise ValueError(f"c0: only 'lstm' has a cell state; expected None for {cell!r}")
+    _check_weights(weights, cell, LD, D, I, H, x.dtype)
+    L = LD // D
+    active = (np.arange(T)[:, None] < _check_lengths(lengths, T, B))[:, :, None]
+    masks = None
+    if dropout_masks is not None:
+        _check_list("dropout_masks", dropout_masks, L - 1, "one per layer but the last")
+        for k, mask in enumerate(dropout_masks):
+            _check_array(f"dropout_masks[{k}]", mask, (T, B, D * H), x.dtype)
+        masks = [np.array(mask) for mask in dropout_masks]  # owned: the tape outlives the call
+    return T, B, L, D, active, masks
+
+
+def _check_weights(weights, cell, LD, D, I, H, dtype):  # noqa: E741
+    _check_list("weights", weights, LD, "one tuple per layer and direction, as h0")
+    GH = CELLS[cell].gates * H
+    for k, entry in enumerate(weights):
+        name = f"weights[{k}]"
+        _check_list(name, entry, 4, "w_ih, w_hh, b_ih, b_hh")
+        I_k = I if k < D else D * H
+        _check_array(f"{name} w_ih", entry[0], (GH, I_k), dtype)
+        _check_array(f"{name} w_hh", entry[1], (GH, H), dtype)
+        _check_array(f"{name} b_ih", entry[2], (GH,), dtype)
+        _check_array(f"{name} b_hh", entry[3], (GH,), dtype)
+
+
+def _check_backward(tape, d_out, d_h_n, d_c_n):
+    """Check the backward arguments; return d_h_n and d_c_n with None made zeros."""
+    if tape is None:
+        raise ValueError("tape: got None; run stack_forward with keep_tape=True to get one")
+    if not isinstance(tape, Tape):
+        raise TypeError(
+            "tape: expected the Tape returned by pyrnn.reference.stack_forward, "
+            f"got {type(tape).__name__}"
+        )
+    LD, state_shape = tape.L * tape.D, (tape.L * tape.D, tape.B, tape.H)
+    _check_array("d_out", d_out, (tape.T, tape.B, tape.D * tape.H), tape.dtype)
+    if d_h_n is None:
+        d_h_n = np.zeros(state_shape, tape.dtype)
+    _check_array("d_h_n", d_h_n, (LD, tape.B, tape.H), tape.dtype)
+    if not CELLS[tape.cell].has_c:
+        if d_c_n is not None:
+            raise ValueError(
+                f"d_c_n: only 'lstm' has a cell state; expected None for {tape.cell!r}"
+            )
+        return d_h_n, None
+    if d_c_n is None:
+        d_c_n = np.zeros(state_shape, tape.dtype)
+    _check_array("d_c_n", d_c_n, state_shape, tape.dtype)
+    return d_h_n, d_c_n
