@@ -1,6 +1,8 @@
 """The installed package carries a working C++ core, and it describes its build."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +49,42 @@ def test_set_num_threads_round_trips():
         assert pyrnn.get_num_threads() == 1
     finally:
         pyrnn.set_num_threads(before)
+
+
+def _import_core_in_subprocess(env_isa: str) -> subprocess.CompletedProcess:
+    code = "import pyrnn._core as c; print(c.variant)"
+    env = dict(os.environ, PYRNN_ISA=env_isa)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_core_variant_matches_the_cpu_and_is_reported():
+    if not _backend.cpp_available():
+        pytest.skip("no C++ core")
+    from pyrnn import _core
+
+    info = pyrnn.backend_info()
+    assert info["core_module"] == _core.variant
+    vendor, flags = _core._cpu()
+    if _core.variant == "_core_avx512":
+        assert {"avx512f", "avx512bw", "avx512vl"} <= flags
+        assert "AVX512" in info["simd"]
+    if _core.variant == "_core_avx2":
+        assert "AVX2" in info["simd"]
+
+
+def test_pyrnn_isa_avx2_forces_the_avx2_core():
+    if not _backend.cpp_available():
+        pytest.skip("no C++ core")
+    from pyrnn import _core
+
+    if _core.variant == "_core_custom":
+        pytest.skip("built with PYRNN_MARCH: a single custom core")
+    result = _import_core_in_subprocess("avx2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "_core_avx2"
+
+
+def test_pyrnn_isa_rejects_unknown_values():
+    result = _import_core_in_subprocess("sse9")
+    assert result.returncode != 0
+    assert "PYRNN_ISA must be 'avx2' or 'avx512'" in result.stderr
