@@ -1,0 +1,200 @@
+"""Layers around the recurrent core: ``Linear``, ``Embedding`` and ``one_hot``.
+
+Each layer has PyTorch's parameter names, shapes and default initialisation, a forward pass
+(``layer(x)``) and a ``backward(d_y)`` that adds the parameter gradients into ``layer.grads``
+in place and returns the gradient with respect to the input (``Linear``) or nothing
+(``Embedding``: its input is a tensor of indices).
+
+A layer keeps the one tape of its latest forward pass, and only in training mode with
+gradients enabled. To train a layer applied at every time step, call it once on the whole
+``(T, B, ...)`` sequence rather than once per step: one matrix product is faster anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .module import Module, is_grad_enabled
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_dtype(dtype: object) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
+    if resolved not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {resolved}")
+    return resolved
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_seed(seed: object) -> np.random.Generator:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return np.random.default_rng(seed)
+
+
+def _check_indices(name: str, indices: object, upper: int) -> np.ndarray:
+    """An integer array with every entry in [0, upper)."""
+    array = np.asarray(indices)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() >= upper):
+        bad = array[(array < 0) | (array >= upper)].flat[0]
+        raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
+    return array
+
+
+def _check_float_array(name: str, value: object) -> np.ndarray:
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+    return array
+
+
+def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np.ndarray:
+    """``(...,)`` integer indices in ``[0, num_classes)`` -> ``(..., num_classes)`` one-hot rows."""
+    num_classes = _check_positive_int("num_classes", num_classes)
+    array = _check_indices("indices", indices, num_classes)
+    resolved = np.dtype(dtype)
+    if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
+        raise TypeError(f"dtype must be a numeric dtype, got {resolved}")
+    out = np.zeros(array.shape + (num_classes,), dtype=resolved)
+    np.put_along_axis(out, array[..., None], 1, axis=-1)
+    return out
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` on the last axis of any ``(..., in_features)`` array.
+
+    ``weight`` is ``(out_features, in_features)`` and ``bias`` ``(out_features,)``, both drawn
+    from ``uniform(-1/sqrt(in_features), 1/sqrt(in_features))`` as PyTorch does. Inputs of
+    another floating type are cast to the layer's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: object = np.float32,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        if not isinstance(bias, bool | np.bool_):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.dtype = _check_dtype(dtype)
+        rng = _check_seed(seed)
+        bound = 1.0 / np.sqrt(self.in_features)
+        shape = (self.out_features, self.in_features)
+        self.weight = self.add_param("weight", self._uniform(rng, bound, shape))
+        self.bias = None
+        if bias:
+            self.bias = self.add_param("bias", self._uniform(rng, bound, (self.out_features,)))
+        self._x: np.ndarray | None = None
+
+    def _uniform(self, rng: np.random.Generator, bound: float, shape: tuple) -> np.ndarray:
+        return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+
+    def __call__(self, x: object) -> np.ndarray:
+        x = _check_float_array("x", x)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape (..., {self.in_features}), got {x.shape}"
+            )
+        keep = self.training and is_grad_enabled()
+        # The tape is only the input, copied so a caller reusing its buffer cannot change it.
+        x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y += self.bias
+        self._x = x if keep else None
+        return y
+
+    def backward(self, d_y: object) -> np.ndarray:
+        """Add ``dL/dweight`` and ``dL/dbias`` into ``grads``; return ``dL/dx``."""
+        if self._x is None:
+            raise RuntimeError(
+                "Linear.backward needs a forward pass in training mode with gradients enabled "
+                "first (none recorded)"
+            )
+        d_y = _check_float_array("d_y", d_y)
+        expected = self._x.shape[:-1] + (self.out_features,)
+        if d_y.shape != expected:
+            raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        d_y = d_y.astype(self.dtype, copy=False)
+        d_y_rows = d_y.reshape(-1, self.out_features)
+        x_rows = self._x.reshape(-1, self.in_features)
+        self.grads["weight"] += d_y_rows.T @ x_rows
+        if self.bias is not None:
+            self.grads["bias"] += d_y_rows.sum(axis=0)
+        return d_y @ self.weight
+
+    def __repr__(self) -> str:
+        return (
+            f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={self.dtype})"
+        )
+
+
+class Embedding(Module):
+    """A lookup table: integer indices of any shape ``(...)`` -> rows ``(..., embedding_dim)``.
+
+    ``weight`` is ``(num_embeddings, embedding_dim)``, drawn from ``N(0, 1)`` as PyTorch does.
+    Backward adds each output row's gradient into the row it was read from, so an index used
+    several times collects the sum of its gradients.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: object = np.float32,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = _check_positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _check_positive_int("embedding_dim", embedding_dim)
+        self.dtype = _check_dtype(dtype)
+        rng = _check_seed(seed)
+        shape = (self.num_embeddings, self.embedding_dim)
+        self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))
+        self._indices: np.ndarray | None = None
+
+    def __call__(self, indices: object) -> np.ndarray:
+        indices = _check_indices("indices", indices, self.num_embeddings)
+        keep = self.training and is_grad_enabled()
+        # A copy, so that a caller reusing its index buffer cannot change the tape.
+        self._indices = indices.copy() if keep else None
+        return self.weight[indices]
+
+    def backward(self, d_y: object) -> None:
+        """Add ``dL/dweight`` into ``grads["weight"]`` (rows of repeated indices sum)."""
+        if self._indices is None:
+            raise RuntimeError(
+                "Embedding.backward needs a forward pass in training mode with gradients "
+                "enabled first (none recorded)"
+            )
+        d_y = _check_float_array("d_y", d_y)
+        expected = self._indices.shape + (self.embedding_dim,)
+        if d_y.shape != expected:
+            raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        rows = d_y.reshape(-1, self.embedding_dim).astype(self.dtype, copy=False)
+        np.add.at(self.grads["weight"], self._indices.reshape(-1), rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedding(num_embeddings={self.num_embeddings}, "
+            f"embedding_dim={self.embedding_dim}, dtype={self.dtype})"
+        )

@@ -1,0 +1,218 @@
+"""Linear, Embedding and one_hot: finite differences, PyTorch parity, input checks."""
+
+import numpy as np
+import pytest
+
+from pyrnn.layers import Embedding, Linear, one_hot
+from pyrnn.module import no_grad
+
+
+def numeric_grad(loss, array, eps=1e-6):
+    """Central differences of the scalar loss() with respect to every entry of array."""
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + eps
+        plus = loss()
+        array[index] = saved - eps
+        minus = loss()
+        array[index] = saved
+        grad[index] = (plus - minus) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (4, 3, 5)], ids=["vector", "batch", "sequence"])
+def test_linear_grad_matches_finite_differences(shape):
+    rng = np.random.default_rng(0)
+    layer = Linear(5, 4, dtype=np.float64, seed=1)
+    x = rng.standard_normal(shape)
+    weights = rng.standard_normal(shape[:-1] + (4,))
+
+    def loss():
+        return float(np.sum(layer(x) * weights))
+
+    loss()
+    d_x = layer.backward(weights)
+    np.testing.assert_allclose(d_x, numeric_grad(loss, x), rtol=1e-7, atol=1e-9)
+    for name in ("weight", "bias"):
+        expected = numeric_grad(loss, layer.params[name])
+        np.testing.assert_allclose(layer.grads[name], expected, rtol=1e-7, atol=1e-9)
+
+
+def test_linear_backward_accumulates_until_zero_grad():
+    layer = Linear(3, 2, dtype=np.float64, seed=0)
+    x = np.ones((4, 3))
+    d_y = np.ones((4, 2))
+    layer(x)
+    layer.backward(d_y)
+    once = layer.grads["weight"].copy()
+    layer.backward(d_y)
+    np.testing.assert_allclose(layer.grads["weight"], 2 * once)
+    layer.zero_grad()
+    assert not layer.grads["weight"].any() and not layer.grads["bias"].any()
+
+
+def test_linear_matches_torch_forward_and_backward_float32():
+    torch = pytest.importorskip("torch")
+    layer = Linear(6, 3, seed=2)
+    reference = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(layer.weight))
+        reference.bias.copy_(torch.from_numpy(layer.bias))
+    x = np.random.default_rng(3).standard_normal((5, 2, 6)).astype(np.float32)
+    d_y = np.random.default_rng(4).standard_normal((5, 2, 3)).astype(np.float32)
+    x_t = torch.from_numpy(x).requires_grad_()
+    y_t = reference(x_t)
+    y_t.backward(torch.from_numpy(d_y))
+    y = layer(x)
+    d_x = layer.backward(d_y)
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d_x, x_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.grads["weight"], reference.weight.grad.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(layer.grads["bias"], reference.bias.grad.numpy(), rtol=1e-4)
+
+
+def test_linear_init_follows_torch_bounds_and_names():
+    layer = Linear(100, 50, seed=0)
+    assert layer.weight.shape == (50, 100) and layer.bias.shape == (50,)
+    assert layer.weight.dtype == np.float32
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    bound = 1 / np.sqrt(100)
+    assert np.abs(layer.weight).max() <= bound and np.abs(layer.bias).max() <= bound
+    # A uniform(-b, b) sample of 5000 values fills most of its range.
+    assert np.abs(layer.weight).max() > 0.95 * bound
+    assert np.array_equal(Linear(100, 50, seed=0).weight, layer.weight)
+
+
+def test_linear_without_bias_has_only_weight():
+    layer = Linear(3, 2, bias=False, dtype=np.float64, seed=0)
+    assert list(layer.params) == ["weight"]
+    x = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_allclose(layer(x), x @ layer.weight.T)
+    layer.backward(np.ones((2, 2)))
+    np.testing.assert_allclose(layer.grads["weight"], np.ones((2, 2)).T @ x)
+
+
+def test_linear_keeps_no_tape_in_eval_mode_or_under_no_grad():
+    layer = Linear(3, 2, seed=0)
+    layer.eval()
+    layer(np.ones((1, 3), np.float32))
+    with pytest.raises(RuntimeError, match="training mode"):
+        layer.backward(np.ones((1, 2), np.float32))
+    layer.train()
+    with no_grad():
+        layer(np.ones((1, 3), np.float32))
+    with pytest.raises(RuntimeError, match="training mode"):
+        layer.backward(np.ones((1, 2), np.float32))
+
+
+def test_linear_tape_is_not_changed_by_caller_reusing_input_buffer():
+    layer = Linear(2, 1, dtype=np.float64, seed=0)
+    x = np.ones((1, 2))
+    layer(x)
+    x[...] = 100.0
+    layer.backward(np.ones((1, 1)))
+    np.testing.assert_allclose(layer.grads["weight"], [[1.0, 1.0]])
+
+
+def test_linear_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="forward"):
+        Linear(3, 2).backward(np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match="in_features"):
+        Linear(0, 2)
+    with pytest.raises(TypeError, match="out_features"):
+        Linear(3, 2.5)
+    with pytest.raises(TypeError, match="dtype"):
+        Linear(3, 2, dtype=np.int32)
+    with pytest.raises(TypeError, match="seed"):
+        Linear(3, 2, seed="1")
+    layer = Linear(3, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        layer(np.ones((4, 2), np.float32))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        layer(np.ones((4, 3), np.int64))
+    layer(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"d_y must have shape \(4, 2\)"):
+        layer.backward(np.ones((4, 3), np.float32))
+
+
+def test_embedding_grad_matches_finite_differences_with_repeated_indices():
+    rng = np.random.default_rng(0)
+    layer = Embedding(6, 3, dtype=np.float64, seed=1)
+    indices = np.array([[0, 2, 2], [5, 0, 2]])
+    weights = rng.standard_normal((2, 3, 3))
+
+    def loss():
+        return float(np.sum(layer(indices) * weights))
+
+    loss()
+    layer.backward(weights)
+    expected = numeric_grad(loss, layer.params["weight"])
+    np.testing.assert_allclose(layer.grads["weight"], expected, rtol=1e-7, atol=1e-9)
+    # Index 2 appears three times: its row collects the sum of three output gradients.
+    np.testing.assert_allclose(layer.grads["weight"][2], weights[0, 1] + weights[0, 2]
+                               + weights[1, 2])
+    assert not layer.grads["weight"][[1, 3, 4]].any()
+
+
+def test_embedding_matches_torch_lookup_and_grad():
+    torch = pytest.importorskip("torch")
+    layer = Embedding(10, 4, seed=0)
+    reference = torch.nn.Embedding(10, 4)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(layer.weight))
+    indices = np.random.default_rng(1).integers(0, 10, size=(7, 3))
+    d_y = np.random.default_rng(2).standard_normal((7, 3, 4)).astype(np.float32)
+    out_t = reference(torch.from_numpy(indices))
+    out_t.backward(torch.from_numpy(d_y))
+    np.testing.assert_array_equal(layer(indices), out_t.detach().numpy())
+    layer.backward(d_y)
+    np.testing.assert_allclose(layer.grads["weight"], reference.weight.grad.numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_embedding_init_is_standard_normal():
+    weight = Embedding(1000, 50, dtype=np.float64, seed=0).weight
+    assert weight.shape == (1000, 50)
+    assert abs(weight.mean()) < 0.02 and abs(weight.std() - 1) < 0.02
+
+
+def test_embedding_rejects_bad_indices_and_backward_before_forward():
+    layer = Embedding(5, 2)
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.backward(np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\), found 5"):
+        layer(np.array([0, 5]))
+    with pytest.raises(ValueError, match="found -1"):
+        layer(np.array([-1]))
+    with pytest.raises(TypeError, match="indices must hold integers"):
+        layer(np.array([0.0, 1.0]))
+    layer(np.array([[1, 2]]))
+    with pytest.raises(ValueError, match=r"d_y must have shape \(1, 2, 2\)"):
+        layer.backward(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="embedding_dim"):
+        Embedding(5, 0)
+
+
+def test_one_hot_sets_one_entry_per_index():
+    encoded = one_hot(np.array([[2, 0], [1, 2]]), 3, dtype=np.float64)
+    assert encoded.shape == (2, 2, 3) and encoded.dtype == np.float64
+    np.testing.assert_array_equal(encoded.argmax(-1), [[2, 0], [1, 2]])
+    np.testing.assert_array_equal(encoded.sum(-1), np.ones((2, 2)))
+    assert one_hot(1, 4).tolist() == [0, 1, 0, 0]
+
+
+def test_one_hot_matches_torch():
+    torch = pytest.importorskip("torch")
+    indices = np.random.default_rng(0).integers(0, 7, size=(4, 5))
+    expected = torch.nn.functional.one_hot(torch.from_numpy(indices), 7).numpy()
+    np.testing.assert_array_equal(one_hot(indices, 7, dtype=np.int64), expected)
+
+
+def test_one_hot_rejects_out_of_range_and_bad_class_count():
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\), found 3"):
+        one_hot(np.array([3]), 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        one_hot(np.array([0]), 0)
+    with pytest.raises(TypeError, match="indices must hold integers"):
+        one_hot(np.array([True]), 2)
