@@ -1,0 +1,77 @@
+"""The benchmark suite, the presets and the issue-4 targets, as data.
+
+A configuration is (T, B, I, H, L, D): time steps, batch, input size, hidden size, layers,
+directions (2 = bidirectional). ``lengths`` makes it ragged: one length per sequence drawn
+uniformly from [low, high] with a fixed seed. ``oracle`` marks configurations small enough for
+the pure-NumPy backend to run by default (it is the oracle, not a contender).
+"""
+
+from __future__ import annotations
+
+CELLS = ("lstm", "gru", "rnn")
+
+SUITE: list[dict] = [
+    {"name": "latency", "T": 100, "B": 1, "I": 128, "H": 128, "L": 1, "D": 1,
+     "cells": CELLS, "oracle": True},
+    {"name": "charrnn", "T": 25, "B": 1, "I": 65, "H": 100, "L": 1, "D": 1,
+     "cells": CELLS, "oracle": True},
+    {"name": "medium", "T": 100, "B": 32, "I": 256, "H": 256, "L": 1, "D": 1, "cells": CELLS},
+    {"name": "large", "T": 100, "B": 64, "I": 512, "H": 512, "L": 1, "D": 1, "cells": CELLS},
+    {"name": "deep-bi", "T": 100, "B": 32, "I": 256, "H": 256, "L": 2, "D": 2, "cells": CELLS},
+    {"name": "deepbench-h512", "T": 25, "B": 16, "I": 512, "H": 512, "L": 1, "D": 1,
+     "cells": ("lstm",)},
+    {"name": "deepbench-h1024", "T": 50, "B": 32, "I": 1024, "H": 1024, "L": 1, "D": 1,
+     "cells": ("lstm",)},
+    {"name": "ragged", "T": 200, "B": 32, "I": 128, "H": 128, "L": 1, "D": 2, "cells": CELLS,
+     "lengths": {"low": 10, "high": 200, "seed": 1234}},
+    {"name": "long", "T": 1000, "B": 8, "I": 256, "H": 256, "L": 2, "D": 1, "cells": CELLS},
+]
+
+BACKENDS = ("pyrnn-cpp", "pyrnn-numpy", "torch", "torch-nomkldnn", "onnxruntime")
+MODES = ("infer", "train")
+
+# Defaults of a full run, and the --quick preset (finishes in under 2 minutes on 2 cores).
+DEFAULTS = {"threads": [2], "rounds": 5, "round_s": 0.3, "max_calls": 200, "warmup_s": 0.1,
+            "gemm_size": 2048}
+QUICK = {"configs": ["latency", "charrnn", "medium"], "threads": [2], "rounds": 3,
+         "round_s": 0.1, "max_calls": 50, "warmup_s": 0.03}
+
+# Issue 4's targets. A rule applies to a row when every listed key matches (absent = any);
+# "peer" rules need ratio = peer ms / pyrnn-cpp ms >= min, "pct_gemm" rules need pyrnn-cpp's
+# share of the machine's GEMM rate >= min. Targets are stated at 2 threads.
+LSTM_DENSE = ["medium", "large", "deep-bi", "deepbench-h512", "deepbench-h1024"]
+TARGETS: list[dict] = [
+    {"id": "gru/rnn train >= 2x torch", "cells": ["gru", "rnn"], "modes": ["train"],
+     "peer": "torch", "min": 2.0},
+    {"id": "gru/rnn infer >= 1.5x torch", "cells": ["gru", "rnn"], "modes": ["infer"],
+     "peer": "torch", "min": 1.5},
+    {"id": "lstm dense >= 1x torch", "cells": ["lstm"], "configs": LSTM_DENSE,
+     "peer": "torch", "min": 1.0},
+    {"id": "lstm small >= 2x torch", "cells": ["lstm"], "configs": ["latency", "charrnn"],
+     "peer": "torch", "min": 2.0},
+    {"id": "ragged train >= 3x torch", "configs": ["ragged"], "modes": ["train"],
+     "peer": "torch", "min": 3.0},
+    {"id": "infer >= 1x onnxruntime", "modes": ["infer"], "peer": "onnxruntime", "min": 1.0},
+    {"id": "large infer >= 85% GEMM", "configs": ["large", "deepbench-h1024"],
+     "modes": ["infer"], "metric": "pct_gemm", "min": 85.0},
+]
+TARGET_THREADS = 2
+
+
+def select(names: list[str] | None) -> list[dict]:
+    """The suite's configurations with these names (all when None), in suite order."""
+    known = [c["name"] for c in SUITE]
+    if names is None:
+        return list(SUITE)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--configs: unknown configuration(s) {unknown}; known: {known}")
+    return [c for c in SUITE if c["name"] in names]
+
+
+def rules_for(config: str, cell: str, mode: str, threads: int) -> list[dict]:
+    """The target rules that apply to one row."""
+    if threads != TARGET_THREADS:
+        return []
+    row = {"configs": config, "cells": cell, "modes": mode}
+    return [r for r in TARGETS if all(row[k] in r[k] for k in row if k in r)]

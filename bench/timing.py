@@ -1,0 +1,142 @@
+"""Timing: warm-up, calls per round sized from the warm-up, interleaved rounds, GEMM rate.
+
+Each backend runs n calls per round (n chosen so a round takes about ``round_s``), and within
+a round the backends take turns in an order that rotates from round to round, so a burst of
+noise on this shared machine hits all of them alike. Per backend we keep every call's time;
+the figure of merit is the median of the round medians, with the fastest call and the spread
+(slowest round median / fastest round median) beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Limit NumPy's BLAS to n threads (no-op, with a note in the JSON, without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class HostLoad:
+    """CPU share taken by other processes while a block runs (Linux /proc/stat; else None).
+
+    A 2-thread timing is only meaningful when the machine's cores were ours: this is the
+    disclosure that says how far they were not.
+    """
+
+    def __enter__(self) -> HostLoad:
+        self.start = (busy_cpu_s(), time.process_time(), time.perf_counter())
+        self.pct: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = busy_cpu_s(), time.process_time(), time.perf_counter()
+        if busy is None or self.start[0] is None:
+            return
+        elapsed = (wall - self.start[2]) * (os.cpu_count() or 1)
+        other = (busy - self.start[0]) - (own - self.start[1])
+        self.pct = max(0.0, 100.0 * other / elapsed) if elapsed > 0 else None
+
+
+def busy_cpu_s() -> float | None:
+    """Seconds of CPU time all processes have used since boot (all cores summed)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def time_calls(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds taken by each of n calls."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def warm_up(runner, warmup_s: float) -> list[float]:
+    """Call until warmup_s has passed (at least twice); returns the call times."""
+    times: list[float] = []
+    with runner.scope():
+        while len(times) < 2 or sum(times) < warmup_s:
+            times += time_calls(runner.call, 1)
+    return times
+
+
+def calls_per_round(seconds_per_call: float, round_s: float, max_calls: int) -> int:
+    return max(1, min(max_calls, math.ceil(round_s / max(seconds_per_call, 1e-9))))
+
+
+def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: int) -> dict[str, list]:
+    """Per backend, a list of rounds, each the list of its call times in seconds."""
+    names = list(runners)
+    times: dict[str, list] = {name: [] for name in names}
+    with gc_paused():
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                with runners[name].scope():
+                    times[name].append(time_calls(runners[name].call, calls[name]))
+    return times
+
+
+def summarise(rounds: list[list[float]]) -> dict:
+    """ms = median of round medians; min_ms = fastest call; spread = max/min round median."""
+    medians = [statistics.median(r) for r in rounds]
+    return {
+        "ms": 1e3 * statistics.median(medians),
+        "min_ms": 1e3 * min(min(r) for r in rounds),
+        "spread": max(medians) / min(medians),
+        "round_medians_ms": [1e3 * m for m in medians],
+        "calls_per_round": len(rounds[0]),
+        "rounds": len(rounds),
+    }
+
+
+def gemm_rate(threads: int, size: int = 2048, rounds: int = 5) -> dict:
+    """This machine's float32 GEMM rate (NumPy matmul, size x size) at a thread count.
+
+    Reports the best round (noise only slows a GEMM down), so % of GEMM is not flattered.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flops = 2.0 * size**3
+    with blas_threads(threads):
+        a @ b
+        times = [min(time_calls(lambda: a @ b, 2)) for _ in range(rounds)]
+    return {"size": size, "threads": threads, "best_ms": 1e3 * min(times),
+            "median_ms": 1e3 * statistics.median(times),
+            "gflops": flops / min(times) / 1e9,
+            "gflops_median": flops / statistics.median(times) / 1e9}

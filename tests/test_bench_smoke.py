@@ -1,0 +1,161 @@
+"""The benchmark runner end to end on tiny configurations (no timing claims are checked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the repo root
+
+from bench import backends, report, run  # noqa: E402
+from bench import configs as cfg  # noqa: E402
+
+TINY = {"name": "tiny", "T": 5, "B": 2, "I": 4, "H": 3, "L": 2, "D": 2,
+        "cells": cfg.CELLS, "oracle": True}
+TINY_RAGGED = {"name": "tiny-ragged", "T": 6, "B": 3, "I": 4, "H": 3, "L": 1, "D": 2,
+               "cells": cfg.CELLS, "oracle": True, "lengths": {"low": 1, "high": 6, "seed": 3}}
+
+
+def tiny_args(configs, backend_names=None):
+    args = run.parse_args(["--rounds", "1", "--max-calls", "1", "--threads", "1",
+                           "--round-s", "0.001"])
+    args.configs, args.backends, args.warmup_s, args.argv = configs, backend_names, 0.0, []
+    args.gemm_size = 256
+    return args
+
+
+def here() -> list[str]:
+    return [n for n in cfg.BACKENDS if backends.BACKENDS[n].unavailable() is None]
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = run.run_suite(tiny_args([TINY, TINY_RAGGED]), out, progress=False)
+    return results, out / "results.json"
+
+
+def test_every_available_backend_runs_and_agrees_on_tiny_configs(tiny_results):
+    results, _ = tiny_results
+    assert len(results["rows"]) == 2 * 3 * 2
+    for row in results["rows"]:
+        expected = {n for n in here() if n != "onnxruntime" or row["mode"] == "infer"}
+        assert set(row["backends"]) == expected, row["backends"]
+        for name, entry in row["backends"].items():
+            assert entry["status"] == "ok", (row["config"], row["cell"], name, entry)
+            assert 0 < entry["min_ms"] <= entry["ms"] and entry["spread"] >= 1.0
+            assert entry["gflops"] > 0 and entry["pct_gemm"] > 0
+            if name != row["reference"]:
+                assert entry["max_rel_err"] <= run.TOLERANCE
+
+
+def test_results_json_has_the_documented_schema(tiny_results):
+    _, path = tiny_results
+    saved = json.loads(path.read_text())
+    for key in ("schema", "date", "command", "machine", "versions", "pyrnn_backend_info",
+                "pyrnn_api", "gemm", "rows", "wall_s", "tolerance", "settings"):
+        assert key in saved, key
+    assert saved["gemm"]["1"]["gflops"] > 0
+    assert {"cpu", "logical_cpus", "usable_cpus"} <= set(saved["machine"])
+    row = saved["rows"][0]
+    for key in ("config", "cell", "mode", "threads", "shape", "flops", "reference",
+                "backends", "ratios", "targets", "host_other_pct"):
+        assert key in row, key
+    ragged = [r for r in saved["rows"] if r["config"] == "tiny-ragged"]
+    assert all(len(r["lengths"]) == 3 and max(r["lengths"]) <= 6 for r in ragged)
+
+
+def test_report_renders_table_and_chart(tiny_results, tmp_path):
+    _, path = tiny_results
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    text = report.write_report(path, md, png)
+    assert md.read_text() == text
+    assert "| config | cell | mode | thr |" in text and "| tiny-ragged | gru | train | 1 |" in text
+    if _has_matplotlib():
+        assert png.stat().st_size > 1000
+    assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CorruptRunner(backends.Runner):
+    """Wraps a runner and shifts its output by 0.01, as a buggy kernel would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def scope(self):
+        return self.inner.scope()
+
+    def call(self):
+        return self.inner.call()
+
+    def result(self, value):
+        res = dict(self.inner.result(value))
+        res["out"] = np.asarray(res["out"]) + 0.01
+        return res
+
+
+def test_agreement_check_fails_a_backend_with_wrong_outputs(monkeypatch, tmp_path):
+    victim = "pyrnn-cpp" if "pyrnn-cpp" in here() else None
+    if victim is None or len(here()) < 2:
+        pytest.skip("needs the C++ extension and a second backend to compare with")
+    original = backends.BACKENDS[victim].prepare
+    monkeypatch.setattr(backends.BACKENDS[victim], "prepare",
+                        lambda case, data: CorruptRunner(original(case, data)))
+    tiny_lstm = {**TINY, "cells": ("lstm",)}
+    results = run.run_suite(tiny_args([tiny_lstm], here()), tmp_path, progress=False)
+    for row in results["rows"]:
+        entry = row["backends"][victim]
+        assert entry["status"] == "mismatch" and "out" in entry["error"]
+        assert "ms" not in entry and victim not in str(row["ratios"])
+    assert run.failed_rows(results)
+
+
+def test_targets_apply_at_two_threads_with_the_issue_thresholds():
+    ids = {r["id"] for r in cfg.rules_for("ragged", "gru", "train", 2)}
+    assert ids == {"gru/rnn train >= 2x torch", "ragged train >= 3x torch"}
+    assert cfg.rules_for("ragged", "gru", "train", 1) == []
+    large = {r["id"] for r in cfg.rules_for("large", "lstm", "infer", 2)}
+    assert large == {"lstm dense >= 1x torch", "infer >= 1x onnxruntime",
+                     "large infer >= 85% GEMM"}
+
+
+def test_ratios_and_verdicts_follow_peer_time_over_pyrnn_time():
+    row = {"config": "medium", "cell": "gru", "mode": "infer", "threads": 2, "flops": 2e9,
+           "backends": {"pyrnn-cpp": {"status": "ok", "ms": 10.0},
+                        "torch": {"status": "ok", "ms": 12.0},
+                        "onnxruntime": {"status": "ok", "ms": 30.0}}}
+    run.derived(row, {"2": {"gflops": 400.0}})
+    assert row["ratios"] == {"torch": 1.2, "onnxruntime": 3.0}
+    assert row["backends"]["pyrnn-cpp"]["gflops"] == pytest.approx(200.0)
+    assert row["backends"]["pyrnn-cpp"]["pct_gemm"] == pytest.approx(50.0)
+    verdicts = {t["id"]: t["ok"] for t in row["targets"]}
+    assert verdicts == {"gru/rnn infer >= 1.5x torch": False, "infer >= 1x onnxruntime": True}
+
+
+def test_forward_flops_count_every_layer_direction_and_real_steps():
+    case = backends.Case({"name": "x", "T": 2, "B": 1, "I": 3, "H": 4, "L": 1, "D": 1},
+                         "lstm", "infer", 1)
+    assert run.forward_flops(case, None) == 2 * 2 * 1 * 16 * (3 + 4)
+    deep = backends.Case({"name": "x", "T": 5, "B": 2, "I": 3, "H": 4, "L": 2, "D": 2},
+                         "gru", "infer", 1)
+    per_step = 2 * 2 * 12 * (3 + 4) + 2 * 2 * 12 * (8 + 4)
+    assert run.forward_flops(deep, np.array([5, 1])) == 6 * per_step
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert run.main(["--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert run.main(["--configs", "no-such-config"]) == 2
+    assert "no-such-config" in capsys.readouterr().err
