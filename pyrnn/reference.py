@@ -369,6 +369,8 @@ def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_mas
     T, B, I = x.shape  # noqa: E741
     _check_flag("bidirectional", bidirectional)
     D = 2 if bidirectional else 1
+    if h0 is None:
+        raise ValueError("h0: required, an array (L*D, B, H) (zeros for no initial state)")
     if not isinstance(h0, np.ndarray):
         raise TypeError(f"h0: expected a numpy array (L*D, B, H), got {type(h0).__name__}")
     if h0.ndim != 3 or h0.shape[0] < 1 or h0.shape[2] < 1 or h0.shape[0] % D:

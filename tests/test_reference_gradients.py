@@ -8,11 +8,14 @@ stack_backward returns for the upstream gradients (d_out, d_h_n, d_c_n).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 
+import pyrnn
 from pyrnn import _backend, reference
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -41,12 +44,14 @@ class Problem:
     """One random stack: its inputs, its upstream gradients, and its scalar loss."""
 
     def __init__(self, cell, layers, bidirectional, lengths, init_state, seed, masks=False,
-                 dtype=np.float64):
+                 dtype=np.float64, sizes=(T, B, I, H)):
         rng = np.random.default_rng(seed)
+        T, B, I, H = sizes  # noqa: E741, N806 - the contract's names
         D = 2 if bidirectional else 1
         GH = GATES[cell] * H
         self.cell, self.bidirectional, self.lengths, self.L, self.D = (
             cell, bidirectional, lengths, layers, D)
+        self.T, self.B = T, B
 
         def draw(*shape, scale=1.0):
             return (scale * rng.standard_normal(shape)).astype(dtype)
@@ -109,17 +114,30 @@ def analytic_gradients(problem, kernels):
     return grads + [g for entry in d_weights for g in entry]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the C++ core on one thread: thousands of tiny calls on a loaded 2-core machine can
+    each wait a whole time slice for a second thread. Results do not depend on the count."""
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(1)
+    try:
+        yield
+    finally:
+        pyrnn.set_num_threads(before)
+
+
 def numeric_gradient(problem, kernels, a):
     """Central differences of the loss w.r.t. every entry of a (perturbed in place)."""
     grad = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        orig = a[idx]
-        a[idx] = orig + EPS
-        plus = problem.loss(kernels)
-        a[idx] = orig - EPS
-        minus = problem.loss(kernels)
-        a[idx] = orig
-        grad[idx] = (plus - minus) / (2 * EPS)
+    with one_thread():
+        for idx in np.ndindex(a.shape):
+            orig = a[idx]
+            a[idx] = orig + EPS
+            plus = problem.loss(kernels)
+            a[idx] = orig - EPS
+            minus = problem.loss(kernels)
+            a[idx] = orig
+            grad[idx] = (plus - minus) / (2 * EPS)
     return grad
 
 
@@ -135,7 +153,8 @@ def relu_preactivations(problem, monkeypatch):
     with monkeypatch.context() as m:
         m.setitem(reference.CELLS, "rnn_relu", cell)
         problem.forward(reference)
-    lengths = problem.lengths if problem.lengths is not None else np.full(B, T)
+    T = problem.T  # noqa: N806
+    lengths = problem.lengths if problem.lengths is not None else np.full(problem.B, T)
     active = np.arange(T)[:, None] < lengths
     # Calls come T per layer and direction, the reverse direction from t = T-1 down. Rows past
     # their sequence's end are computed and then discarded, so they may sit anywhere.
@@ -192,3 +211,169 @@ def test_grad_matches_finite_differences(
     else:
         problem = Problem(cell, *args, seed=seed)
     assert_gradients_match_finite_differences(problem, kernels)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_grad_matches_finite_differences_with_dropout_masks(kernels, cell, monkeypatch):
+    args = (2, True, UNSORTED_LENGTHS, True)
+    if cell == "rnn_relu":
+        problem = kink_free_problem(*args, seed=100, monkeypatch=monkeypatch, masks=True)
+    else:
+        problem = Problem(cell, *args, seed=100, masks=True)
+    assert_gradients_match_finite_differences(problem, kernels)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_dropout_mask_scales_what_the_next_layer_reads(kernels, cell):
+    problem = Problem(cell, 2, True, None, True, seed=7, masks=True)
+    out_masked = problem.forward(kernels)[0]
+    # Masks of ones are no dropout at all; the masked run must differ from that.
+    problem.masks = [np.ones_like(m) for m in problem.masks]
+    assert not np.allclose(problem.forward(kernels)[0], out_masked)
+    # A zero mask cuts layer 1 off from x: with no gradient on layer 0's own final states,
+    # none can reach x or layer 0's initial states.
+    problem.masks = [np.zeros_like(m) for m in problem.masks]
+    problem.d_h_n[:2] = 0
+    if problem.d_c_n is not None:
+        problem.d_c_n[:2] = 0
+    _, _, _, tape = problem.forward(kernels, keep_tape=True)
+    dx, dh0, _, _ = problem.backward(kernels, tape)
+    np.testing.assert_array_equal(dx, 0)
+    assert np.all(dh0[:2] == 0) and np.any(dh0[2:] != 0)
+
+
+def test_relu_grad_matches_finite_differences_away_from_kinks(kernels, monkeypatch):
+    problem = kink_free_problem(2, True, UNSORTED_LENGTHS, True, seed=300, monkeypatch=monkeypatch)
+    pre = relu_preactivations(problem, monkeypatch)
+    # Both sides of the kink are exercised, and none is within reach of the FD step.
+    assert np.any(pre > 0) and np.any(pre < 0)
+    assert np.min(np.abs(pre)) > RELU_MARGIN > 10 * EPS
+    assert_gradients_match_finite_differences(problem, kernels)
+
+
+def test_relu_passes_no_gradient_through_dead_units(kernels):
+    problem = Problem("rnn_relu", 1, False, None, False, seed=3)
+    w_ih, w_hh, b_ih, b_hh = problem.weights[0]
+    b_ih[:] = -100.0  # every pre-activation is far below 0: every unit is dead at every step
+    out, h_n, _, tape = problem.forward(kernels, keep_tape=True)
+    np.testing.assert_array_equal(out, 0)
+    dx, dh0, _, d_weights = problem.backward(kernels, tape)
+    for grad in (dx, dh0, *d_weights[0]):
+        np.testing.assert_array_equal(grad, 0)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_float32_matches_float64(kernels, cell):
+    p64 = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=11, masks=True)
+    p32 = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=11, masks=True, dtype=np.float32)
+    res64, res32 = p64.forward(kernels, keep_tape=True), p32.forward(kernels, keep_tape=True)
+    grads64 = p64.backward(kernels, res64[3])
+    grads32 = p32.backward(kernels, res32[3])
+    for a32, a64 in zip(flatten(res32[:3] + grads32), flatten(res64[:3] + grads64), strict=True):
+        assert a32.dtype == np.float32  # no silent upcast
+        np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-5)
+
+
+def assert_same(a, b):
+    """Equal up to the last bit or so: what a corrupted tape could never give."""
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def flatten(results):
+    """The arrays of a forward or backward result, in order, skipping Nones."""
+    arrays = []
+    for item in results:
+        if isinstance(item, list):
+            arrays.extend(a for entry in item for a in entry)
+        elif item is not None:
+            arrays.append(item)
+    return arrays
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_nan_in_input_propagates_to_its_own_sequence_only(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=5)
+    problem.x[1, 0, 0] = np.nan  # row 0 has length 3: step 1 is inside it
+    problem.x[2, 1, :] = np.nan  # row 1 has length 1: step 2 lies past its end
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no crash, and no warning either
+        out, h_n, c_n, tape = problem.forward(kernels, keep_tape=True)
+        dx, dh0, _, _ = problem.backward(kernels, tape)
+    # Row 0: the forward direction is NaN from step 1 on, the reverse one from step 1 down.
+    assert np.all(np.isnan(out[1:3, 0, :H])) and np.all(np.isnan(out[:2, 0, H:2 * H]))
+    assert np.all(np.isnan(h_n[:, 0]))
+    if cell != "rnn_relu":  # relu's derivative at NaN is 0 (NaN > 0 is False), as in PyTorch
+        assert np.isnan(dx[1, 0]).any()
+    # Padding stays zero, and the other rows never see the NaN, not even the one next to it.
+    np.testing.assert_array_equal(out[3, 0], 0)
+    for a in (out[:, 1:], h_n[:, 1:], dx[:, 1:], dh0[:, 1:]):
+        assert np.all(np.isfinite(a))
+    if c_n is not None:
+        assert np.all(np.isnan(c_n[:, 0])) and np.all(np.isfinite(c_n[:, 1:]))
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_backward_twice_gives_the_same_result(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=21, masks=True)
+    tape = problem.forward(kernels, keep_tape=True)[3]
+    first, second = problem.backward(kernels, tape), problem.backward(kernels, tape)
+    for a, b in zip(flatten(first), flatten(second), strict=True):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_tape_survives_caller_mutating_its_arrays(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=31, masks=True)
+    expected = problem.backward(kernels, problem.forward(kernels, keep_tape=True)[3])
+    tape = problem.forward(kernels, keep_tape=True)[3]
+    # What an optimizer step or a reused input buffer would do to the caller's arrays.
+    for _, a in problem.inputs():
+        a[...] = np.nan
+    for mask in problem.masks:
+        mask[...] = 0
+    problem.lengths = UNSORTED_LENGTHS.copy()
+    got = problem.backward(kernels, tape)
+    for a, b in zip(flatten(got), flatten(expected), strict=True):
+        assert_same(a, b)
+
+
+def test_inference_keeps_no_tape(kernels):
+    problem = Problem("lstm", 1, False, None, True, seed=1)
+    assert problem.forward(kernels, keep_tape=False)[3] is None
+    assert problem.forward(kernels, keep_tape=True)[3] is not None
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_strided_inputs_give_the_same_results(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=41)
+    expected = problem.forward(kernels)[:3]
+
+    def strided(a):  # same values, not C-contiguous
+        wide = np.zeros(a.shape + (2,), a.dtype)
+        wide[..., 0] = a
+        return wide[..., 0]
+
+    problem.x, problem.h0 = strided(problem.x), strided(problem.h0)
+    problem.weights = [tuple(strided(w) for w in entry) for entry in problem.weights]
+    assert not problem.x.flags.c_contiguous
+    for a, b in zip(problem.forward(kernels)[:3], expected, strict=True):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ core not built")
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_cpp_matches_reference_on_random_configs(cell):
+    core = _backend.kernels("cpp")
+    rng = np.random.default_rng(GATES[cell])
+    for seed in range(20):
+        t, b, i, h = (int(n) for n in rng.integers(1, 6, 4))  # sizes of 1 come up often
+        layers, bidirectional = int(rng.integers(1, 4)), bool(rng.integers(2))
+        lengths = rng.integers(1, t + 1, b) if rng.integers(2) else None
+        problem = Problem(cell, layers, bidirectional, lengths, True, seed=seed,
+                          masks=layers > 1 and bool(rng.integers(2)), sizes=(t, b, i, h))
+        ref, cpp = problem.forward(reference, True), problem.forward(core, True)
+        ref_grads, cpp_grads = problem.backward(reference, ref[3]), problem.backward(core, cpp[3])
+        config = f"{cell} T={t} B={b} I={i} H={h} L={layers} bi={bidirectional} {lengths=}"
+        for a, c in zip(flatten(ref[:3] + ref_grads), flatten(cpp[:3] + cpp_grads), strict=True):
+            np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12, err_msg=config)
