@@ -116,11 +116,12 @@ class Linear(Module):
         keep = self.training and is_grad_enabled()
         # The tape is only the input, copied so a caller reusing its buffer cannot change it.
         x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
-        y = x @ self.weight.T
+        # One GEMM over all leading axes (numpy would loop over them for a stacked matmul).
+        y = x.reshape(-1, self.in_features) @ self.weight.T
         if self.bias is not None:
             y += self.bias
         self._x = x if keep else None
-        return y
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, d_y: object) -> np.ndarray:
         """Add ``dL/dweight`` and ``dL/dbias`` into ``grads``; return ``dL/dx``."""
@@ -139,7 +140,7 @@ class Linear(Module):
         self.grads["weight"] += d_y_rows.T @ x_rows
         if self.bias is not None:
             self.grads["bias"] += d_y_rows.sum(axis=0)
-        return d_y @ self.weight
+        return (d_y_rows @ self.weight).reshape(self._x.shape)
 
     def __repr__(self) -> str:
         return (

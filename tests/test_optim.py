@@ -288,3 +288,73 @@ def test_clip_functions_reject_bad_arguments():
     model.head.grads["bias"][0] = np.nan
     with pytest.raises(RuntimeError, match="nan"):
         clip_grad_norm(model, 1.0, error_if_nonfinite=True)
+
+
+class TinyLanguageModel(Module):
+    """Embedding -> LSTM -> Linear, the shape of a character-level language model."""
+
+    def __init__(self, lstm_cls, backend, vocab=7, embed=5, hidden=6):
+        super().__init__()
+        self.embed = Embedding(vocab, embed, dtype=np.float64, seed=0)
+        self.rnn = lstm_cls(embed, hidden, dtype=np.float64, seed=1, backend=backend)
+        self.head = Linear(hidden, vocab, dtype=np.float64, seed=2)
+
+
+def torch_language_model(model):
+    vocab, embed = model.embed.weight.shape
+    hidden = model.head.weight.shape[1]
+    modules = torch.nn.ModuleDict({
+        "embed": torch.nn.Embedding(vocab, embed),
+        "rnn": torch.nn.LSTM(embed, hidden),
+        "head": torch.nn.Linear(hidden, vocab),
+    }).double()
+    with torch.no_grad():
+        for name, param in modules.named_parameters():
+            param.copy_(torch.from_numpy(model.state_dict()[name]))
+    return modules
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_lstm_language_model_trained_with_adam_and_truncated_bptt_matches_torch(backend):
+    """Four chunks of truncated BPTT (final state carried, history dropped), cross-entropy with
+    ignored targets, gradient clipping and Adam: the same losses and weights as PyTorch."""
+    modules = pytest.importorskip("pyrnn.modules")
+    from pyrnn._backend import cpp_available
+    from pyrnn.losses import cross_entropy
+
+    if backend == "cpp" and not cpp_available():
+        pytest.skip("the C++ extension is not built")
+    model = TinyLanguageModel(modules.LSTM, backend)
+    reference = torch_language_model(model)
+    optimizer = Adam(model, lr=0.05)
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.05, foreach=False)
+    rng = np.random.default_rng(0)
+    state, reference_state = None, None
+    for _ in range(4):
+        tokens = rng.integers(0, 7, size=(5, 3))
+        targets = rng.integers(0, 7, size=(5, 3))
+        targets[0, 1] = -100
+
+        out, (h_n, c_n) = model.rnn(model.embed(tokens), state)
+        loss, d_logits = cross_entropy(model.head(out), targets)
+        d_x, _ = model.rnn.backward(model.head.backward(d_logits), (None, None))
+        model.embed.backward(d_x)
+        clip_grad_norm(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        state = (h_n, c_n)
+
+        out_t, (h_t, c_t) = reference["rnn"](reference["embed"](torch.from_numpy(tokens)),
+                                             reference_state)
+        loss_t = torch.nn.functional.cross_entropy(reference["head"](out_t).reshape(-1, 7),
+                                                   torch.from_numpy(targets).reshape(-1))
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0, foreach=False)
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        reference_state = (h_t.detach(), c_t.detach())
+
+        assert loss == pytest.approx(loss_t.item(), rel=1e-9)
+    for name, param in reference.named_parameters():
+        np.testing.assert_allclose(model.state_dict()[name], param.detach().numpy(), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
