@@ -253,8 +253,12 @@ def stack_forward(
     Returns (out (T, B, D*H), h_n (L*D, B, H), c_n or None, tape or None).
     """
     args = _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks)
-    T, B, L, D, active, masks = args
+    T, B, L, D, active = args
     _check_flag("keep_tape", keep_tape)
+    x, h0, c0 = native(x), native(h0), native(c0)
+    weights = [tuple(native(w) for w in entry) for entry in weights]
+    # owned copies: the tape outlives the call
+    masks = [np.array(m, dtype=x.dtype) for m in dropout_masks] if dropout_masks else None
     h_n, c_n = np.empty_like(h0), (np.empty_like(c0) if c0 is not None else None)
     dirs = []
     layer_input = x
@@ -285,6 +289,7 @@ def stack_backward(
     Returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights shaped like weights).
     """
     d_h_n, d_c_n = _check_backward(tape, d_out, d_h_n, d_c_n)
+    d_out, d_h_n, d_c_n = native(d_out), native(d_h_n), native(d_c_n)
     B, H, L, D = tape.B, tape.H, tape.L, tape.D
     has_c = CELLS[tape.cell].has_c
     dh0 = np.empty((L * D, B, H), tape.dtype)
@@ -315,10 +320,16 @@ def stack_backward(
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def native(a: Array | None) -> Array | None:
+    """a in the machine's byte order (a itself when it already is)."""
+    return None if a is None else a.astype(a.dtype.newbyteorder("="), copy=False)
+
+
 def _check_array(name: str, a: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """a is an array of shape and dtype (in either byte order)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
+    if a.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
@@ -357,13 +368,14 @@ def _check_lengths(lengths: Any, T: int, B: int) -> Array:
 
 
 def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks):
-    """Check every forward argument; return T, B, L, D, active (T, B, 1) and the masks."""
+    """Check every forward argument; return T, B, L, D and active (T, B, 1)."""
     if not isinstance(cell, str) or cell not in CELLS:
         raise ValueError(f"cell: expected one of {tuple(CELLS)}, got {cell!r}")
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy array, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected dtype float32 or float64 (native byte order), got {x.dtype}")
+    dtype = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
     if x.ndim != 3 or min(x.shape) < 1:
         raise ValueError(f"x: expected shape (T, B, I) with every dimension >= 1, got {x.shape}")
     T, B, I = x.shape  # noqa: E741
@@ -378,23 +390,21 @@ def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_mas
             f"h0: expected shape (L*D, B, H) with L >= 1, D = {D}, H >= 1, got {h0.shape}"
         )
     LD, H = h0.shape[0], h0.shape[2]
-    _check_array("h0", h0, (LD, B, H), x.dtype)
+    _check_array("h0", h0, (LD, B, H), dtype)
     if CELLS[cell].has_c:
         if c0 is None:
             raise ValueError("c0: required for cell 'lstm', got None")
-        _check_array("c0", c0, (LD, B, H), x.dtype)
+        _check_array("c0", c0, (LD, B, H), dtype)
     elif c0 is not None:
         raise ValueError(f"c0: only 'lstm' has a cell state; expected None for {cell!r}")
-    _check_weights(weights, cell, LD, D, I, H, x.dtype)
+    _check_weights(weights, cell, LD, D, I, H, dtype)
     L = LD // D
     active = (np.arange(T)[:, None] < _check_lengths(lengths, T, B))[:, :, None]
-    masks = None
     if dropout_masks is not None:
         _check_list("dropout_masks", dropout_masks, L - 1, "one per layer but the last")
         for k, mask in enumerate(dropout_masks):
-            _check_array(f"dropout_masks[{k}]", mask, (T, B, D * H), x.dtype)
-        masks = [np.array(mask) for mask in dropout_masks]  # owned: the tape outlives the call
-    return T, B, L, D, active, masks
+            _check_array(f"dropout_masks[{k}]", mask, (T, B, D * H), dtype)
+    return T, B, L, D, active
 
 
 def _check_weights(weights, cell, LD, D, I, H, dtype):  # noqa: E741

@@ -361,6 +361,28 @@ def test_strided_inputs_give_the_same_results(kernels, cell):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_non_native_byte_order_gives_the_same_results(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=43, masks=True)
+    expected = problem.forward(kernels, keep_tape=True)
+    expected_grads = problem.backward(kernels, expected[3])
+
+    def swapped(a):
+        return None if a is None else a.astype(a.dtype.newbyteorder("S"))
+
+    problem.x, problem.h0, problem.c0 = swapped(problem.x), swapped(problem.h0), swapped(problem.c0)
+    problem.weights = [tuple(swapped(w) for w in entry) for entry in problem.weights]
+    problem.masks = [swapped(m) for m in problem.masks]
+    problem.d_out, problem.d_h_n = swapped(problem.d_out), swapped(problem.d_h_n)
+    problem.d_c_n = swapped(problem.d_c_n)
+    got = problem.forward(kernels, keep_tape=True)
+    got_grads = problem.backward(kernels, got[3])
+    for a, b in zip(flatten(got[:3] + got_grads), flatten(expected[:3] + expected_grads),
+                    strict=True):
+        assert a.dtype == np.float64  # results come back in the machine's byte order
+        assert_same(a, b)
+
+
 @pytest.mark.skipif(not _backend.cpp_available(), reason="C++ core not built")
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_cpp_matches_reference_on_random_configs(cell):
@@ -377,3 +399,138 @@ def test_cpp_matches_reference_on_random_configs(cell):
         config = f"{cell} T={t} B={b} I={i} H={h} L={layers} bi={bidirectional} {lengths=}"
         for a, c in zip(flatten(ref[:3] + ref_grads), flatten(cpp[:3] + cpp_grads), strict=True):
             np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12, err_msg=config)
+
+
+def with_weight(index, part, value):
+    """Edit weights[index][part] of the forward arguments."""
+
+    def edit(a):
+        entries = [list(entry) for entry in a["weights"]]
+        entries[index][part] = value(entries[index][part])
+        a["weights"] = [tuple(entry) for entry in entries]
+
+    return edit
+
+
+def setter(key, value):
+    def edit(a):
+        a[key] = value(a[key]) if callable(value) else value
+
+    return edit
+
+
+def odd_stack(a):
+    """Three states and weight entries: consistent with each other, impossible with D = 2."""
+    a["h0"], a["c0"], a["weights"] = a["h0"][:3], a["c0"][:3], a["weights"][:3]
+
+
+BAD_FORWARD = {
+    "unknown cell": (setter("cell", "lstmx"), ValueError, "cell"),
+    "x not an array": (setter("x", lambda x: x.tolist()), TypeError, "x"),
+    "x of ints": (setter("x", lambda x: x.astype(np.int64)), TypeError, "x"),
+    "x float16": (setter("x", lambda x: x.astype(np.float16)), TypeError, "x"),
+    "x 2-D": (setter("x", lambda x: x[0]), ValueError, "x"),
+    "x empty": (setter("x", lambda x: x[:0]), ValueError, "x"),
+    "h0 None": (setter("h0", None), ValueError, "h0"),
+    "h0 wrong batch": (setter("h0", lambda h: h[:, :2]), ValueError, "h0"),
+    "h0 odd L*D when bidirectional": (odd_stack, ValueError, "h0"),
+    "h0 float32": (setter("h0", lambda h: h.astype(np.float32)), TypeError, "h0"),
+    "c0 None for lstm": (setter("c0", None), ValueError, "c0"),
+    "c0 wrong shape": (setter("c0", lambda c: c[:, :, :1]), ValueError, "c0"),
+    "weights not a list": (setter("weights", 5), TypeError, "weights"),
+    "weights too few": (setter("weights", lambda w: w[:3]), ValueError, "weights"),
+    "weights entry of 3": (setter("weights", lambda w: [w[0][:3]] + w[1:]), ValueError,
+                           r"weights\[0\]"),
+    "w_hh wrong shape": (with_weight(1, 1, lambda w: w[:, :1]), ValueError,
+                         r"weights\[1\] w_hh"),
+    "layer-1 w_ih reads x": (with_weight(2, 0, lambda w: np.zeros((w.shape[0], I))),
+                             ValueError, r"weights\[2\] w_ih"),
+    "b_ih float32": (with_weight(0, 2, lambda b: b.astype(np.float32)), TypeError,
+                     r"weights\[0\] b_ih"),
+    "b_hh wrong size": (with_weight(3, 3, lambda b: b[1:]), ValueError, r"weights\[3\] b_hh"),
+    "bidirectional not a bool": (setter("bidirectional", "yes"), TypeError, "bidirectional"),
+    "lengths float": (setter("lengths", lambda n: n.astype(float)), TypeError, "lengths"),
+    "lengths zero": (setter("lengths", np.array([3, 0, 4])), ValueError, "lengths"),
+    "lengths past T": (setter("lengths", np.array([3, 1, T + 1])), ValueError, "lengths"),
+    "lengths wrong count": (setter("lengths", np.array([3, 1])), ValueError, "lengths"),
+    "dropout_masks too many": (setter("dropout_masks", lambda m: m * 2), ValueError,
+                               "dropout_masks"),
+    "dropout mask wrong shape": (setter("dropout_masks", lambda m: [m[0][:, :, :1]]),
+                                 ValueError, r"dropout_masks\[0\]"),
+    "dropout mask float32": (setter("dropout_masks", lambda m: [m[0].astype(np.float32)]),
+                             TypeError, r"dropout_masks\[0\]"),
+    "keep_tape not a bool": (setter("keep_tape", "yes"), TypeError, "keep_tape"),
+}
+
+
+def forward_arguments(cell="lstm"):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=51, masks=True)
+    return problem, {
+        "cell": cell, "x": problem.x, "h0": problem.h0, "c0": problem.c0,
+        "weights": problem.weights, "bidirectional": True, "lengths": problem.lengths,
+        "dropout_masks": problem.masks, "keep_tape": True,
+    }
+
+
+@pytest.mark.parametrize("case", list(BAD_FORWARD))
+def test_forward_rejects_bad_argument(kernels, case):
+    edit, error, name = BAD_FORWARD[case]
+    _, arguments = forward_arguments()
+    kernels.stack_forward(**arguments)  # valid as drawn
+    edit(arguments)
+    with pytest.raises(error, match=name):
+        kernels.stack_forward(**arguments)
+
+
+def test_forward_rejects_c0_for_a_cell_without_one(kernels):
+    _, arguments = forward_arguments("gru")
+    arguments["c0"] = np.zeros_like(arguments["h0"])
+    with pytest.raises(ValueError, match="c0"):
+        kernels.stack_forward(**arguments)
+
+
+BAD_BACKWARD = {
+    "d_out wrong shape": ("d_out", lambda d: d[:, :, :2], ValueError),
+    "d_out float32": ("d_out", lambda d: d.astype(np.float32), TypeError),
+    "d_out not an array": ("d_out", lambda d: d.tolist(), TypeError),
+    "d_h_n wrong shape": ("d_h_n", lambda d: d[:2], ValueError),
+    "d_c_n wrong shape": ("d_c_n", lambda d: d[:, :1], ValueError),
+    "d_c_n float32": ("d_c_n", lambda d: d.astype(np.float32), TypeError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BACKWARD))
+def test_backward_rejects_bad_argument(kernels, case):
+    name, edit, error = BAD_BACKWARD[case]
+    problem, arguments = forward_arguments()
+    tape = kernels.stack_forward(**arguments)[3]
+    upstream = {"d_out": problem.d_out, "d_h_n": problem.d_h_n, "d_c_n": problem.d_c_n}
+    upstream[name] = edit(upstream[name])
+    with pytest.raises(error, match=name):
+        kernels.stack_backward(tape, **upstream)
+
+
+def test_backward_rejects_d_c_n_for_a_cell_without_one(kernels):
+    problem, arguments = forward_arguments("gru")
+    tape = kernels.stack_forward(**arguments)[3]
+    with pytest.raises(ValueError, match="d_c_n"):
+        kernels.stack_backward(tape, problem.d_out, None, np.zeros_like(problem.d_h_n))
+
+
+def test_backward_accepts_missing_final_state_gradients(kernels):
+    problem = Problem("lstm", 2, True, UNSORTED_LENGTHS, True, seed=61)
+    tape = problem.forward(kernels, keep_tape=True)[3]
+    problem.d_h_n[...] = 0
+    problem.d_c_n[...] = 0
+    expected = problem.backward(kernels, tape)
+    got = kernels.stack_backward(tape, problem.d_out, None, None)
+    for a, b in zip(flatten(got), flatten(expected), strict=True):
+        assert_same(a, b)
+
+
+def test_backward_rejects_a_missing_or_foreign_tape(kernels):
+    problem = Problem("gru", 1, False, None, True, seed=71)
+    with pytest.raises(ValueError, match="tape"):
+        kernels.stack_backward(None, problem.d_out, None, None)
+    with pytest.raises(TypeError, match="tape"):
+        kernels.stack_backward(object(), problem.d_out, None, None)
