@@ -4,16 +4,47 @@ The hot loops run in a C++ core (Eigen + OpenMP); every kernel has a pure-NumPy 
 ``pyrnn.reference`` that serves as fallback and oracle.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import functional
 from ._backend import backend_info, get_num_threads, set_num_threads
 from .module import Module, is_grad_enabled, no_grad
+from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
+# The training building blocks load on first use, so `import pyrnn` stays light and a
+# problem in one of them cannot break the recurrent core.
+_LAZY_MODULES = ("layers", "losses", "optim", "checkpoint")
+_LAZY_NAMES = {"Linear": "layers", "Embedding": "layers", "one_hot": "layers"}
+
 __all__ = [
+    "GRU",
+    "LSTM",
     "Module",
+    "RNN",
     "backend_info",
+    "functional",
     "get_num_threads",
     "is_grad_enabled",
     "no_grad",
     "set_num_threads",
+    *_LAZY_MODULES,
+    *_LAZY_NAMES,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        module = importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'pyrnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

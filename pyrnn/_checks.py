@@ -1,0 +1,124 @@
+"""Argument checks shared by the functional layer and the modules.
+
+Every failure raises ValueError (bad value or shape), TypeError (bad type or dtype) or
+RuntimeError (bad call order) with a message naming the argument, what was expected and what
+was given. Checks that accept an array return it in the form the kernels need: native byte
+order and C-contiguous (copied only when it is not already so).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """np.float32 or np.float64 (in any spelling numpy understands) as a native np.dtype."""
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)  # np.dtype(None) is float64
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype!r}")
+    return resolved.newbyteorder("=")
+
+
+def native(a: np.ndarray) -> np.ndarray:
+    """a in native byte order and C-contiguous; a itself when it already is."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return np.ascontiguousarray(a)
+
+
+def float_array(name: str, a: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    """A float32/float64 ndarray (of `dtype` when given), made native and contiguous."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype.kind != "f" or a.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
+    if dtype is not None and a.dtype.newbyteorder("=") != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
+    return native(a)
+
+
+def shape(name: str, a: np.ndarray, expected: tuple[int, ...], meaning: str) -> None:
+    """a.shape == expected; `meaning` spells the dimensions, e.g. "(L*D, B, H)"."""
+    if a.shape != expected:
+        raise ValueError(f"{name}: expected shape {meaning} = {expected}, got {a.shape}")
+
+
+def lengths(value: Any, T: int, B: int) -> np.ndarray | None:  # noqa: N803 - contract names
+    """None, or int64 (B,) with every value in [1, T] (PyTorch's packed-sequence lengths)."""
+    if value is None:
+        return None
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu":
+        raise TypeError(
+            f"lengths: expected integers (one per sequence), got dtype {a.dtype}"
+        )
+    if a.ndim != 1 or a.shape[0] != B:
+        raise ValueError(
+            f"lengths: expected a 1-D array of B = {B} lengths (one per sequence), "
+            f"got shape {a.shape}"
+        )
+    bad = np.flatnonzero((a < 1) | (a > T))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"lengths: every length must be in [1, T] = [1, {T}], got {a[b]} at index {b}"
+        )
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def dropout(value: Any, name: str = "dropout") -> float:
+    """A probability in [0, 1): p = 1 would scale the kept units by 1/0."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float in [0, 1), got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name}: expected a float in [0, 1), got {value}")
+    return float(value)
+
+
+def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return value
+
+
+def seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"seed: expected None or a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"seed: expected None or a non-negative int, got {value}")
+    return int(value)
+
+
+def generator(rng: Any) -> np.random.Generator:
+    """A numpy Generator; None means a fresh, unseeded one."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng: expected a numpy.random.Generator or None, got {type(rng).__name__}"
+        )
+    return rng

@@ -1,0 +1,295 @@
+"""RNN, LSTM and GRU modules with PyTorch's constructor, parameter names, shapes and init.
+
+A module holds its weights in ``params`` (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...) and
+runs them through ``pyrnn.functional``. In training mode with gradients enabled, a forward
+call keeps a tape; ``backward`` uses it once, returns the gradients of the inputs and adds the
+weight gradients into ``grads`` in place (they accumulate until ``zero_grad``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import _backend, _checks
+from .functional import Tape, rnn_backward, rnn_forward
+from .module import Module, is_grad_enabled
+
+__all__ = ["RNN", "LSTM", "GRU"]
+
+Array = np.ndarray
+
+# Why a module has no tape, for backward's error message.
+_NO_FORWARD = "no forward pass has run yet"
+_NO_TAPE = (
+    "the last forward pass kept no tape because it ran in eval mode or under pyrnn.no_grad(); "
+    "call .train() and run the forward pass with gradients enabled"
+)
+_USED = (
+    "backward was already called for the last forward pass (its tape is freed after one "
+    "backward, as in PyTorch); run the forward pass again"
+)
+
+
+class _RNNBase(Module):
+    """What RNN, LSTM and GRU share; `cell` names the kernel ("rnn_tanh", "lstm", ...)."""
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.cell = cell
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.num_layers = _checks.positive_int("num_layers", num_layers)
+        self.bias = _checks.flag("bias", bias)
+        self.batch_first = _checks.flag("batch_first", batch_first)
+        self.dropout = _checks.dropout(dropout)
+        self.bidirectional = _checks.flag("bidirectional", bidirectional)
+        self.dtype = _checks.float_dtype(dtype)
+        self.seed = _checks.seed(seed)
+        self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS))
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout acts between stacked layers only, so with num_layers=1 it does "
+                f"nothing (got dropout={self.dropout})",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
+        self._names = self._init_params()
+        self._tape: Tape | None = None
+        self._no_tape_reason = _NO_FORWARD
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _init_params(self) -> list[tuple[str | None, ...]]:
+        """Create the parameters in PyTorch's order, uniform(-1/sqrt(H), 1/sqrt(H)) like
+        PyTorch's default; return their names per layer and direction (None: no bias)."""
+        G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[self.cell]  # noqa: N806
+        H, D = self.hidden_size, self.num_directions  # noqa: N806
+        bound = 1 / math.sqrt(H)
+        names = []
+        for layer in range(self.num_layers):
+            for d in range(D):
+                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                I_k = self.input_size if layer == 0 else D * H  # noqa: N806
+                shapes = {"weight_ih": (G * H, I_k), "weight_hh": (G * H, H)}
+                if self.bias:
+                    shapes.update({"bias_ih": (G * H,), "bias_hh": (G * H,)})
+                for kind, shape in shapes.items():
+                    value = self._rng.uniform(-bound, bound, shape).astype(self.dtype)
+                    self.add_param(kind + suffix, value)
+                bias_names = ("bias_ih" + suffix, "bias_hh" + suffix) if self.bias else (None,) * 2
+                names.append(("weight_ih" + suffix, "weight_hh" + suffix, *bias_names))
+        return names
+
+    def _weights(self) -> list[tuple[Array | None, ...]]:
+        # The kernel tapes copy the weights, so an optimizer may update these arrays in place
+        # between forward and backward without corrupting the gradients.
+        return [tuple(self.params[n] if n else None for n in names) for names in self._names]
+
+    # --------------------------------------------------------------------------- forward
+
+    def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
+        return hx, None
+
+    def _pack_state(self, h: Array, c: Array | None) -> Any:
+        return h
+
+    def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
+        """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as PyTorch."""
+        h0, c0 = self._split_hx(hx)
+        keep_tape = self.training and is_grad_enabled()
+        out, h_n, c_n, tape = rnn_forward(
+            self.cell, x, self._weights(), h0, c0,
+            lengths=lengths, batch_first=self.batch_first, bidirectional=self.bidirectional,
+            dropout=self.dropout, training=self.training, rng=self._rng, backend=self.backend,
+            keep_tape=keep_tape,
+        )
+        self._tape = tape
+        self._no_tape_reason = _NO_TAPE
+        return out, self._pack_state(h_n, c_n)
+
+    forward = __call__
+
+    # --------------------------------------------------------------------------- backward
+
+    def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
+        return d_hx, None
+
+    def backward(self, d_out: Array | None, d_hx: Any = None) -> tuple[Array, Any]:
+        """Back-propagate the last forward pass: returns dx and the initial state's gradient,
+        and adds every weight gradient into self.grads. d_out or d_hx may be None (zero)."""
+        if self._tape is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
+        d_h_n, d_c_n = self._split_d_hx(d_hx)
+        dx, dh0, dc0, d_weights = rnn_backward(self._tape, d_out, d_h_n, d_c_n)
+        for names, grads in zip(self._names, d_weights, strict=True):
+            for name, grad in zip(names, grads, strict=True):
+                if name is not None:
+                    self.grads[name] += grad  # in place: optimizers hold these arrays
+        self._tape = None
+        self._no_tape_reason = _USED
+        return dx, self._pack_state(dh0, dc0)
+
+    # --------------------------------------------------------------------------- repr
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class RNN(_RNNBase):
+    """Elman RNN, h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or relu.
+
+    ``out, h_n = rnn(x, h0=None, lengths=None)``; ``dx, dh0 = rnn.backward(d_out, d_h_n)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        nonlinearity = _checks.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
+        super().__init__(
+            f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
+            dropout, bidirectional, dtype, seed, backend,
+        )
+        self.nonlinearity = nonlinearity
+
+    def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
+        return _single_state("hx", hx), None
+
+    def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
+        return _single_state("d_hx", d_hx), None
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (", nonlinearity='relu'" if self.nonlinearity == "relu" else "")
+
+
+class GRU(_RNNBase):
+    """GRU in PyTorch's (cuDNN) form, gates r, z, n.
+
+    ``out, h_n = gru(x, h0=None, lengths=None)``; ``dx, dh0 = gru.backward(d_out, d_h_n)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, dtype, seed, backend,
+        )
+
+    def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
+        return _single_state("hx", hx), None
+
+    def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
+        return _single_state("d_hx", d_hx), None
+
+
+class LSTM(_RNNBase):
+    """LSTM, gates i, f, g, o.
+
+    ``out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)``;
+    ``dx, (dh0, dc0) = lstm.backward(d_out, (d_h_n, d_c_n))``, either part may be None.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, dtype, seed, backend,
+        )
+
+    def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
+        return _state_pair("hx", "(h0, c0)", hx)
+
+    def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
+        return _state_pair("d_hx", "(d_h_n, d_c_n)", d_hx)
+
+    def _pack_state(self, h: Array, c: Array | None) -> Any:
+        return h, c
+
+
+def _single_state(name: str, value: Any) -> Array | None:
+    if isinstance(value, tuple | list):
+        raise TypeError(
+            f"{name}: expected one array (L*D, B, H) or None, got a {type(value).__name__} "
+            f"of {len(value)} (only LSTM takes an (h, c) pair)"
+        )
+    return value
+
+
+def _state_pair(name: str, spelled: str, value: Any) -> tuple[Array | None, Array | None]:
+    if value is None:
+        return None, None
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        got = f"{type(value).__name__} of {len(value)}" if isinstance(value, tuple | list) else (
+            type(value).__name__
+        )
+        raise TypeError(f"{name}: expected a pair {spelled} (either may be None), got {got}")
+    return value[0], value[1]
