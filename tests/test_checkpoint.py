@@ -281,3 +281,31 @@ def test_save_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not the model's parameter"):
         checkpoint.save(tmp_path / "a.npz", model, other)
     assert not any(tmp_path.iterdir())
+
+
+def test_lstm_checkpoint_arrays_load_into_the_same_torch_model(tmp_path):
+    """The file's model/<name> arrays are a valid strict state dict for the torch twin."""
+    modules = pytest.importorskip("pyrnn.modules")
+    torch = pytest.importorskip("torch")
+
+    class Tagger(Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.rnn = modules.LSTM(3, 5, num_layers=2, bidirectional=True, seed=seed)
+            self.head = Linear(10, 4, seed=seed + 1)
+
+    model = Tagger(seed=0)
+    path = tmp_path / "tagger.npz"
+    checkpoint.save(path, model, Adam(model), metadata={"layers": 2})
+    reference = torch.nn.ModuleDict({
+        "rnn": torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True),
+        "head": torch.nn.Linear(10, 4),
+    })
+    with np.load(path, allow_pickle=False) as npz:
+        state = {key[len("model/"):]: torch.from_numpy(npz[key])
+                 for key in npz.files if key.startswith("model/")}
+    reference.load_state_dict(state, strict=True)
+    restored = Tagger(seed=5)
+    checkpoint.load(path, restored, Adam(restored))
+    np.testing.assert_array_equal(restored.rnn.params["weight_hh_l1_reverse"],
+                                  model.rnn.params["weight_hh_l1_reverse"])
