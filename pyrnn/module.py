@@ -100,7 +100,10 @@ class Module:
                 raise ValueError(
                     f"state_dict[{name!r}] has shape {value.shape}, expected {target.shape}"
                 )
-            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            is_real = np.issubdtype(value.dtype, np.floating) or np.issubdtype(
+                value.dtype, np.integer
+            )
+            if not is_real:
                 raise TypeError(
                     f"state_dict[{name!r}] has dtype {value.dtype}, expected a real number type"
                 )
