@@ -33,7 +33,8 @@ def sigmoid(x: Array) -> Array:
 
 def split(gates: Array, n: int) -> list[Array]:
     """The n gate blocks of a (B, n*H) pre-activation, in PyTorch's stacking order."""
-    return np.split(gates, n, axis=1)
+    H = gates.shape[1] // n
+    return [gates[:, k * H : (k + 1) * H] for k in range(n)]  # views; np.split is slower
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +150,10 @@ def time_steps(T: int, reverse: bool) -> range:
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def sequence_forward(cell, x, h0, c0, weights, active, reverse):
+def sequence_forward(cell, x, h0, c0, weights, active, reverse, keep_tape):
     """Run one cell over x (T, B, I_k); active (T, B, 1) says which rows step at each t.
 
-    Returns out (T, B, H), the final h and c, and the SequenceTape.
+    Returns out (T, B, H), the final h and c, and the SequenceTape (None unless keep_tape).
     """
     w_ih, w_hh, b_ih, b_hh = weights
     step = CELLS[cell].step
@@ -161,21 +162,23 @@ def sequence_forward(cell, x, h0, c0, weights, active, reverse):
     x = np.where(active, x, 0)  # what lies past a sequence's end never reaches any result
     x_proj = x @ w_ih.T + b_ih  # the input side of every step as one matmul
     out = np.zeros((T, B, H), x.dtype)
-    h_prev = np.empty((T, B, H), x.dtype)
-    c_prev = np.empty((T, B, H), x.dtype) if c0 is not None else None
+    h_prev = np.empty((T, B, H), x.dtype) if keep_tape else None
+    c_prev = np.empty((T, B, H), x.dtype) if keep_tape and c0 is not None else None
     caches: list = [None] * T
     h, c = h0, c0
     for t in time_steps(T, reverse):
-        h_prev[t] = h
-        if c is not None:
-            c_prev[t] = c
-        h_new, c_new, caches[t] = step(x_proj[t], h, c, w_hh, b_hh)
+        h_new, c_new, cache = step(x_proj[t], h, c, w_hh, b_hh)
+        if keep_tape:
+            h_prev[t], caches[t] = h, cache
+            if c is not None:
+                c_prev[t] = c
         h = np.where(active[t], h_new, h)  # finished / not yet started rows keep their state
         if c is not None:
             c = np.where(active[t], c_new, c)
         out[t] = np.where(active[t], h_new, 0)
-    tape = SequenceTape(x, h_prev, c_prev, caches, w_ih.copy(), w_hh.copy(), reverse)
-    return out, h, c, tape
+    if not keep_tape:
+        return out, h, c, None
+    return out, h, c, SequenceTape(x, h_prev, c_prev, caches, w_ih.copy(), w_hh.copy(), reverse)
 
 
 def sequence_backward(cell, tape, active, d_out, d_h_n, d_c_n):
@@ -259,7 +262,8 @@ def stack_forward(
     weights = [tuple(native(w) for w in entry) for entry in weights]
     # owned copies: the tape outlives the call
     masks = [np.array(m, dtype=x.dtype) for m in dropout_masks] if dropout_masks else None
-    h_n, c_n = np.empty_like(h0), (np.empty_like(c0) if c0 is not None else None)
+    h_n = np.empty(h0.shape, x.dtype)
+    c_n = np.empty(h0.shape, x.dtype) if c0 is not None else None
     dirs = []
     layer_input = x
     for layer in range(L):
@@ -268,7 +272,7 @@ def stack_forward(
             k = layer * D + d
             c0_k = c0[k] if c0 is not None else None
             out_d, h_n[k], c_n_k, seq_tape = sequence_forward(
-                cell, layer_input, h0[k], c0_k, weights[k], active, reverse=d == 1
+                cell, layer_input, h0[k], c0_k, weights[k], active, d == 1, keep_tape
             )
             if c_n is not None:
                 c_n[k] = c_n_k
@@ -277,8 +281,10 @@ def stack_forward(
         out = np.concatenate(outs, axis=2)
         if layer < L - 1:
             layer_input = out * masks[layer] if masks is not None else out
+    if not keep_tape:
+        return out, h_n, c_n, None
     tape = Tape(cell, x.dtype, T, B, x.shape[2], h0.shape[2], L, D, active, masks, dirs)
-    return out, h_n, c_n, (tape if keep_tape else None)
+    return out, h_n, c_n, tape
 
 
 def stack_backward(

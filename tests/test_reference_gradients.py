@@ -89,12 +89,13 @@ class Problem:
     def backward(self, kernels, tape):
         return kernels.stack_backward(tape, self.d_out, self.d_h_n, self.d_c_n)
 
-    def loss(self, kernels):
+    def row_losses(self, kernels):
+        """The loss split by sequence (B,): row b's part depends on row b's inputs only."""
         out, h_n, c_n, _ = self.forward(kernels)
-        total = np.sum(self.d_out * out) + np.sum(self.d_h_n * h_n)
+        rows = np.sum(self.d_out * out, axis=(0, 2)) + np.sum(self.d_h_n * h_n, axis=(0, 2))
         if c_n is not None:
-            total += np.sum(self.d_c_n * c_n)
-        return total
+            rows += np.sum(self.d_c_n * c_n, axis=(0, 2))
+        return rows
 
     def inputs(self):
         """(name, array) for every differentiable input, in the order backward returns them."""
@@ -126,18 +127,26 @@ def one_thread():
         pyrnn.set_num_threads(before)
 
 
-def numeric_gradient(problem, kernels, a):
-    """Central differences of the loss w.r.t. every entry of a (perturbed in place)."""
+def numeric_gradient(problem, kernels, a, per_row):
+    """Central differences of the loss w.r.t. every entry of a (perturbed in place).
+
+    per_row: axis 1 of a is the batch (x, h0, c0). Sequences are independent, so one entry is
+    perturbed in every row at once and each row's own loss gives that row's derivative.
+    """
     grad = np.zeros_like(a)
+    shape = (a.shape[0], 1, *a.shape[2:]) if per_row else a.shape
     with one_thread():
-        for idx in np.ndindex(a.shape):
-            orig = a[idx]
+        for idx in np.ndindex(shape):
+            if per_row:
+                idx = (idx[0], slice(None), *idx[2:])
+            orig = np.copy(a[idx])
             a[idx] = orig + EPS
-            plus = problem.loss(kernels)
+            plus = problem.row_losses(kernels)
             a[idx] = orig - EPS
-            minus = problem.loss(kernels)
+            minus = problem.row_losses(kernels)
             a[idx] = orig
-            grad[idx] = (plus - minus) / (2 * EPS)
+            diff = (plus - minus) / (2 * EPS)
+            grad[idx] = diff if per_row else diff.sum()
     return grad
 
 
@@ -182,7 +191,7 @@ def assert_gradients_match_finite_differences(problem, kernels):
     depends = []
     for (name, a), grad in zip(named, analytic, strict=True):
         assert grad.shape == a.shape, name
-        numeric = numeric_gradient(problem, kernels, a)
+        numeric = numeric_gradient(problem, kernels, a, per_row=name in ("x", "h0", "c0"))
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8, err_msg=name)
         depends.append(np.any(numeric != 0))
     # Zero against zero would prove nothing; only relu units can be dead for a whole array.
