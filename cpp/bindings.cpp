@@ -43,6 +43,11 @@ std::vector<Index> shape_of(const py::array& a) {
   return std::vector<Index>(a.shape(), a.shape() + a.ndim());
 }
 
+// The item size of a real floating-point dtype (any byte order), or 0 for any other dtype.
+size_t float_size(const py::array& a) {
+  return a.dtype().kind() == 'f' ? static_cast<size_t>(a.dtype().itemsize()) : 0;
+}
+
 template <typename S>
 std::string dtype_name() {
   return sizeof(S) == 4 ? "float32" : "float64";
@@ -55,15 +60,17 @@ Array<S> take(py::handle obj, const std::string& name, const std::vector<Index>&
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(name + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!py::isinstance<py::array_t<S>>(a))
-    throw py::type_error(name + ": expected dtype " + dtype_name<S>() + " (native byte order, the dtype of x), got " +
+  if (float_size(a) != sizeof(S))
+    throw py::type_error(name + ": expected dtype " + dtype_name<S>() + " (the dtype of x), got " +
                          std::string(py::str(a.dtype())));
   if (shape_of(a) != shape)
     throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
-  const bool ready = (a.flags() & py::array::c_style) &&
+  const bool ready = py::isinstance<py::array_t<S>>(a) && (a.flags() & py::array::c_style) &&
                      (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_);
-  if (!ready) a = py::module_::import("numpy").attr("require")(a, a.dtype(), "CA");
-  return py::reinterpret_borrow<Array<S>>(a);
+  if (ready) return py::reinterpret_borrow<Array<S>>(a);
+  // Strided, unaligned or byte-swapped: one native, contiguous copy.
+  py::object copy = py::module_::import("numpy").attr("require")(a, py::dtype::of<S>(), "CA");
+  return py::reinterpret_borrow<Array<S>>(copy);
 }
 
 // lengths: None, or B integers in [1, T], any integer dtype.
@@ -123,10 +130,10 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
     throw py::value_error("c0: only 'lstm' has a cell state; expected None");
   }
 
-  py::sequence weights = take_list(weights_obj, "weights", LD, "one tuple per layer and direction, as h0");
   const Index D = bidirectional ? 2 : 1, L = LD / D;
   if (LD % D != 0)
     throw py::value_error("h0: expected L*D entries with D = 2 (bidirectional), got " + std::to_string(LD));
+  py::sequence weights = take_list(weights_obj, "weights", LD, "one tuple per layer and direction, as h0");
   const Index GH = pyrnn::gate_count(cell) * H;
   const pyrnn::Dims dims{T, B, I, H, L, D};
   std::vector<Array<S>> keep;  // holds converted arrays alive while the core runs
@@ -178,11 +185,11 @@ py::tuple stack_forward(const std::string& cell_name, const py::object& x, const
   if (!py::isinstance<py::array>(x))
     throw py::type_error("x: expected a numpy array, got " + std::string(py::str(py::type::of(x))));
   auto xa = py::reinterpret_borrow<py::array>(x);
-  if (py::isinstance<py::array_t<float>>(xa))
+  if (float_size(xa) == sizeof(float))
     return forward_impl<float>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
-  if (py::isinstance<py::array_t<double>>(xa))
+  if (float_size(xa) == sizeof(double))
     return forward_impl<double>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
-  throw py::type_error("x: expected dtype float32 or float64 (native byte order), got " + std::string(py::str(xa.dtype())));
+  throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
 template <typename S>
@@ -192,12 +199,12 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
   const Index LD = dm.L * dm.D, GH = pyrnn::gate_count(tape.cell) * dm.H;
   const bool is_lstm = tape.cell == pyrnn::CellKind::lstm;
   Array<S> d_out = take<S>(d_out_obj, "d_out", {dm.T, dm.B, dm.D * dm.H});
+  // A default-constructed array_t is an empty array, not null: track presence explicitly.
+  const bool has_d_h_n = !d_h_n_obj.is_none(), has_d_c_n = !d_c_n_obj.is_none();
+  if (has_d_c_n && !is_lstm) throw py::value_error("d_c_n: only 'lstm' has a cell state; expected None");
   Array<S> d_h_n, d_c_n;
-  if (!d_h_n_obj.is_none()) d_h_n = take<S>(d_h_n_obj, "d_h_n", {LD, dm.B, dm.H});
-  if (!d_c_n_obj.is_none()) {
-    if (!is_lstm) throw py::value_error("d_c_n: only 'lstm' has a cell state; expected None");
-    d_c_n = take<S>(d_c_n_obj, "d_c_n", {LD, dm.B, dm.H});
-  }
+  if (has_d_h_n) d_h_n = take<S>(d_h_n_obj, "d_h_n", {LD, dm.B, dm.H});
+  if (has_d_c_n) d_c_n = take<S>(d_c_n_obj, "d_c_n", {LD, dm.B, dm.H});
 
   Array<S> dx({dm.T, dm.B, dm.I}), dh0({LD, dm.B, dm.H});
   Array<S> dc0 = is_lstm ? Array<S>({LD, dm.B, dm.H}) : Array<S>();
@@ -214,7 +221,8 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
   const int threads = pyrnn::get_num_threads();
   {
     py::gil_scoped_release release;
-    pyrnn::stack_backward(tape, d_out.data(), d_h_n ? d_h_n.data() : nullptr, d_c_n ? d_c_n.data() : nullptr,
+    pyrnn::stack_backward(tape, d_out.data(), has_d_h_n ? d_h_n.data() : nullptr,
+                          has_d_c_n ? d_c_n.data() : nullptr,
                           grads, threads);
   }
   py::object dc0_obj = is_lstm ? py::object(dc0) : py::none();

@@ -5,6 +5,7 @@
 // pointers below are already offset to unit j0; rows of every (·, H)-shaped buffer are H apart.
 #pragma once
 
+#include "pyrnn/activations.hpp"
 #include "pyrnn/types.hpp"
 
 namespace pyrnn {
@@ -45,7 +46,7 @@ struct StepBackward {
 
 struct Tanh {
   template <typename A>
-  static auto f(const A& a) { return a.tanh(); }
+  static auto f(const A& a) { return tanh_of(a); }
   // derivative written through the output y = tanh(a)
   template <typename A>
   static auto df(const A& y) { return 1 - y.square(); }
@@ -105,14 +106,14 @@ struct LstmCell {
       auto f = arr(s.gates.at(r, 1), w);
       auto g = arr(s.gates.at(r, 2), w);
       auto o = arr(s.gates.at(r, 3), w);
-      i = (i + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w)).logistic();
-      f = (f + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w)).logistic();
-      g = (g + carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w)).tanh();
-      o = (o + carr(s.hh.at(r, 3), w) + carr(s.b_hh + 3 * H, w)).logistic();
+      i = sigmoid(i + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w));
+      f = sigmoid(f + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w));
+      g = tanh_of(g + carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w));
+      o = sigmoid(o + carr(s.hh.at(r, 3), w) + carr(s.b_hh + 3 * H, w));
       auto c = arr(s.c + r * H, w);
       auto tanh_c = arr(s.aux + r * H, w);
       c = f * c + i * g;
-      tanh_c = c.tanh();
+      tanh_c = tanh_of(c);
       arr(s.h + r * H, w) = o * tanh_c;
     }
   }
@@ -155,10 +156,10 @@ struct GruCell {
       auto z = arr(s.gates.at(r, 1), w);
       auto n = arr(s.gates.at(r, 2), w);
       auto hn = arr(s.aux + r * H, w);
-      rg = (rg + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w)).logistic();
-      z = (z + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w)).logistic();
+      rg = sigmoid(rg + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w));
+      z = sigmoid(z + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w));
       hn = carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w);
-      n = (n + rg * hn).tanh();
+      n = tanh_of(n + rg * hn);
       arr(s.h + r * H, w) = (1 - z) * n + z * carr(s.h_prev + r * H, w);
     }
   }

@@ -187,6 +187,15 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   });
 }
 
+// sums[j] = sum over r of m[r, j], adding row after row: unlike Eigen's colwise().sum(), whose
+// summation order differs between its packet and scalar columns, this does not depend on alignment.
+template <typename S>
+void column_sums(const S* m, Index rows, Index cols, Index ld, S* sums) {
+  auto acc = arr(sums, cols);
+  acc.setZero();
+  for (Index r = 0; r < rows; ++r) acc += carr(m + r * ld, cols);
+}
+
 // Weight gradients summed over all steps, as two large GEMMs after the loop:
 // dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev, and the biases as column sums.
 template <typename S>
@@ -197,8 +206,8 @@ void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, cons
     const auto dg_hh = cmat(d_gates_hh + g.begin, rows, g.size(), GH);
     mat(dw_ih + g.begin * I, g.size(), I, I).noalias() = dg.transpose() * cmat(x, rows, I, I);
     mat(dw_hh + g.begin * H, g.size(), H, H).noalias() = dg_hh.transpose() * cmat(h_prev, rows, H, H);
-    mat(db_ih + g.begin, 1, g.size(), g.size()) = dg.colwise().sum();
-    mat(db_hh + g.begin, 1, g.size(), g.size()) = dg_hh.colwise().sum();
+    column_sums(d_gates + g.begin, rows, g.size(), GH, db_ih + g.begin);
+    column_sums(d_gates_hh + g.begin, rows, g.size(), GH, db_hh + g.begin);
   });
 }
 

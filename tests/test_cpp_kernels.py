@@ -1,0 +1,629 @@
+"""The C++ kernels (pyrnn._core) against PyTorch and the NumPy reference, and their argument checks.
+
+The kernels are called directly, through the kernel contract of pyrnn/_backend.py: this is what
+every higher layer builds on, and what a caller bypassing the Python layer would reach.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyrnn
+from pyrnn import _backend, reference
+
+if not _backend.cpp_available():
+    pytest.skip("the C++ extension is not built", allow_module_level=True)
+
+from pyrnn import _core  # noqa: E402
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+RTOL = {np.float32: 1e-4, np.float64: 1e-9}
+DTYPES = (np.float32, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: random inputs, weights and upstream gradients for one configuration
+
+
+class Problem:
+    """One random call of the kernel contract and the upstream gradients for its backward."""
+
+    def __init__(self, cell, T, B, n_in, H, L=1, D=1, lengths=False, bias=True, dtype=np.float64,
+                 seed=0, masks=False):
+        rng = np.random.default_rng(seed)
+        self.cell, self.dtype, self.L, self.D, self.H = cell, dtype, L, D, H
+        G = GATES[cell]
+        scale = 1.0 / np.sqrt(H)
+
+        def rand(*shape, s=1.0):
+            return (rng.uniform(-s, s, shape)).astype(dtype)
+
+        self.x = rand(T, B, n_in)
+        self.h0 = rand(L * D, B, H, s=0.5)
+        self.c0 = rand(L * D, B, H, s=0.5) if cell == "lstm" else None
+        self.weights = []
+        for k in range(L * D):
+            ik = n_in if k < D else D * H
+            b = (lambda: rand(G * H, s=scale)) if bias else (lambda: np.zeros(G * H, dtype))
+            self.weights.append((rand(G * H, ik, s=scale), rand(G * H, H, s=scale), b(), b()))
+        self.lengths = None
+        if lengths:
+            self.lengths = rng.integers(1, T + 1, B).astype(np.int64)
+            self.lengths[rng.integers(B)] = T  # torch's packed path pads to the longest
+        self.masks = None
+        if masks and L > 1:
+            keep = 0.7
+            self.masks = [(rng.random((T, B, D * H)) < keep).astype(dtype) / dtype(keep)
+                          for _ in range(L - 1)]
+        self.d_out = rand(T, B, D * H)
+        self.d_h_n = rand(L * D, B, H)
+        self.d_c_n = rand(L * D, B, H) if cell == "lstm" else None
+
+    @property
+    def bidirectional(self):
+        return self.D == 2
+
+    def run(self, kernels, d_h_n=True):
+        """Forward with a tape, then backward: a dict of every output and gradient."""
+        out, h_n, c_n, tape = kernels.stack_forward(
+            self.cell, self.x, self.h0, self.c0, self.weights, self.bidirectional, self.lengths,
+            self.masks, True)
+        dx, dh0, dc0, dw = kernels.stack_backward(
+            tape, self.d_out, self.d_h_n if d_h_n else None, self.d_c_n if d_h_n else None)
+        return {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0, "dw": dw}
+
+
+def assert_close(actual, expected, rtol, what):
+    """Relative to the largest magnitude of the expected array (elementwise rtol fails near 0)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= rtol * scale, f"{what}: max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def assert_results_close(got, want, rtol):
+    for key in ("out", "h_n", "c_n", "dx", "dh0", "dc0"):
+        if want[key] is None:
+            assert got[key] is None, key
+        else:
+            assert_close(got[key], want[key], rtol, key)
+    assert len(got["dw"]) == len(want["dw"])
+    for k, (g, w) in enumerate(zip(got["dw"], want["dw"], strict=True)):
+        for name, a, b in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), g, w, strict=True):
+            assert_close(a, b, rtol, f"{name}[{k}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch as the oracle
+
+
+def torch_run(p: Problem):
+    """The same call through torch.nn.RNN/LSTM/GRU with copied weights (packed when lengths)."""
+    torch = pytest.importorskip("torch")
+    T, B, n_in = p.x.shape
+    tdtype = torch.float64 if p.dtype == np.float64 else torch.float32
+    if p.masks is not None:
+        return torch_run_layerwise(p, torch, tdtype)
+    net = make_torch_net(torch, p.cell, n_in, p.H, p.L, p.bidirectional, tdtype)
+    copy_weights(torch, net, p.weights, p.D, range(p.L))
+    x = torch.tensor(p.x, requires_grad=True)
+    h0 = torch.tensor(p.h0, requires_grad=True)
+    c0 = torch.tensor(p.c0, requires_grad=True) if p.c0 is not None else None
+    out, h_n, c_n = torch_forward(torch, net, x, h0, c0, p.lengths, T)
+    loss = (out * torch.tensor(p.d_out)).sum() + (h_n * torch.tensor(p.d_h_n)).sum()
+    if c_n is not None:
+        loss = loss + (c_n * torch.tensor(p.d_c_n)).sum()
+    loss.backward()
+    return {
+        "out": out.detach().numpy(), "h_n": h_n.detach().numpy(),
+        "c_n": None if c_n is None else c_n.detach().numpy(),
+        "dx": x.grad.numpy(), "dh0": h0.grad.numpy(),
+        "dc0": None if c0 is None else c0.grad.numpy(),
+        "dw": weight_grads(net, p.D, range(p.L)),
+    }
+
+
+def make_torch_net(torch, cell, n_in, H, L, bidirectional, tdtype):
+    kw = {"num_layers": L, "bidirectional": bidirectional, "dtype": tdtype}
+    if cell.startswith("rnn"):
+        return torch.nn.RNN(n_in, H, nonlinearity=cell[4:], **kw)
+    return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](n_in, H, **kw)
+
+
+def param_names(D, layers):
+    for layer in layers:
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            yield [n + sfx for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+
+def copy_weights(torch, net, weights, D, layers, first=0):
+    with torch.no_grad():
+        for names, w in zip(param_names(D, layers), weights[first:], strict=True):
+            for n, a in zip(names, w, strict=True):
+                getattr(net, n).copy_(torch.from_numpy(a))
+
+
+def weight_grads(net, D, layers):
+    return [tuple(getattr(net, n).grad.numpy() for n in names) for names in param_names(D, layers)]
+
+
+def torch_forward(torch, net, x, h0, c0, lengths, T):
+    state = (h0, c0) if c0 is not None else h0
+    if lengths is None:
+        out, hn = net(x, state)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, torch.from_numpy(lengths), enforce_sorted=False)
+        out, hn = net(packed, state)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    h_n, c_n = hn if c0 is not None else (hn, None)
+    return out, h_n, c_n
+
+
+def torch_run_layerwise(p: Problem, torch, tdtype):
+    """Layer by layer, multiplying each layer's output by its dropout mask before the next."""
+    T, B, n_in = p.x.shape
+    D = p.D
+    x = torch.tensor(p.x, requires_grad=True)
+    h0 = torch.tensor(p.h0, requires_grad=True)
+    c0 = torch.tensor(p.c0, requires_grad=True) if p.c0 is not None else None
+    nets, h_ns, c_ns = [], [], []
+    inp = x
+    for layer in range(p.L):
+        net = make_torch_net(torch, p.cell, n_in if layer == 0 else D * p.H, p.H, 1,
+                             p.bidirectional, tdtype)
+        copy_weights(torch, net, p.weights[layer * D:(layer + 1) * D], D, [0])
+        s = slice(layer * D, (layer + 1) * D)
+        out, h_n, c_n = torch_forward(torch, net, inp, h0[s], None if c0 is None else c0[s],
+                                      p.lengths, T)
+        nets.append(net)
+        h_ns.append(h_n)
+        c_ns.append(c_n)
+        inp = out * torch.from_numpy(p.masks[layer]) if layer + 1 < p.L else out
+    h_n, out = torch.cat(h_ns), inp
+    loss = (out * torch.tensor(p.d_out)).sum() + (h_n * torch.tensor(p.d_h_n)).sum()
+    c_n = torch.cat(c_ns) if c0 is not None else None
+    if c_n is not None:
+        loss = loss + (c_n * torch.tensor(p.d_c_n)).sum()
+    loss.backward()
+    dw = [g for net in nets for g in weight_grads(net, D, [0])]
+    return {
+        "out": out.detach().numpy(), "h_n": h_n.detach().numpy(),
+        "c_n": None if c_n is None else c_n.detach().numpy(),
+        "dx": x.grad.numpy(), "dh0": h0.grad.numpy(),
+        "dc0": None if c0 is None else c0.grad.numpy(), "dw": dw,
+    }
+
+
+# Named configurations: T, B, n_in, H and keyword arguments of Problem.
+NAMED = {
+    "basic": (5, 3, 4, 6, {}),
+    "lengths": (7, 4, 3, 5, {"lengths": True}),
+    "bidirectional": (6, 3, 4, 5, {"D": 2}),
+    "bidirectional_lengths": (7, 5, 3, 4, {"D": 2, "lengths": True}),
+    "three_layers": (5, 3, 4, 6, {"L": 3}),
+    "three_layers_bidirectional_lengths": (6, 4, 3, 5, {"L": 3, "D": 2, "lengths": True}),
+    "zero_bias": (5, 3, 4, 6, {"bias": False, "L": 2}),
+    "batch_one": (6, 1, 3, 4, {"D": 2}),
+    "one_step": (1, 3, 4, 5, {"L": 2, "D": 2}),
+    "one_hidden_unit": (5, 3, 2, 1, {"L": 2, "D": 2, "lengths": True}),
+    "all_ones": (1, 1, 1, 1, {}),
+    # big enough for the per-step work to be split over a team of threads, H not a multiple of 16
+    "threaded_steps": (4, 9, 5, 130, {"lengths": True}),
+}
+
+
+def stable_seed(cell, config):
+    return 10 * CELLS.index(cell) + 1000 * list(NAMED).index(config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("config", list(NAMED))
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_matches_torch(cell, config, dtype):
+    T, B, n_in, H, kw = NAMED[config]
+    p = Problem(cell, T, B, n_in, H, dtype=dtype, seed=stable_seed(cell, config), **kw)
+    assert_results_close(p.run(_core), torch_run(p), RTOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_matches_torch_random_configs(cell, seed):
+    rng = np.random.default_rng(100 + seed)
+    T, B, n_in, H = (int(v) for v in rng.integers(1, [9, 6, 7, 10]))
+    kw = {"L": int(rng.integers(1, 4)), "D": int(rng.integers(1, 3)),
+          "lengths": bool(rng.integers(2)), "bias": bool(rng.integers(2))}
+    for dtype in DTYPES:
+        p = Problem(cell, T, B, n_in, H, dtype=dtype, seed=seed, **kw)
+        assert_results_close(p.run(_core), torch_run(p), RTOL[dtype])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_dropout_masks_match_torch_layer_by_layer(cell):
+    p = Problem(cell, 6, 4, 3, 5, L=3, D=2, lengths=True, masks=True, seed=7)
+    assert_results_close(p.run(_core), torch_run(p), RTOL[np.float64])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_without_final_state_grads_matches_torch(cell):
+    p = Problem(cell, 5, 3, 4, 6, L=2, D=2, lengths=True, seed=3)
+    got = p.run(_core, d_h_n=False)
+    p.d_h_n = np.zeros_like(p.d_h_n)
+    if p.d_c_n is not None:
+        p.d_c_n = np.zeros_like(p.d_c_n)
+    assert_results_close(got, torch_run(p), RTOL[np.float64])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_inference_equals_training_forward(cell, dtype):
+    p = Problem(cell, 6, 4, 3, 20, L=2, D=2, lengths=True, dtype=dtype, seed=5)
+    args = (p.cell, p.x, p.h0, p.c0, p.weights, True, p.lengths, None)
+    trained = _core.stack_forward(*args, True)
+    inferred = _core.stack_forward(*args, False)
+    assert inferred[3] is None
+    for a, b in zip(trained[:3], inferred[:3], strict=True):
+        if a is None:
+            assert b is None
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_outputs_past_each_length_are_zero(cell):
+    p = Problem(cell, 8, 5, 3, 4, D=2, lengths=True, seed=11)
+    r = p.run(_core)
+    for b, n in enumerate(p.lengths):
+        assert not r["out"][n:, b].any()
+        assert not r["dx"][n:, b].any()
+
+
+def test_cpp_tape_survives_caller_changing_its_arrays():
+    p = Problem("lstm", 5, 3, 4, 6, L=2, D=2, lengths=True, seed=2)
+    want = p.run(_core)
+    out, h_n, c_n, tape = _core.stack_forward(p.cell, p.x, p.h0, p.c0, p.weights, True,
+                                              p.lengths, None, True)
+    p.x[...] = 0
+    for w in p.weights:
+        for a in w:
+            a[...] = 0
+    del p.weights
+    first = _core.stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n)
+    second = _core.stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n)  # backward keeps the tape
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], want["dx"])
+        for g, w in zip(got[3], want["dw"], strict=True):
+            for a, b in zip(g, w, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy reference as the oracle (once it implements the kernel contract)
+
+needs_reference = pytest.mark.skipif(
+    not hasattr(reference, "stack_forward"), reason="pyrnn.reference has no stack_forward yet")
+
+
+@needs_reference
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("config", list(NAMED))
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_matches_reference(cell, config, dtype):
+    T, B, n_in, H, kw = NAMED[config]
+    p = Problem(cell, T, B, n_in, H, dtype=dtype, seed=stable_seed(cell, config) + 1, **kw)
+    assert_results_close(p.run(_core), p.run(reference), RTOL[dtype])
+
+
+@needs_reference
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_matches_reference_with_dropout_masks(cell):
+    p = Problem(cell, 6, 4, 3, 5, L=3, D=2, lengths=True, masks=True, seed=8)
+    assert_results_close(p.run(_core), p.run(reference), RTOL[np.float64])
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct calls with bad arguments raise Python exceptions (never crash)
+
+
+def call(p: Problem, **changes):
+    args = {"cell": p.cell, "x": p.x, "h0": p.h0, "c0": p.c0, "weights": p.weights,
+            "bidirectional": p.bidirectional, "lengths": p.lengths, "dropout_masks": p.masks,
+            "keep_tape": True}
+    args.update(changes)
+    return _core.stack_forward(**args)
+
+
+@pytest.fixture
+def lstm_problem():
+    return Problem("lstm", 5, 3, 4, 6, L=2, D=2, lengths=True, masks=True, seed=1)
+
+
+@pytest.fixture
+def gru_problem():
+    return Problem("gru", 5, 3, 4, 6, L=2, seed=1, dtype=np.float32)
+
+
+def test_rejects_unknown_cell(lstm_problem):
+    with pytest.raises(ValueError, match="cell must be one of"):
+        call(lstm_problem, cell="vanilla")
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0]], 3.0])
+def test_rejects_x_that_is_not_an_array(lstm_problem, bad):
+    with pytest.raises(TypeError, match="x: expected a numpy array"):
+        call(lstm_problem, x=bad)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex128, np.bool_])
+def test_rejects_x_of_unsupported_dtype(lstm_problem, dtype):
+    with pytest.raises(TypeError, match="x: expected dtype float32 or float64"):
+        call(lstm_problem, x=lstm_problem.x.astype(dtype))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 4, 1), (0, 3, 4), (5, 0, 4), (5, 3, 0)])
+def test_rejects_x_of_bad_shape(lstm_problem, shape):
+    with pytest.raises(ValueError, match="x: "):
+        call(lstm_problem, x=np.zeros(shape))
+
+
+def test_rejects_x_with_wrong_input_size(lstm_problem):
+    with pytest.raises(ValueError, match=r"w_ih: expected shape \(24, 5\), got \(24, 4\)"):
+        call(lstm_problem, x=np.zeros((5, 3, 5)))
+
+
+@pytest.mark.parametrize("name", ["h0", "c0"])
+def test_rejects_state_of_other_dtype(lstm_problem, name):
+    bad = getattr(lstm_problem, name).astype(np.float32)
+    with pytest.raises(TypeError, match=f"{name}: expected dtype float64"):
+        call(lstm_problem, **{name: bad})
+
+
+def test_rejects_weight_of_other_dtype(lstm_problem):
+    w = list(lstm_problem.weights)
+    w[1] = (w[1][0], w[1][1].astype(np.float32), w[1][2], w[1][3])
+    with pytest.raises(TypeError, match=r"weights\[1\] w_hh: expected dtype float64"):
+        call(lstm_problem, weights=w)
+
+
+def test_rejects_float64_weights_with_float32_x(gru_problem):
+    w = [tuple(a.astype(np.float64) for a in entry) for entry in gru_problem.weights]
+    with pytest.raises(TypeError, match=r"weights\[0\] w_ih: expected dtype float32"):
+        call(gru_problem, weights=w)
+
+
+@pytest.mark.parametrize("name,shape", [("h0", (4, 2, 6)), ("h0", (4, 3, 6, 1)), ("h0", (4, 3)),
+                                        ("c0", (4, 3, 5)), ("c0", (2, 3, 6))])
+def test_rejects_state_of_wrong_shape(lstm_problem, name, shape):
+    with pytest.raises(ValueError, match=f"{name}: expected"):
+        call(lstm_problem, **{name: np.zeros(shape)})
+
+
+def test_rejects_missing_h0(lstm_problem):
+    with pytest.raises(ValueError, match="h0: required"):
+        call(lstm_problem, h0=None)
+
+
+def test_rejects_h0_that_is_not_an_array(lstm_problem):
+    with pytest.raises(TypeError, match="h0: expected a numpy array"):
+        call(lstm_problem, h0=lstm_problem.h0.tolist())
+
+
+def test_rejects_missing_c0_for_lstm(lstm_problem):
+    with pytest.raises(ValueError, match="c0: required"):
+        call(lstm_problem, c0=None)
+
+
+def test_rejects_c0_for_gru(gru_problem):
+    with pytest.raises(ValueError, match="c0: only 'lstm'"):
+        call(gru_problem, c0=gru_problem.h0)
+
+
+def test_rejects_odd_state_count_when_bidirectional():
+    p = Problem("gru", 5, 3, 4, 6, L=3, seed=1)
+    with pytest.raises(ValueError, match="D = 2"):
+        call(p, bidirectional=True)
+
+
+@pytest.mark.parametrize("count", [0, 3, 5])
+def test_rejects_wrong_weight_count(lstm_problem, count):
+    w = (lstm_problem.weights * 2)[:count]
+    with pytest.raises(ValueError, match=f"weights: expected 4 entries.*got {count}"):
+        call(lstm_problem, weights=w)
+
+
+def test_rejects_weight_entry_without_four_arrays(lstm_problem):
+    w = list(lstm_problem.weights)
+    w[2] = w[2][:3]
+    with pytest.raises(ValueError, match=r"weights\[2\]: expected 4 entries"):
+        call(lstm_problem, weights=w)
+
+
+@pytest.mark.parametrize("bad", [None, "weights", 3])
+def test_rejects_weights_that_are_not_a_list(lstm_problem, bad):
+    with pytest.raises(TypeError, match="weights: expected a list"):
+        call(lstm_problem, weights=bad)
+
+
+@pytest.mark.parametrize("which,shape", [(0, (24, 3)), (1, (24, 5)), (1, (6, 24)), (2, (23,)),
+                                         (3, (24, 1))])
+def test_rejects_weight_of_wrong_shape(lstm_problem, which, shape):
+    w = [list(entry) for entry in lstm_problem.weights]
+    w[0][which] = np.zeros(shape)
+    name = ("w_ih", "w_hh", "b_ih", "b_hh")[which]
+    with pytest.raises(ValueError, match=rf"weights\[0\] {name}: expected shape"):
+        call(lstm_problem, weights=w)
+
+
+def test_rejects_upper_layer_weights_sized_for_the_input(lstm_problem):
+    w = [list(entry) for entry in lstm_problem.weights]
+    w[2][0] = np.zeros((24, 4))  # layer 1 reads D*H = 12 features, not I = 4
+    with pytest.raises(ValueError, match=r"weights\[2\] w_ih: expected shape \(24, 12\)"):
+        call(lstm_problem, weights=w)
+
+
+@pytest.mark.parametrize("lengths,match", [
+    ([0, 5, 5], r"lengths: every length must be in \[1, T\]"),
+    ([6, 5, 5], r"lengths: every length must be in \[1, T\]"),
+    ([-1, 5, 5], r"lengths: every length must be in \[1, T\]"),
+    ([5, 5], r"lengths: expected shape \(3,\)"),
+    ([5, 5, 5, 5], r"lengths: expected shape \(3,\)"),
+    ([[5, 5, 5]], r"lengths: expected shape \(3,\)"),
+])
+def test_rejects_bad_lengths(lstm_problem, lengths, match):
+    with pytest.raises(ValueError, match=match):
+        call(lstm_problem, lengths=np.array(lengths))
+
+
+@pytest.mark.parametrize("lengths", [[5.0, 4.0, 3.0], ["5", "4", "3"], [5, 4, None]])
+def test_rejects_lengths_that_are_not_integers(lstm_problem, lengths):
+    with pytest.raises(TypeError, match="lengths: expected integers"):
+        call(lstm_problem, lengths=np.array(lengths))
+
+
+def test_accepts_lengths_of_any_integer_dtype_and_plain_lists(lstm_problem):
+    want = call(lstm_problem)[0]
+    for lengths in (lstm_problem.lengths.astype(np.int32), lstm_problem.lengths.astype(np.uint8),
+                    lstm_problem.lengths.tolist()):
+        np.testing.assert_array_equal(call(lstm_problem, lengths=lengths)[0], want)
+
+
+def test_rejects_wrong_number_of_dropout_masks(lstm_problem):
+    with pytest.raises(ValueError, match="dropout_masks: expected 1 entries"):
+        call(lstm_problem, dropout_masks=lstm_problem.masks * 2)
+
+
+def test_rejects_dropout_mask_of_wrong_shape(lstm_problem):
+    with pytest.raises(ValueError, match=r"dropout_masks\[0\]: expected shape \(5, 3, 12\)"):
+        call(lstm_problem, dropout_masks=[np.ones((5, 3, 6))])
+
+
+@pytest.mark.parametrize("layout", ["strided", "fortran", "byteswapped", "unaligned"])
+def test_accepts_any_memory_layout_with_the_same_result(lstm_problem, layout):
+    want = lstm_problem.run(_core)
+
+    def relayout(a):
+        if a is None:
+            return None
+        if layout == "strided":
+            big = np.zeros(a.shape + (2,), a.dtype)
+            big[..., 0] = a
+            return big[..., 0]
+        if layout == "fortran":
+            return np.asfortranarray(a)
+        if layout == "byteswapped":
+            return a.astype(a.dtype.newbyteorder(">"))
+        raw = np.zeros(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)
+        raw[...] = a
+        return raw
+
+    p = lstm_problem
+    p.x, p.h0, p.c0 = relayout(p.x), relayout(p.h0), relayout(p.c0)
+    p.weights = [tuple(relayout(a) for a in w) for w in p.weights]
+    p.masks = [relayout(m) for m in p.masks]
+    p.d_out, p.d_h_n, p.d_c_n = relayout(p.d_out), relayout(p.d_h_n), relayout(p.d_c_n)
+    assert_results_close(p.run(_core), want, 0.0)
+
+
+def forward_tape(p: Problem):
+    return call(p)[3]
+
+
+def test_backward_rejects_none_tape(lstm_problem):
+    with pytest.raises(ValueError, match="tape: got None"):
+        _core.stack_backward(None, lstm_problem.d_out, None, None)
+
+
+@pytest.mark.parametrize("bad", [3, "tape", np.zeros(3)])
+def test_backward_rejects_something_else_as_tape(lstm_problem, bad):
+    with pytest.raises(TypeError, match="tape: expected the Tape"):
+        _core.stack_backward(bad, lstm_problem.d_out, None, None)
+
+
+def test_backward_rejects_d_out_of_other_dtype_than_tape(lstm_problem, gru_problem):
+    with pytest.raises(TypeError, match="d_out: expected dtype float64"):
+        _core.stack_backward(forward_tape(lstm_problem), lstm_problem.d_out.astype(np.float32),
+                             None, None)
+    with pytest.raises(TypeError, match="d_out: expected dtype float32"):
+        _core.stack_backward(forward_tape(gru_problem), gru_problem.d_out.astype(np.float64),
+                             None, None)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 6), (4, 3, 12), (5, 3, 12, 1), (5, 36)])
+def test_backward_rejects_d_out_of_wrong_shape(lstm_problem, shape):
+    with pytest.raises(ValueError, match=r"d_out: expected shape \(5, 3, 12\)"):
+        _core.stack_backward(forward_tape(lstm_problem), np.zeros(shape), None, None)
+
+
+def test_backward_rejects_d_out_that_is_not_an_array(lstm_problem):
+    with pytest.raises(TypeError, match="d_out: expected a numpy array"):
+        _core.stack_backward(forward_tape(lstm_problem), lstm_problem.d_out.tolist(), None, None)
+
+
+def test_backward_rejects_final_state_grads_of_wrong_shape(lstm_problem):
+    tape = forward_tape(lstm_problem)
+    with pytest.raises(ValueError, match="d_h_n: expected shape"):
+        _core.stack_backward(tape, lstm_problem.d_out, np.zeros((4, 3, 5)), None)
+    with pytest.raises(ValueError, match="d_c_n: expected shape"):
+        _core.stack_backward(tape, lstm_problem.d_out, None, np.zeros((2, 3, 6)))
+
+
+def test_backward_rejects_d_c_n_for_gru(gru_problem):
+    with pytest.raises(ValueError, match="d_c_n: only 'lstm'"):
+        _core.stack_backward(forward_tape(gru_problem), gru_problem.d_out, None, gru_problem.h0)
+
+
+def test_inference_returns_no_tape(gru_problem):
+    assert call(gru_problem, keep_tape=False)[3] is None
+
+
+def test_tape_describes_itself(lstm_problem):
+    tape = forward_tape(lstm_problem)
+    assert tape.cell == "lstm" and tape.dtype == "float64"
+    assert "T=5 B=3 I=4 H=6 L=2 D=2" in repr(tape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads: deterministic for a given count, and the count does not change the numbers
+
+
+@pytest.fixture
+def threads():
+    before = pyrnn.get_num_threads()
+    yield pyrnn.set_num_threads
+    pyrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_results_repeat_exactly_for_a_thread_count(cell, threads):
+    # B * G * H * H is large enough for each step to be split over the team
+    p = Problem(cell, 6, 16, 8, 96, L=2, lengths=True, dtype=np.float32, seed=4)
+    for n in (1, 2):
+        threads(n)
+        first, second = p.run(_core), p.run(_core)
+        assert_results_close(second, first, 0.0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_and_two_threads_agree(cell, threads):
+    p = Problem(cell, 6, 16, 8, 96, L=2, lengths=True, dtype=np.float32, seed=6)
+    threads(1)
+    one = p.run(_core)
+    threads(2)
+    assert_results_close(p.run(_core), one, RTOL[np.float32])
+
+
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-3, ValueError), (1.5, TypeError),
+                                       ("2", TypeError), (None, TypeError)])
+def test_core_set_num_threads_rejects_bad_counts(bad, error):
+    with pytest.raises(error):
+        _core.set_num_threads(bad)
+
+
+def test_core_set_num_threads_round_trips(threads):
+    for n in (1, 3, 2):
+        threads(n)
+        assert _core.get_num_threads() == n == pyrnn.get_num_threads()
