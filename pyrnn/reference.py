@@ -22,13 +22,16 @@ import numpy as np
 __all__ = ["Tape", "stack_forward", "stack_backward", "CELLS"]
 
 Array = np.ndarray
+# The kernels follow IEEE arithmetic silently, as the C++ core does: an overflow saturates and
+# a NaN or inf in the input propagates, whatever the caller's np.seterr says.
+IEEE_ERRORS = {"all": "ignore"}
 Weights = tuple[Array, Array, Array, Array]  # w_ih, w_hh, b_ih, b_hh
 
 
 def sigmoid(x: Array) -> Array:
-    # exp overflows to inf for very negative x, and 1 / (1 + inf) is the right limit, 0.
-    with np.errstate(over="ignore"):
-        return 1 / (1 + np.exp(-x))
+    # exp overflows to inf for very negative x, and 1 / (1 + inf) is the right limit, 0
+    # (the stack functions run under IEEE_ERRORS, so that overflow is silent).
+    return 1 / (1 + np.exp(-x))
 
 
 def split(gates: Array, n: int) -> list[Array]:
@@ -262,6 +265,17 @@ def stack_forward(
     weights = [tuple(native(w) for w in entry) for entry in weights]
     # owned copies: the tape outlives the call
     masks = [np.array(m, dtype=x.dtype) for m in dropout_masks] if dropout_masks else None
+    with np.errstate(**IEEE_ERRORS):
+        out, h_n, c_n, dirs = _stack_forward(cell, x, h0, c0, weights, active, masks, L, D,
+                                             keep_tape)
+    if not keep_tape:
+        return out, h_n, c_n, None
+    tape = Tape(cell, x.dtype, T, B, x.shape[2], h0.shape[2], L, D, active, masks, dirs)
+    return out, h_n, c_n, tape
+
+
+def _stack_forward(cell, x, h0, c0, weights, active, masks, L, D, keep_tape):
+    """The stack itself, on checked arguments: layer k > 0 reads layer k-1's [fwd, bwd]."""
     h_n = np.empty(h0.shape, x.dtype)
     c_n = np.empty(h0.shape, x.dtype) if c0 is not None else None
     dirs = []
@@ -281,10 +295,7 @@ def stack_forward(
         out = np.concatenate(outs, axis=2)
         if layer < L - 1:
             layer_input = out * masks[layer] if masks is not None else out
-    if not keep_tape:
-        return out, h_n, c_n, None
-    tape = Tape(cell, x.dtype, T, B, x.shape[2], h0.shape[2], L, D, active, masks, dirs)
-    return out, h_n, c_n, tape
+    return out, h_n, c_n, dirs
 
 
 def stack_backward(
@@ -296,6 +307,12 @@ def stack_backward(
     """
     d_h_n, d_c_n = _check_backward(tape, d_out, d_h_n, d_c_n)
     d_out, d_h_n, d_c_n = native(d_out), native(d_h_n), native(d_c_n)
+    with np.errstate(**IEEE_ERRORS):
+        return _stack_backward(tape, d_out, d_h_n, d_c_n)
+
+
+def _stack_backward(tape, d_out, d_h_n, d_c_n):
+    """BPTT from the last layer down; each layer's dx is the d_out of the layer below."""
     B, H, L, D = tape.B, tape.H, tape.L, tape.D
     has_c = CELLS[tape.cell].has_c
     dh0 = np.empty((L * D, B, H), tape.dtype)

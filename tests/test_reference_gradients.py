@@ -322,6 +322,18 @@ def test_nan_in_input_propagates_to_its_own_sequence_only(kernels, cell):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
+def test_infinite_input_follows_ieee_without_raising(kernels, cell):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=9)
+    problem.x[0, 2] = np.inf
+    problem.x[1, 2] = -np.inf
+    problem.weights[0][0][:, 0] = 1e300  # overflows every pre-activation of row 0
+    with np.errstate(all="raise"):  # the caller's error settings must not turn IEEE into errors
+        out, _, _, tape = problem.forward(kernels, keep_tape=True)
+        problem.backward(kernels, tape)
+    assert not np.all(np.isfinite(out[:, 2]))
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
 def test_backward_twice_gives_the_same_result(kernels, cell):
     problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=21, masks=True)
     tape = problem.forward(kernels, keep_tape=True)[3]
