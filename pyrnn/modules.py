@@ -116,6 +116,7 @@ class _RNNBase(Module):
     def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
         """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as PyTorch."""
         h0, c0 = self._split_hx(hx)
+        self._check_input(x)
         keep_tape = self.training and is_grad_enabled()
         out, h_n, c_n, tape = rnn_forward(
             self.cell, x, self._weights(), h0, c0,
@@ -128,6 +129,20 @@ class _RNNBase(Module):
         return out, self._pack_state(h_n, c_n)
 
     forward = __call__
+
+    def _check_input(self, x: Any) -> None:
+        # The functional layer would blame the weights; the user's mistake is x's.
+        if not isinstance(x, np.ndarray):
+            return
+        dtype = x.dtype.newbyteorder("=")
+        if dtype in _checks.FLOAT_DTYPES and dtype != self.dtype:
+            raise TypeError(
+                f"x: expected dtype {self.dtype} (the module's dtype), got {x.dtype}"
+            )
+        if x.ndim == 3 and x.shape[2] != self.input_size:
+            raise ValueError(
+                f"x: expected input size {self.input_size} (last dimension), got shape {x.shape}"
+            )
 
     # --------------------------------------------------------------------------- backward
 
