@@ -46,15 +46,15 @@ class Problem:
     def __init__(self, cell, layers, bidirectional, lengths, init_state, seed, masks=False,
                  dtype=np.float64, sizes=(T, B, I, H)):
         rng = np.random.default_rng(seed)
-        T, B, I, H = sizes  # noqa: E741, N806 - the contract's names
+        T, B, I, H = sizes  # noqa: E741 - the contract's names
         D = 2 if bidirectional else 1
         GH = GATES[cell] * H
         self.cell, self.bidirectional, self.lengths, self.L, self.D = (
             cell, bidirectional, lengths, layers, D)
         self.T, self.B = T, B
 
-        def draw(*shape, scale=1.0):
-            return (scale * rng.standard_normal(shape)).astype(dtype)
+        def draw(*shape):
+            return rng.standard_normal(shape).astype(dtype)
 
         self.x = draw(T, B, I)
         state_shape = (layers * D, B, H)
