@@ -259,7 +259,8 @@ class LSTM(_RNNBase):
     """LSTM, gates i, f, g, o.
 
     ``out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)``;
-    ``dx, (dh0, dc0) = lstm.backward(d_out, (d_h_n, d_c_n))``, either part may be None.
+    ``dx, (dh0, dc0) = lstm.backward(d_out, (d_h_n, d_c_n))``. Either part of a pair may be
+    None (zeros).
     """
 
     def __init__(

@@ -308,3 +308,35 @@ def test_package_exports_modules_functional_and_training_blocks():
     assert issubclass(pyrnn.LSTM, pyrnn.Module)
     with pytest.raises(AttributeError, match="no attribute 'Conv2d'"):
         pyrnn.Conv2d  # noqa: B018
+
+
+# ------------------------------------------------------------------------------- functional
+
+
+def test_functional_gives_no_gradient_for_biases_passed_as_none(backend):
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
+                rng.standard_normal(3 * H))]
+    out, h_n, c_n, tape = functional.rnn_forward("gru", data(1), weights, backend=backend,
+                                                 keep_tape=True)
+    assert c_n is None and "gru" in repr(tape) and backend in repr(tape)
+    dx, dh0, dc0, d_weights = functional.rnn_backward(tape, np.ones_like(out))
+    assert dc0 is None
+    assert d_weights[0][2] is None
+    assert [d.shape for d in d_weights[0] if d is not None] == [(15, I), (15, H), (15,)]
+
+
+def test_functional_tape_can_be_used_twice_with_identical_results(backend):
+    weights = [tuple(p for p in make("lstm", backend).params.values())]
+    out, _, _, tape = functional.rnn_forward("lstm", data(1), weights, backend=backend,
+                                             keep_tape=True)
+    first = functional.rnn_backward(tape, np.ones_like(out))
+    second = functional.rnn_backward(tape, np.ones_like(out))
+    for a, b in zip(first[:3], second[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_functional_without_keep_tape_returns_no_tape(backend):
+    weights = [tuple(p for p in make("rnn", backend).params.values())]
+    *_, tape = functional.rnn_forward("rnn_tanh", data(1), weights, backend=backend)
+    assert tape is None
