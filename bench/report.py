@@ -22,13 +22,17 @@ def load(path: Path) -> dict:
     return results
 
 
-def fmt_ms(entry: dict | None) -> str:
+def fmt_ms(entry: dict | None, rounds: int) -> str:
+    """ms with 4 significant-ish digits; † when the time budget allowed fewer rounds."""
     if entry is None:
         return "—"
     if entry["status"] != "ok":
         return f"**{entry['status'].upper()}**"
     ms = entry.get("ms")
-    return "—" if ms is None else f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+    if ms is None:
+        return "—"
+    text = f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+    return text + ("†" if entry.get("rounds", rounds) < rounds else "")
 
 
 def fmt_targets(row: dict) -> str:
@@ -54,7 +58,7 @@ def table(results: dict) -> str:
     for r in rows:
         mine = r["backends"].get("pyrnn-cpp", {})
         cells = [r["config"], r["cell"], r["mode"], str(r["threads"])]
-        cells += [fmt_ms(r["backends"].get(b)) for b in shown]
+        cells += [fmt_ms(r["backends"].get(b), results["settings"]["rounds"]) for b in shown]
         cells += [fmt_num(mine.get("gflops"), 1), fmt_num(mine.get("pct_gemm"), 1)]
         cells += [fmt_num(r["ratios"].get(peer)) for peer, _ in RATIO_PEERS]
         cells += [fmt_num(r.get("host_other_pct"), 0), fmt_targets(r)]
@@ -124,7 +128,8 @@ LEGEND = (
     "ms = median of round medians per call (train = forward + backward of all parameters and "
     "the input). GFLOP/s and % GEMM are pyrnn-cpp's (train counted as 3× forward FLOPs; ragged "
     "counts only the real steps). ×peer = peer ms / pyrnn-cpp ms: above 1 means pyrnn is faster. "
-    "bg % = CPU share used by other processes while the row was timed (noise on a shared host)."
+    "bg % = CPU share used by other processes while the row was timed (noise on a shared host). "
+    "† = fewer rounds than asked (the per-row time budget ran out)."
 )
 
 
@@ -144,6 +149,7 @@ def chart(results: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: skipping the chart (pip install '.[plot]')",
               file=sys.stderr)
@@ -157,6 +163,7 @@ def chart(results: dict, path: Path) -> bool:
         ax.barh(ys, [r["ratios"].get(peer, 0) for r in rows], height=width, label=label[1:])
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up of pyrnn-cpp (peer time / pyrnn time; > 1 = pyrnn faster)")

@@ -86,29 +86,50 @@ def time_calls(fn: Callable[[], object], n: int) -> list[float]:
 
 
 def warm_up(runner, warmup_s: float) -> list[float]:
-    """Call until warmup_s has passed (at least twice); returns the call times."""
+    """Call until warmup_s has passed (at least once: the agreement check already called it)."""
     times: list[float] = []
     with runner.scope():
-        while len(times) < 2 or sum(times) < warmup_s:
+        while not times or sum(times) < warmup_s:
             times += time_calls(runner.call, 1)
     return times
 
 
-def calls_per_round(seconds_per_call: float, round_s: float, max_calls: int) -> int:
-    return max(1, min(max_calls, math.ceil(round_s / max(seconds_per_call, 1e-9))))
+def plan_rounds(seconds_per_call: float, args) -> tuple[int, int]:
+    """(calls per round, rounds): rounds of ~round_s, fewer rounds if over budget_s in all."""
+    calls = max(1, min(args.max_calls, math.ceil(args.round_s / max(seconds_per_call, 1e-9))))
+    affordable = math.floor(args.budget_s / (calls * max(seconds_per_call, 1e-9)))
+    return calls, max(1, min(args.rounds, affordable))
 
 
-def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: int) -> dict[str, list]:
+def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, int]) -> dict:
     """Per backend, a list of rounds, each the list of its call times in seconds."""
     names = list(runners)
     times: dict[str, list] = {name: [] for name in names}
     with gc_paused():
-        for r in range(rounds):
+        for r in range(max(rounds.values(), default=0)):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
-                with runners[name].scope():
-                    times[name].append(time_calls(runners[name].call, calls[name]))
+                if r < rounds[name]:
+                    with runners[name].scope():
+                        times[name].append(time_calls(runners[name].call, calls[name]))
     return times
+
+
+def wait_for_quiet(max_other_pct: float, max_wait_s: float) -> tuple[float, float | None]:
+    """Wait (up to max_wait_s) until other processes use under max_other_pct of the CPUs.
+
+    Returns (seconds waited, last share seen). On a shared machine a burst of someone else's
+    compiling makes every multi-threaded timing meaningless; waiting it out is cheaper.
+    """
+    if max_wait_s <= 0:
+        return 0.0, None
+    start = time.perf_counter()
+    while True:
+        with HostLoad() as load:
+            time.sleep(0.25)
+        waited = time.perf_counter() - start
+        if load.pct is None or load.pct < max_other_pct or waited >= max_wait_s:
+            return waited, load.pct
 
 
 def summarise(rounds: list[list[float]]) -> dict:

@@ -22,7 +22,7 @@ TINY_RAGGED = {"name": "tiny-ragged", "T": 6, "B": 3, "I": 4, "H": 3, "L": 1, "D
 
 def tiny_args(configs, backend_names=None):
     args = run.parse_args(["--rounds", "1", "--max-calls", "1", "--threads", "1",
-                           "--round-s", "0.001"])
+                           "--round-s", "0.001", "--quiet-wait-s", "0"])
     args.configs, args.backends, args.warmup_s, args.argv = configs, backend_names, 0.0, []
     args.gemm_size = 256
     return args
@@ -159,3 +159,16 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--threads" in capsys.readouterr().err
     assert run.main(["--configs", "no-such-config"]) == 2
     assert "no-such-config" in capsys.readouterr().err
+
+
+def test_round_plan_fills_round_s_and_cuts_rounds_to_the_budget():
+    from types import SimpleNamespace
+
+    from bench import timing
+
+    args = SimpleNamespace(round_s=0.3, max_calls=200, rounds=5, budget_s=15.0)
+    assert timing.plan_rounds(0.001, args) == (200, 5)     # capped at max_calls
+    assert timing.plan_rounds(0.1, args) == (3, 5)
+    assert timing.plan_rounds(2.0, args) == (1, 5)         # 10 s in all: within budget
+    assert timing.plan_rounds(6.0, args) == (1, 2)         # 2 rounds fit in 15 s
+    assert timing.plan_rounds(60.0, args) == (1, 1)        # always at least one round
