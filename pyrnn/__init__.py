@@ -4,10 +4,7 @@ The hot loops run in a C++ core (Eigen + OpenMP); every kernel has a pure-NumPy 
 ``pyrnn.reference`` that serves as fallback and oracle.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 from . import functional
 from ._backend import backend_info, get_num_threads, set_num_threads
@@ -37,11 +34,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY_MODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return _importlib.import_module(f".{name}", __name__)
     if name in _LAZY_NAMES:
-        module = importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
+        module = _importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module 'pyrnn' has no attribute {name!r}")
 
