@@ -201,8 +201,10 @@ def split_state(case: Case, out, state) -> dict[str, np.ndarray]:
 
 
 class Pyrnn(Backend):
-    def __init__(self, name: str, backend: str):
-        self.name, self.backend = name, backend
+    """pyrnn through its public modules (what users run); api="kernels" bypasses them."""
+
+    def __init__(self, name: str, backend: str, api: str = "auto"):
+        self.name, self.backend, self.api = name, backend, api
 
     def unavailable(self):
         if self.backend == "cpp" and not _backend.cpp_available():
@@ -210,7 +212,7 @@ class Pyrnn(Backend):
         return None
 
     def prepare(self, case, data):
-        if pyrnn_api() == "module":
+        if self.api == "auto" and pyrnn_api() == "module":
             return PyrnnModuleRunner(case, data, self.backend)
         return PyrnnKernelRunner(case, data, self.backend)
 
@@ -396,6 +398,8 @@ class OnnxRuntime(Backend):
 BACKENDS: dict[str, Backend] = {
     "pyrnn-cpp": Pyrnn("pyrnn-cpp", "cpp"),
     "pyrnn-numpy": Pyrnn("pyrnn-numpy", "numpy"),
+    # The C++ kernels without the module layer: shows what the Python wrapper costs.
+    "pyrnn-cpp-kernels": Pyrnn("pyrnn-cpp-kernels", "cpp", api="kernels"),
     "torch": Torch("torch", mkldnn=True),
     "torch-nomkldnn": Torch("torch-nomkldnn", mkldnn=False),
     "onnxruntime": OnnxRuntime(),

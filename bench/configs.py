@@ -28,6 +28,7 @@ SUITE: list[dict] = [
 ]
 
 BACKENDS = ("pyrnn-cpp", "pyrnn-numpy", "torch", "torch-nomkldnn", "onnxruntime")
+EXTRA_BACKENDS = ("pyrnn-cpp-kernels",)  # diagnostics, only when named with --backends
 MODES = ("infer", "train")
 
 # Defaults of a full run, and the --quick preset (finishes in under 2 minutes on 2 cores).

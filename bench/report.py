@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-BACKEND_COLUMNS = ("pyrnn-cpp", "pyrnn-numpy", "torch", "torch-nomkldnn", "onnxruntime")
+BACKEND_COLUMNS = ("pyrnn-cpp", "pyrnn-cpp-kernels", "pyrnn-numpy", "torch", "torch-nomkldnn",
+                   "onnxruntime")
 RATIO_PEERS = (("torch", "×torch"), ("torch-nomkldnn", "×nomkldnn"), ("onnxruntime", "×ORT"))
 
 

@@ -34,7 +34,8 @@ SCHEMA_VERSION = 1
 # max(1, max |ref|)) marks the backend's row as failed.
 TOLERANCE = 1e-3
 # Preferred reference for the agreement check, first available wins.
-REFERENCE_ORDER = ("torch", "pyrnn-numpy", "torch-nomkldnn", "onnxruntime", "pyrnn-cpp")
+REFERENCE_ORDER = ("torch", "pyrnn-numpy", "torch-nomkldnn", "onnxruntime", "pyrnn-cpp",
+                   "pyrnn-cpp-kernels")
 PYRNN = "pyrnn-cpp"
 PEERS = ("torch", "torch-nomkldnn", "onnxruntime")
 
@@ -45,8 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"a subset that finishes in under 2 minutes: {cfg.QUICK}")
     p.add_argument("--configs", nargs="+", help="configuration names (default: all)")
     p.add_argument("--cells", nargs="+", choices=cfg.CELLS)
-    p.add_argument("--backends", nargs="+", choices=cfg.BACKENDS,
-                   help="naming pyrnn-numpy here runs it on every configuration")
+    p.add_argument("--backends", nargs="+", choices=cfg.BACKENDS + cfg.EXTRA_BACKENDS,
+                   help="naming pyrnn-numpy here runs it on every configuration; "
+                        "pyrnn-cpp-kernels (the C++ kernels without the modules) runs only "
+                        "when named")
     p.add_argument("--modes", nargs="+", choices=cfg.MODES)
     p.add_argument("--threads", nargs="+", type=int)
     p.add_argument("--rounds", type=int)
