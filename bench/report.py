@@ -191,7 +191,8 @@ def write_report(path: Path, md: Path | None = None, png: Path | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="Markdown table and bar chart from bench results.")
     p.add_argument("results", type=Path, help="results JSON written by python -m bench")
     p.add_argument("--md", type=Path, help="Markdown output (default: beside the JSON)")
     p.add_argument("--png", type=Path, help="chart output (default: beside the JSON)")

@@ -41,10 +41,14 @@ PEERS = ("torch", "torch-nomkldnn", "onnxruntime")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Time pyrnn against PyTorch and ONNX Runtime on the standard suite, after "
+                    "checking every backend's outputs agree; writes JSON, Markdown and a chart.")
     p.add_argument("--quick", action="store_true",
                    help=f"a subset that finishes in under 2 minutes: {cfg.QUICK}")
-    p.add_argument("--configs", nargs="+", help="configuration names (default: all)")
+    p.add_argument("--configs", nargs="+",
+                   help=f"configuration names (default: all): {[c['name'] for c in cfg.SUITE]}")
     p.add_argument("--cells", nargs="+", choices=cfg.CELLS)
     p.add_argument("--backends", nargs="+", choices=cfg.BACKENDS + cfg.EXTRA_BACKENDS,
                    help="naming pyrnn-numpy here runs it on every configuration; "
