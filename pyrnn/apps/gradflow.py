@@ -1,0 +1,212 @@
+"""Vanishing gradients, measured: how much of the loss's gradient reaches h_t, for every t.
+
+Task: read T one-hot symbols and, at the end, name the first one (the other T-1 are random
+distractors), so the only useful gradient has to travel back through all T steps. For a
+vanilla RNN, an LSTM and a GRU, the network runs one step at a time through
+``pyrnn.functional`` (one tape per step), and the backward pass walks those steps from T down
+to 0: the dh0 each step returns is dLoss/dh_t, whose norm (mean over the batch) is recorded.
+This is done at initialisation and again after --train-steps of training.
+
+--init chrono (default) sets the LSTM forget-gate and GRU update-gate biases to log(u),
+u ~ U(1, T-1) (Tallec & Ollivier, 2018), so some gated units start out keeping their state
+for ~T steps; --init default keeps PyTorch's uniform init, under which all three cells start
+with gates near 1/2 and vanishing gradients. A vanilla RNN has no gate to open either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+import pyrnn
+from pyrnn import functional, optim
+from pyrnn.layers import Linear, one_hot
+from pyrnn.losses import cross_entropy
+
+from . import _common
+
+CELLS = {"rnn": pyrnn.RNN, "lstm": pyrnn.LSTM, "gru": pyrnn.GRU}
+# Where the "keep the old state" gate's bias sits in the stacked (G*H,) bias: LSTM f, GRU z.
+KEEP_GATE = {"lstm": 1, "gru": 1}
+
+
+def recall_batch(rng: np.random.Generator, steps: int, symbols: int, batch: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(x (T, B, K) one-hot, y (B,)): y is the symbol shown at t = 0."""
+    ids = rng.integers(0, symbols, size=(steps, batch))
+    return one_hot(ids, symbols, np.float64), ids[0]
+
+
+class Recall(pyrnn.Module):
+    def __init__(self, cell: str, symbols: int, hidden: int, seed: int) -> None:
+        super().__init__()
+        self.cell = cell
+        # float64, so that gradients of 1e-30 and below are measured rather than lost to underflow
+        self.rnn = CELLS[cell](symbols, hidden, dtype=np.float64, seed=seed)
+        self.head = Linear(hidden, symbols, dtype=np.float64, seed=seed + 1)
+
+    def chrono_init(self, steps: int, rng: np.random.Generator) -> None:
+        if self.cell not in KEEP_GATE:
+            return
+        H, gate = self.rnn.hidden_size, KEEP_GATE[self.cell]
+        keep = np.log(rng.uniform(1, max(2, steps - 1), size=H))
+        b_ih, b_hh = self.rnn.params["bias_ih_l0"], self.rnn.params["bias_hh_l0"]
+        b_ih[gate * H : (gate + 1) * H], b_hh[gate * H : (gate + 1) * H] = keep, 0
+        if self.cell == "lstm":  # input gate closed as much as the forget gate is open
+            b_ih[:H], b_hh[:H] = -keep, 0
+
+    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Full BPTT over the whole sequence; gradients land in grads."""
+        out, _ = self.rnn(x)
+        loss, d_logits = cross_entropy(self.head(out[-1]), y)
+        d_out = np.zeros_like(out)
+        d_out[-1] = self.head.backward(d_logits)
+        self.rnn.backward(d_out)
+        return loss
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        with pyrnn.no_grad():
+            out, _ = self.rnn(x)
+            return float((self.head(out[-1]).argmax(-1) == y).mean())
+
+    def weights(self) -> list[tuple[np.ndarray, ...]]:
+        p = self.rnn.params
+        return [(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"])]
+
+
+def grad_norms(model: Recall, x: np.ndarray, y: np.ndarray, backend: str) -> np.ndarray:
+    """norms[t] = mean over the batch of ||dLoss/dh_t||, t = 0 (initial state) ... T."""
+    kernel = model.rnn.cell  # "rnn_tanh", "lstm" or "gru"
+    weights, tapes = model.weights(), []
+    h = np.zeros((1, x.shape[1], model.rnn.hidden_size), x.dtype)
+    c = np.zeros_like(h) if kernel == "lstm" else None
+    for t in range(x.shape[0]):  # one step per call, so each step's tape is kept apart
+        _, h, c, tape = functional.rnn_forward(kernel, x[t : t + 1], weights, h, c,
+                                               backend=backend, keep_tape=True)
+        tapes.append(tape)
+    head = Linear(model.head.in_features, model.head.out_features, dtype=np.float64)
+    head.load_state_dict(model.head.state_dict())
+    _, d_logits = cross_entropy(head(h[0]), y)
+    d_h, d_c = head.backward(d_logits)[None], (np.zeros_like(h) if c is not None else None)
+    norms = [np.linalg.norm(d_h[0], axis=-1).mean()]
+    for tape in reversed(tapes):
+        _, d_h, d_c, _ = functional.rnn_backward(tape, None, d_h, d_c)
+        norms.append(np.linalg.norm(d_h[0], axis=-1).mean())
+    return np.array(norms[::-1])
+
+
+def train_cell(cell: str, args: argparse.Namespace, backend: str) -> dict[str, object]:
+    rng = np.random.default_rng(args.seed)
+    model = Recall(cell, args.symbols, args.hidden, args.seed)
+    if args.init == "chrono":
+        model.chrono_init(args.T, rng)
+    probe = recall_batch(np.random.default_rng(args.seed + 1), args.T, args.symbols, args.batch)
+    before = grad_norms(model, *probe, backend)
+    adam, losses = optim.Adam(model, lr=args.lr), []
+    bar = _common.progress(range(args.train_steps), desc=f"training {cell}",
+                           disable=args.no_progress)
+    for _ in bar:
+        model.zero_grad()
+        losses.append(model.loss(*recall_batch(rng, args.T, args.symbols, args.batch)))
+        optim.clip_grad_norm(model, args.clip)
+        adam.step()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    test = recall_batch(np.random.default_rng(args.seed + 2), args.T, args.symbols, 1000)
+    return {"init": before, "trained": grad_norms(model, *probe, backend), "losses": losses,
+            "accuracy": model.accuracy(*test)}
+
+
+def table(results: dict[str, dict], T: int, rows: int = 11) -> str:
+    """Norms at a few time steps, in scientific notation, for every cell and phase."""
+    columns = [(cell, phase) for phase in ("init", "trained") for cell in results]
+    lines = ["||dLoss/dh_t|| (mean over the batch), loss read at t = T",
+             "   t " + "".join(f"{cell + ' ' + phase:>15}" for cell, phase in columns)]
+    for t in sorted({round(T * i / (rows - 1)) for i in range(rows)}, reverse=True):
+        lines.append(f"{t:4d} " + "".join(f"{results[c][p][t]:15.2e}" for c, p in columns))
+    ratio = lambda v: v[0] / v[T] if v[T] > 0 else math.nan  # noqa: E731
+    lines.append("h_0/h_T" + "".join(f"{ratio(results[c][p]):13.1e}  " for c, p in columns))
+    return "\n".join(lines)
+
+
+def plot(path: str | None, results: dict[str, dict]) -> None:
+    if not path:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, phase in zip(axes, ("init", "trained"), strict=False):
+        for cell, result in results.items():
+            ax.semilogy(result[phase], label=cell)
+        ax.set(title=f"||dLoss/dh_t||, {'at initialisation' if phase == 'init' else 'trained'}",
+               xlabel="t (loss read at t = T)", ylabel="gradient norm")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    for cell, result in results.items():
+        axes[2].plot(_common.smooth(result["losses"]), label=cell)
+    axes[2].set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    axes[2].grid(True, alpha=0.3)
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot == DEFAULT_PLOT and not _common.matplotlib_available():
+        print("matplotlib is not installed, so no plot (pip install 'pyrnn[plot]')")
+        args.plot = None
+    _common.check_common_arguments(args.parser, args)
+    backend = _common.setup_runtime(args)
+    print(f"gradflow: recall the first of {args.T} symbols ({args.symbols} kinds), hidden "
+          f"{args.hidden}, {args.init} init, backend {backend}")
+    clock = _common.Stopwatch()
+    results = {cell: train_cell(cell, args, backend) for cell in args.cells}
+    print(table(results, args.T))
+    print(f"accuracy after training (chance {1 / args.symbols:.2f}): "
+          + ", ".join(f"{cell} {r['accuracy']:.3f}" for cell, r in results.items()))
+    plot(args.plot, results)
+    figures: dict[str, object] = {"wall_seconds": clock.seconds(),
+                                  **_common.runtime_figures(backend)}
+    for cell, r in results.items():
+        for phase in ("init", "trained"):
+            figures[f"{cell}_{phase}_grad_norm_T"] = r[phase][args.T]
+            figures[f"{cell}_{phase}_grad_norm_0"] = r[phase][0]
+            figures[f"{cell}_{phase}_grad_norms"] = r[phase]
+        figures[f"{cell}_accuracy"] = r["accuracy"]
+        figures[f"{cell}_final_loss"] = float(np.mean(r["losses"][-20:])) if r["losses"] else None
+    figures.update({k: getattr(args, k) for k in ("T", "symbols", "hidden", "batch", "lr",
+                                                  "train_steps", "init", "seed")})
+    _common.write_json(args.json, figures)
+    return 0
+
+
+DEFAULT_PLOT = "gradflow.png"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "gradflow", help="measure vanishing gradients: RNN vs LSTM vs GRU",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-T", "--steps", dest="T", type=_common.positive_int, default=100,
+                        help="sequence length: how far back the answer lies (default: 100)")
+    parser.add_argument("--symbols", type=_common.positive_int, default=8,
+                        help="alphabet size K (default: 8)")
+    parser.add_argument("--hidden", type=_common.positive_int, default=64, help="(default: 64)")
+    parser.add_argument("--batch", type=_common.positive_int, default=32, help="(default: 32)")
+    parser.add_argument("--lr", type=_common.positive_float, default=3e-3,
+                        help="Adam learning rate (default: 3e-3)")
+    parser.add_argument("--clip", type=_common.positive_float, default=1.0, help="(default: 1)")
+    parser.add_argument("--train-steps", type=_common.non_negative_int, default=400,
+                        help="training steps per cell (default: 400)")
+    parser.add_argument("--init", choices=("chrono", "default"), default="chrono",
+                        help="gate-bias initialisation for LSTM/GRU (default: chrono)")
+    parser.add_argument("--cells", nargs="+", choices=tuple(CELLS), default=list(CELLS),
+                        help="which cells to compare (default: rnn lstm gru)")
+    _common.add_common_arguments(parser, plot_default=DEFAULT_PLOT)
+    parser.set_defaults(run=run, parser=parser)
