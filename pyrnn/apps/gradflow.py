@@ -54,8 +54,6 @@ class Recall(pyrnn.Module):
         keep = np.log(rng.uniform(1, max(2, steps - 1), size=H))
         b_ih, b_hh = self.rnn.params["bias_ih_l0"], self.rnn.params["bias_hh_l0"]
         b_ih[gate * H : (gate + 1) * H], b_hh[gate * H : (gate + 1) * H] = keep, 0
-        if self.cell == "lstm":  # input gate closed as much as the forget gate is open
-            b_ih[:H], b_hh[:H] = -keep, 0
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Full BPTT over the whole sequence; gradients land in grads."""
