@@ -73,6 +73,22 @@ Array<S> take(py::handle obj, const std::string& name, const std::vector<Index>&
   return py::reinterpret_borrow<Array<S>>(copy);
 }
 
+// A new uninitialised array whose memory comes from (and returns to) the core's buffer pool, so
+// that returning large arrays call after call does not fault in fresh pages every time.
+template <typename S>
+Array<S> new_array(const std::vector<Index>& shape) {
+  Index n = 1;
+  for (Index d : shape) n *= d;
+  auto [p, bytes] = pyrnn::Buffer<S>(static_cast<size_t>(n)).release();
+  auto* block = new std::pair<void*, size_t>(p, bytes);
+  py::capsule owner(block, [](void* b) {
+    auto* blk = static_cast<std::pair<void*, size_t>*>(b);
+    pyrnn::BufferPool::instance().release(blk->first, blk->second);
+    delete blk;
+  });
+  return Array<S>(shape, p, owner);
+}
+
 // lengths: None, or B integers in [1, T], any integer dtype.
 std::vector<std::int64_t> take_lengths(py::handle obj, Index T, Index B) {
   if (obj.is_none()) return {};
@@ -160,8 +176,8 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
     }
   }
 
-  Array<S> out({T, B, D * H}), h_n({LD, B, H});
-  Array<S> c_n = is_lstm ? Array<S>({LD, B, H}) : Array<S>();
+  Array<S> out = new_array<S>({T, B, D * H}), h_n = new_array<S>({LD, B, H});
+  Array<S> c_n = is_lstm ? new_array<S>({LD, B, H}) : Array<S>();
   const pyrnn::StackInputs<S> in{cell, dims, x.data(), h0.data(), is_lstm ? c0.data() : nullptr,
                                  std::move(dir_weights), lengths.empty() ? nullptr : lengths.data(),
                                  std::move(masks)};
@@ -206,12 +222,13 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
   if (has_d_h_n) d_h_n = take<S>(d_h_n_obj, "d_h_n", {LD, dm.B, dm.H});
   if (has_d_c_n) d_c_n = take<S>(d_c_n_obj, "d_c_n", {LD, dm.B, dm.H});
 
-  Array<S> dx({dm.T, dm.B, dm.I}), dh0({LD, dm.B, dm.H});
-  Array<S> dc0 = is_lstm ? Array<S>({LD, dm.B, dm.H}) : Array<S>();
+  Array<S> dx = new_array<S>({dm.T, dm.B, dm.I}), dh0 = new_array<S>({LD, dm.B, dm.H});
+  Array<S> dc0 = is_lstm ? new_array<S>({LD, dm.B, dm.H}) : Array<S>();
   pyrnn::StackGrads<S> grads{dx.mutable_data(), dh0.mutable_data(), is_lstm ? dc0.mutable_data() : nullptr, {}, {}, {}, {}};
   py::list d_weights;
   for (Index k = 0; k < LD; ++k) {
-    Array<S> dw_ih({GH, dm.input_size(k / dm.D)}), dw_hh({GH, dm.H}), db_ih({GH}), db_hh({GH});
+    Array<S> dw_ih = new_array<S>({GH, dm.input_size(k / dm.D)}), dw_hh = new_array<S>({GH, dm.H});
+    Array<S> db_ih = new_array<S>({GH}), db_hh = new_array<S>({GH});
     grads.dw_ih.push_back(dw_ih.mutable_data());
     grads.dw_hh.push_back(dw_hh.mutable_data());
     grads.db_ih.push_back(db_ih.mutable_data());

@@ -11,8 +11,10 @@
 #include <vector>
 
 #include "pyrnn/cells.hpp"
+#include "pyrnn/gemm.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
+#include "pyrnn/workspace.hpp"
 
 namespace pyrnn {
 
@@ -32,10 +34,10 @@ struct DirWeights {
 // What BPTT needs from one direction's forward pass; everything indexed by time t, (T, B, ·).
 template <typename S>
 struct DirTape {
-  std::vector<S> gates;   // (T, B, G*H) activated gates
-  std::vector<S> aux;     // (T, B, H) lstm: tanh(c); gru: W_hn h_prev + b_hn
-  std::vector<S> h_prev;  // (T, B, H) the state each step started from
-  std::vector<S> c_prev;  // (T, B, H) lstm
+  Buffer<S> gates;   // (T, B, G*H) activated gates
+  Buffer<S> aux;     // (T, B, H) lstm: tanh(c); gru: W_hn h_prev + b_hn
+  Buffer<S> h_prev;  // (T, B, H) the state each step started from
+  Buffer<S> c_prev;  // (T, B, H) lstm
 };
 
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
@@ -49,6 +51,7 @@ inline int step_team_size(Index B, Index H, Index G, int threads) {
 }
 
 inline Index time_at(Index step, Index T, bool reverse) { return reverse ? T - 1 - step : step; }
+inline Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }
 
 // Copy columns [j0, j0 + w) of rows [r0, r1) between two (·, ld) row-major buffers.
 template <typename S>
@@ -82,16 +85,20 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
                       int threads) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
-  std::vector<S> w_hh_blocks(GH * H), h_buf(2 * B * H), hh(B * GH);
+  std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
 
   run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
     const Range u = split(H, tid, team, kUnitAlign);
     const Index j0 = u.begin, w = u.size();
-    // This thread's rows of W_hh, gate after gate, made contiguous: one GEMM per step.
-    S* my_w_hh = w_hh_blocks.data() + G * j0 * H;
-    for (Index g = 0; g < G; ++g)
-      copy_cols(my_w_hh + g * w * H, H, wt.w_hh + (g * H + j0) * H, H, 0, w, H);
+    // This thread's rows of W_hh, packed once: gate g's units at columns [g * wp, g * wp + w).
+    const Index wp = round_up(w, kPacket<S>);
+    PackedB<S> w_hh;
+    w_hh.pack(H, G * wp, [&](Index k, Index j) {
+      const Index g = j / wp, unit = j % wp;
+      return unit < w ? wt.w_hh[(g * H + j0 + unit) * H + k] : S(0);
+    });
+    Buffer<S> hh(B * G * wp);
     copy_cols(h_buf.data() + j0, H, h0 + j0, H, 0, B, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + j0, H, c0 + j0, H, 0, B, w);
     team_barrier();
@@ -105,12 +112,11 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
         if constexpr (Cell::has_c) copy_cols(tape->c_prev.data() + t * B * H + j0, H, c.data() + j0, H, 0, B, w);
       }
       if (w > 0 && n > 0) {
-        mat(hh.data() + G * j0, n, G * w, GH).noalias() =
-            cmat(h_prev, n, H, H) * cmat<S>(my_w_hh, G * w, H, H).transpose();
+        packed_gemm(n, h_prev, H, w_hh, hh.data(), G * wp, false);
         S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
         StepForward<S> step_io{n, w, H,
                                {xp + t * B * GH + j0, GH, H},
-                               {hh.data() + G * j0, GH, w},
+                               {hh.data(), G * wp, wp},
                                wt.b_hh + j0,
                                h_prev + j0,
                                h + j0,
@@ -144,6 +150,11 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
     const Range u = split(H, tid, team, kUnitAlign);
     const Index j0 = u.begin, w = u.size();
+    // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
+    const Index wp = round_up(w, kPacket<S>);
+    PackedB<S> w_cols;
+    w_cols.pack(GH, wp, [&](Index k, Index unit) { return unit < w ? w_hh[k * H + j0 + unit] : S(0); });
+    Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + j0, H, d_h_n + j0, H, 0, B, w);
     else zero_cols(dh.data() + j0, H, 0, B, w);
     if constexpr (Cell::has_c) {
@@ -175,11 +186,11 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
       }
       team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
+        packed_gemm(n, dg_hh_t, GH, w_cols, dh_hh.data(), wp, false);
         auto dh_prev = mat(dh.data() + j0, n, w, H);
-        const auto dg = cmat<S>(dg_hh_t, n, GH, GH);
-        const auto w_cols = cmat(w_hh + j0, GH, w, H);
-        if constexpr (Cell::dh_bypasses_w_hh) dh_prev.noalias() += dg * w_cols;
-        else dh_prev.noalias() = dg * w_cols;
+        const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);
+        if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
+        else dh_prev = from_w_hh;
       }
     }
     copy_cols(dh0 + j0, H, dh.data() + j0, H, 0, B, w);

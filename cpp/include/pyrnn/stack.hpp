@@ -16,6 +16,7 @@
 #include "pyrnn/sequence.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
+#include "pyrnn/workspace.hpp"
 
 namespace pyrnn {
 
@@ -83,12 +84,13 @@ struct TapeBase {
 template <typename S>
 struct Tape : TapeBase {
   using TapeBase::TapeBase;
-  std::vector<Index> order;                 // sorted row j is the caller's row order[j]
-  std::vector<Index> batch_sizes;           // (T,)
-  std::vector<std::vector<S>> w_ih, w_hh;   // L*D copies
-  std::vector<std::vector<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked)
-  std::vector<std::vector<S>> masks;        // L-1 sorted dropout masks, or none
-  std::vector<DirTape<S>> dirs;             // L*D
+  bool sorted = true;                  // no lengths: rows are in the caller's order
+  std::vector<Index> order;            // sorted row j is the caller's row order[j]
+  std::vector<Index> batch_sizes;      // (T,)
+  std::vector<Buffer<S>> w_ih, w_hh;   // L*D copies
+  std::vector<Buffer<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked)
+  std::vector<Buffer<S>> masks;        // L-1 sorted dropout masks, or none
+  std::vector<DirTape<S>> dirs;        // L*D
 };
 
 // Sort rows by length, longest first, keeping ties in order; batch_sizes[t] = #{b: len_b > t}.
@@ -129,11 +131,21 @@ void for_each_direction(Index D, int threads, F&& f) {
   }
 }
 
+template <typename S>
+Buffer<S> copy_of(const S* p, Index n) {
+  Buffer<S> b(n);
+  std::copy_n(p, n, b.data());
+  return b;
+}
+
 template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
                                             bool keep_tape, int threads) {
   const Dims& dm = in.dims;
   const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, GH = Cell::G * H, DH = D * H;
+  // Without lengths the rows need no sorting and no padding: the caller's x and out are used as
+  // they are, saving two copies of the sequence.
+  const bool sorted = in.lengths == nullptr;
   std::vector<Index> order, batch_sizes;
   sort_by_length(in.lengths, B, T, order, batch_sizes);
   const SeqShape shape{T, B, 0, H, batch_sizes.data()};
@@ -141,19 +153,19 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   std::unique_ptr<Tape<S>> tape;
   if (keep_tape) {
     tape = std::make_unique<Tape<S>>(in.cell, dm);
+    tape->sorted = sorted;
     tape->order = order;
     tape->batch_sizes = batch_sizes;
     tape->layer_input.resize(L);
     tape->dirs.resize(L * D);
     for (Index k = 0; k < L * D; ++k) {
-      const Index Ik = dm.input_size(k / D);
-      tape->w_ih.emplace_back(in.weights[k].w_ih, in.weights[k].w_ih + GH * Ik);
-      tape->w_hh.emplace_back(in.weights[k].w_hh, in.weights[k].w_hh + GH * H);
+      tape->w_ih.push_back(copy_of(in.weights[k].w_ih, GH * dm.input_size(k / D)));
+      tape->w_hh.push_back(copy_of(in.weights[k].w_hh, GH * H));
       DirTape<S>& dt = tape->dirs[k];
-      dt.gates.resize(T * B * GH);
-      dt.h_prev.resize(T * B * H);
-      if (Cell::has_aux) dt.aux.resize(T * B * H);
-      if (Cell::has_c) dt.c_prev.resize(T * B * H);
+      dt.gates.allocate(T * B * GH);
+      dt.h_prev.allocate(T * B * H);
+      if (Cell::has_aux) dt.aux.allocate(T * B * H);
+      if (Cell::has_c) dt.c_prev.allocate(T * B * H);
     }
   }
 
@@ -162,13 +174,19 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   std::vector<S> h_n(h0.size()), c_n(c0.size());
   gather_rows(in.h0, h0.data(), L * D, B, H, order);
   if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), L * D, B, H, order);
-  std::vector<S> x(T * B * dm.I);
-  gather_rows(in.x, x.data(), T, B, dm.I, order);
-  for (Index t = 0; t < T; ++t)  // padding never reaches a gradient, even as 0 * NaN
-    std::fill(x.begin() + (t * B + batch_sizes[t]) * dm.I, x.begin() + (t + 1) * B * dm.I, S(0));
+  Buffer<S> x_own;  // this layer's input, when it cannot be the caller's x
+  const S* x = in.x;
+  if (!sorted || keep_tape) {
+    x_own.allocate(T * B * dm.I);
+    gather_rows(in.x, x_own.data(), T, B, dm.I, order);
+    for (Index t = 0; t < T; ++t)  // padding never reaches a gradient, even as 0 * NaN
+      std::fill(x_own.data() + (t * B + batch_sizes[t]) * dm.I, x_own.data() + (t + 1) * B * dm.I, S(0));
+    x = x_own.data();
+  }
 
-  std::vector<S> y(T * B * DH);
-  std::vector<std::vector<S>> xp_scratch(keep_tape ? 0 : D);
+  Buffer<S> y_own;
+  S* y = nullptr;
+  std::vector<Buffer<S>> xp_scratch(keep_tape ? 0 : D);
   for (Index layer = 0; layer < L; ++layer) {
     const Index Ik = dm.input_size(layer);
     std::vector<S*> xp(D);
@@ -176,37 +194,46 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
       if (keep_tape) {
         xp[d] = tape->dirs[layer * D + d].gates.data();
       } else {
-        xp_scratch[d].resize(T * B * GH);
+        xp_scratch[d].allocate(T * B * GH);
         xp[d] = xp_scratch[d].data();
       }
       const DirWeights<S>& w = in.weights[layer * D + d];
-      input_projection(T * B, Ik, GH, x.data(), w.w_ih, w.b_ih, xp[d], threads);
+      input_projection(T * B, Ik, GH, x, w.w_ih, w.b_ih, xp[d], threads);
+    }
+    const bool last = layer + 1 == L;
+    if (last && sorted) {
+      y = res.out;
+    } else {
+      y_own.allocate(T * B * DH);
+      y = y_own.data();
     }
     for_each_direction(D, threads, [&](int d, int dir_threads) {
       const Index k = layer * D + d;
       const Index state = k * B * H;
       sequence_forward<Cell>(shape, in.weights[k], d == 1, xp[d], h0.data() + state,
-                             Cell::has_c ? c0.data() + state : nullptr, y.data() + d * H, DH,
+                             Cell::has_c ? c0.data() + state : nullptr, y + d * H, DH,
                              h_n.data() + state, Cell::has_c ? c_n.data() + state : nullptr,
                              keep_tape ? &tape->dirs[k] : nullptr, dir_threads);
     });
-    if (layer + 1 == L) break;
+    if (last) break;
     // The next layer's input: this layer's output through its dropout mask.
-    std::vector<S> next(y.size());
+    Buffer<S> next;
     if (in.masks.empty()) {
-      next = y;
+      next = std::move(y_own);
     } else {
-      std::vector<S> mask(y.size());
+      Buffer<S> mask(T * B * DH);
       gather_rows(in.masks[layer], mask.data(), T, B, DH, order);
-      arr(next.data(), Index(next.size())) = carr(y.data(), Index(y.size())) * carr(mask.data(), Index(mask.size()));
+      next.allocate(T * B * DH);
+      arr(next.data(), T * B * DH) = carr(y, T * B * DH) * carr(mask.data(), T * B * DH);
       if (keep_tape) tape->masks.push_back(std::move(mask));
     }
-    if (keep_tape) tape->layer_input[layer] = std::move(x);
-    x = std::move(next);
+    if (keep_tape) tape->layer_input[layer] = std::move(x_own);
+    x_own = std::move(next);
+    x = x_own.data();
   }
-  if (keep_tape) tape->layer_input[L - 1] = std::move(x);
+  if (keep_tape) tape->layer_input[L - 1] = std::move(x_own);
 
-  scatter_rows(y.data(), res.out, T, B, DH, order);
+  if (!sorted) scatter_rows(y, res.out, T, B, DH, order);
   scatter_rows(h_n.data(), res.h_n, L * D, B, H, order);
   if constexpr (Cell::has_c) scatter_rows(c_n.data(), res.c_n, L * D, B, H, order);
   return tape;
@@ -220,22 +247,28 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   const std::vector<Index>& order = tape.order;
   const SeqShape shape{T, B, 0, H, tape.batch_sizes.data()};
 
-  std::vector<S> d_y(T * B * DH);
-  gather_rows(d_out_in, d_y.data(), T, B, DH, order);
+  Buffer<S> d_y_own;  // the gradient reaching this layer's output, when not the caller's d_out
+  const S* d_y = d_out_in;
+  if (!tape.sorted) {
+    d_y_own.allocate(T * B * DH);
+    gather_rows(d_out_in, d_y_own.data(), T, B, DH, order);
+    d_y = d_y_own.data();
+  }
   std::vector<S> d_h_n(d_h_n_in ? L * D * B * H : 0), d_c_n(Cell::has_c && d_c_n_in ? L * D * B * H : 0);
   if (d_h_n_in) gather_rows(d_h_n_in, d_h_n.data(), L * D, B, H, order);
   if (!d_c_n.empty()) gather_rows(d_c_n_in, d_c_n.data(), L * D, B, H, order);
   std::vector<S> dh0(L * D * B * H), dc0(Cell::has_c ? L * D * B * H : 0);
 
-  std::vector<std::vector<S>> d_gates(D, std::vector<S>(T * B * GH));
-  std::vector<std::vector<S>> d_gates_hh(Cell::split_hh_grad ? D : 0, std::vector<S>(T * B * GH));
-  std::vector<S> dx;
+  std::vector<Buffer<S>> d_gates(D), d_gates_hh(Cell::split_hh_grad ? D : 0);
+  for (auto& b : d_gates) b.allocate(T * B * GH);
+  for (auto& b : d_gates_hh) b.allocate(T * B * GH);
+  Buffer<S> dx_own;
   for (Index layer = L - 1; layer >= 0; --layer) {
     const Index Ik = dm.input_size(layer);
     for_each_direction(D, threads, [&](int d, int dir_threads) {
       const Index k = layer * D + d;
       const Index state = k * B * H;
-      sequence_backward<Cell>(shape, tape.w_hh[k].data(), d == 1, tape.dirs[k], d_y.data() + d * H, DH,
+      sequence_backward<Cell>(shape, tape.w_hh[k].data(), d == 1, tape.dirs[k], d_y + d * H, DH,
                               d_h_n.empty() ? nullptr : d_h_n.data() + state,
                               d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates[d].data(),
                               Cell::split_hh_grad ? d_gates_hh[d].data() : nullptr, dh0.data() + state,
@@ -250,15 +283,24 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
                    tape.layer_input[layer].data(), tape.dirs[k].h_prev.data(), grads.dw_ih[k],
                    grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], threads);
     }
-    dx.resize(T * B * Ik);
-    input_grad(T * B, Ik, GH, dg, w_ih, dx.data(), threads);
+    if (layer == 0 && tape.sorted) {
+      input_grad(T * B, Ik, GH, dg, w_ih, grads.dx, threads);
+      break;
+    }
+    dx_own.allocate(T * B * Ik);
+    input_grad(T * B, Ik, GH, dg, w_ih, dx_own.data(), threads);
     if (layer == 0) break;
     // Into the layer below, back through its dropout mask.
-    if (tape.masks.empty()) d_y.swap(dx);
-    else arr(d_y.data(), Index(d_y.size())) = carr(dx.data(), Index(dx.size())) *
-                                              carr(tape.masks[layer - 1].data(), Index(d_y.size()));
+    if (tape.masks.empty()) {
+      d_y_own = std::move(dx_own);
+    } else {
+      d_y_own.allocate(T * B * DH);
+      arr(d_y_own.data(), T * B * DH) = carr(dx_own.data(), T * B * DH) *
+                                        carr(tape.masks[layer - 1].data(), T * B * DH);
+    }
+    d_y = d_y_own.data();
   }
-  scatter_rows(dx.data(), grads.dx, T, B, dm.I, order);
+  if (!tape.sorted) scatter_rows(dx_own.data(), grads.dx, T, B, dm.I, order);
   scatter_rows(dh0.data(), grads.dh0, L * D, B, H, order);
   if constexpr (Cell::has_c) scatter_rows(dc0.data(), grads.dc0, L * D, B, H, order);
 }
