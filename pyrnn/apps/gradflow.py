@@ -1,8 +1,8 @@
 """Vanishing gradients, measured: how much of the loss's gradient reaches h_t, for every t.
 
-Task: read T one-hot symbols and, at the end, name the first one (the other T-1 are random
-distractors), so the only useful gradient has to travel back through all T steps. For a
-vanilla RNN, an LSTM and a GRU, the network runs one step at a time through
+Task: read T one-hot symbols and, at the end, name the first one (a marker channel flags it;
+the other T-1 are random distractors), so the only useful gradient has to travel back through
+all T steps. For a vanilla RNN, an LSTM and a GRU, the network runs one step at a time through
 ``pyrnn.functional`` (one tape per step), and the backward pass walks those steps from T down
 to 0: the dh0 each step returns is dLoss/dh_t, whose norm (mean over the batch) is recorded.
 This is done at initialisation and again after --train-steps of training.
@@ -34,9 +34,13 @@ KEEP_GATE = {"lstm": 1, "gru": 1}
 
 def recall_batch(rng: np.random.Generator, steps: int, symbols: int, batch: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(x (T, B, K) one-hot, y (B,)): y is the symbol shown at t = 0."""
+    """(x (T, B, K+1), y (B,)): one-hot symbols plus a channel that marks t = 0; y is the
+    symbol shown at t = 0 (the marker lets a gate learn when to write, not what to keep)."""
     ids = rng.integers(0, symbols, size=(steps, batch))
-    return one_hot(ids, symbols, np.float64), ids[0]
+    x = np.zeros((steps, batch, symbols + 1))
+    x[..., :symbols] = one_hot(ids, symbols, np.float64)
+    x[0, :, symbols] = 1
+    return x, ids[0]
 
 
 class Recall(pyrnn.Module):
@@ -44,7 +48,7 @@ class Recall(pyrnn.Module):
         super().__init__()
         self.cell = cell
         # float64, so that gradients of 1e-30 and below are measured rather than lost to underflow
-        self.rnn = CELLS[cell](symbols, hidden, dtype=np.float64, seed=seed)
+        self.rnn = CELLS[cell](symbols + 1, hidden, dtype=np.float64, seed=seed)
         self.head = Linear(hidden, symbols, dtype=np.float64, seed=seed + 1)
 
     def chrono_init(self, steps: int, rng: np.random.Generator) -> None:
