@@ -69,6 +69,8 @@ def train(config: argparse.Namespace, threads: int) -> dict[str, object]:
 
     start, accuracy, seconds_to_target = time.perf_counter(), [], None
     for epoch in range(1, config.epochs + 1):
+        for group in adam.param_groups:
+            group["lr"] = config.lr * config.lr_decay ** (epoch - 1)
         for idx in A.batch_order(parts[0].shape[1], config.batch, rng):
             q, dec_in, target = (part[:, idx] for part in parts)
             adam.zero_grad()

@@ -134,6 +134,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
     clock, losses, accuracy, seconds_to_target, epoch = _common.Stopwatch(), [], [], None, 0
     for epoch in range(1, args.epochs + 1):
+        adam.lr = args.lr * args.lr_decay ** (epoch - 1)
         bar = _common.progress(batch_order(n_train, args.batch, rng), desc=f"epoch {epoch}",
                                disable=args.no_progress)
         for idx in bar:
@@ -170,8 +171,8 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return figures
 
 
-CONFIG_KEYS = ("cell", "hidden", "embed", "batch", "lr", "clip", "epochs", "examples", "held_out",
-               "seed")
+CONFIG_KEYS = ("cell", "hidden", "embed", "batch", "lr", "lr_decay", "clip", "epochs", "examples",
+               "held_out", "seed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,6 +200,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=_common.positive_int, default=64, help="(default: 64)")
     parser.add_argument("--lr", type=_common.positive_float, default=3e-3,
                         help="Adam learning rate (default: 3e-3)")
+    parser.add_argument("--lr-decay", type=_common.fraction, default=0.8,
+                        help="multiply the learning rate by this after every epoch (default: 0.8)")
     parser.add_argument("--clip", type=_common.positive_float, default=1.0,
                         help="clip the gradient's global norm to this (default: 1.0)")
     parser.add_argument("--epochs", type=_common.positive_int, default=60,

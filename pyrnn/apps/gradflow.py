@@ -201,11 +201,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="alphabet size K (default: 8)")
     parser.add_argument("--hidden", type=_common.positive_int, default=64, help="(default: 64)")
     parser.add_argument("--batch", type=_common.positive_int, default=32, help="(default: 32)")
-    parser.add_argument("--lr", type=_common.positive_float, default=3e-3,
-                        help="Adam learning rate (default: 3e-3)")
+    parser.add_argument("--lr", type=_common.positive_float, default=1e-3,
+                        help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--clip", type=_common.positive_float, default=1.0, help="(default: 1)")
-    parser.add_argument("--train-steps", type=_common.non_negative_int, default=400,
-                        help="training steps per cell (default: 400)")
+    parser.add_argument("--train-steps", type=_common.non_negative_int, default=1000,
+                        help="training steps per cell (default: 1000)")
     parser.add_argument("--init", choices=("chrono", "default"), default="chrono",
                         help="gate-bias initialisation for LSTM/GRU (default: chrono)")
     parser.add_argument("--cells", nargs="+", choices=tuple(CELLS), default=list(CELLS),
