@@ -32,7 +32,7 @@ constexpr int kRowBlock = 6;    // rows of A per kernel call
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 
 // B as column panels of kPacket<S> columns: element (k, j) at data[(j / P) * K * P + k * P + j % P],
-// with the columns past N zero.
+// with the columns past N zero (the last panel is partial when N is not a multiple of P).
 template <typename S>
 struct PackedB {
   Index K = 0, N = 0, panels = 0;
@@ -54,16 +54,32 @@ struct PackedB {
   Index padded_cols() const { return panels * kPacket<S>; }
 };
 
-// MR rows x NP panels of C, over depth [0, kc): C (=|+=) A B.
-template <typename S, int MR, int NP, bool Accumulate>
+// A (1 x N) row added to every row of C, padded like B's panels.
+template <typename S>
+Buffer<S> padded_row(const S* row, Index n, Index padded) {
+  Buffer<S> r(padded);
+  std::fill(std::copy_n(row, n, r.data()), r.data() + padded, S(0));
+  return r;
+}
+
+// How a kernel call starts its sums: from zero, from C (accumulate), or from a bias row.
+enum class Start { zero, c, bias };
+
+// MR rows x NP panels of C, over depth [0, kc): C = start + A B. With a bias start, `bias` points
+// at the bias of these panels' first column.
+template <typename S, int MR, int NP, Start start>
 EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, const S* b, Index panel_stride, Index kc,
-                                     S* c, Index ldc) {
+                                     S* c, Index ldc, const S* bias) {
   namespace ei = Eigen::internal;
   using P = Packet<S>;
   constexpr Index PS = kPacket<S>;
   P acc[MR][NP];
   for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) acc[i][p] = Accumulate ? ei::ploadu<P>(c + i * ldc + p * PS) : ei::pset1<P>(S(0));
+    for (int p = 0; p < NP; ++p) {
+      if constexpr (start == Start::c) acc[i][p] = ei::ploadu<P>(c + i * ldc + p * PS);
+      else if constexpr (start == Start::bias) acc[i][p] = ei::ploadu<P>(bias + p * PS);
+      else acc[i][p] = ei::pset1<P>(S(0));
+    }
   for (Index k = 0; k < kc; ++k) {
     P bk[NP];
     for (int p = 0; p < NP; ++p) bk[p] = ei::ploadu<P>(b + p * panel_stride + k * PS);
@@ -78,49 +94,69 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, const S* b, Index pa
 
 constexpr int panels_per_call(int rows) { return std::max(1, std::min(8, kAccumulators / rows)); }
 
-// MR rows of C over all panels, for depth slice [k0, k0 + kc).
-template <typename S, int MR, bool Accumulate>
-void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c, Index ldc) {
+// The last, partial panel: computed into a local tile, of which the valid columns are kept.
+template <typename S, int MR, Start start>
+void gemm_edge(const S* a, Index lda, const S* b, Index panel_stride, Index kc, S* c, Index ldc,
+               const S* bias, Index cols) {
+  constexpr Index PS = kPacket<S>;
+  alignas(64) S tile[MR * PS];
+  if constexpr (start == Start::c)
+    for (int i = 0; i < MR; ++i) std::copy_n(c + i * ldc, cols, tile + i * PS);
+  gemm_kernel<S, MR, 1, start>(a, lda, b, panel_stride, kc, tile, PS, bias);
+  for (int i = 0; i < MR; ++i) std::copy_n(tile + i * PS, cols, c + i * ldc);
+}
+
+// MR rows of C over all of B's columns, for depth slice [k0, k0 + kc).
+template <typename S, int MR, Start start>
+void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c, Index ldc,
+               const S* bias) {
   constexpr Index PS = kPacket<S>;
   constexpr int NP = panels_per_call(MR);
-  const Index stride = b.K * PS;
+  const Index stride = b.K * PS, full = b.N / PS;
   const S* bk = b.data.data() + k0 * PS;
+  auto at = [&](Index q) { return bias ? bias + q * PS : nullptr; };
   Index q = 0;
-  for (; q + NP <= b.panels; q += NP)
-    gemm_kernel<S, MR, NP, Accumulate>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc);
+  for (; q + NP <= full; q += NP)
+    gemm_kernel<S, MR, NP, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   if constexpr (NP > 2)
-    for (; q + 2 <= b.panels; q += 2)
-      gemm_kernel<S, MR, 2, Accumulate>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc);
-  for (; q < b.panels; ++q)
-    gemm_kernel<S, MR, 1, Accumulate>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc);
+    for (; q + 2 <= full; q += 2)
+      gemm_kernel<S, MR, 2, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
+  for (; q < full; ++q)
+    gemm_kernel<S, MR, 1, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
+  if (full < b.panels)
+    gemm_edge<S, MR, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), b.N - full * PS);
 }
 
 template <typename S, int MR>
-void gemm_rows_at(bool accumulate, const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c,
-                  Index ldc) {
-  if (accumulate) gemm_rows<S, MR, true>(a, lda, b, k0, kc, c, ldc);
-  else gemm_rows<S, MR, false>(a, lda, b, k0, kc, c, ldc);
+void gemm_rows_at(Start start, const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c,
+                  Index ldc, const S* bias) {
+  switch (start) {
+    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, b, k0, kc, c, ldc, bias); break;
+    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, b, k0, kc, c, ldc, bias); break;
+    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, b, k0, kc, c, ldc, bias); break;
+  }
 }
 
-// C (n x b.padded_cols(), row stride ldc) = A (n x b.K, row stride lda) * B, or += when accumulate.
-// C's padding columns are written too (with zeros times A when not accumulating).
+// C (n x b.N, row stride ldc) = A (n x b.K, row stride lda) * B, plus C itself when accumulate,
+// plus the row `bias` (padded to b.padded_cols()) when given.
 template <typename S>
-void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Index ldc, bool accumulate) {
+void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Index ldc, bool accumulate,
+                 const S* bias = nullptr) {
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
     const Index kc = std::min(kKBlock, b.K - k0);
-    const bool acc = accumulate || k0 > 0;
+    const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0;
     Index r = 0;
     for (; r + kRowBlock <= n; r += kRowBlock)
-      gemm_rows_at<S, kRowBlock>(acc, ak + r * lda, lda, b, k0, kc, c + r * ldc, ldc);
+      gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, b, k0, kc, c + r * ldc, ldc, bias);
     const S* ar = ak + r * lda;
     S* cr = c + r * ldc;
     switch (n - r) {
-      case 1: gemm_rows_at<S, 1>(acc, ar, lda, b, k0, kc, cr, ldc); break;
-      case 2: gemm_rows_at<S, 2>(acc, ar, lda, b, k0, kc, cr, ldc); break;
-      case 3: gemm_rows_at<S, 3>(acc, ar, lda, b, k0, kc, cr, ldc); break;
-      case 4: gemm_rows_at<S, 4>(acc, ar, lda, b, k0, kc, cr, ldc); break;
-      case 5: gemm_rows_at<S, 5>(acc, ar, lda, b, k0, kc, cr, ldc); break;
+      case 1: gemm_rows_at<S, 1>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
+      case 2: gemm_rows_at<S, 2>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
+      case 3: gemm_rows_at<S, 3>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
+      case 4: gemm_rows_at<S, 4>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
+      case 5: gemm_rows_at<S, 5>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
       default: break;
     }
   }

@@ -63,16 +63,15 @@ void zero_cols(S* dst, Index ld, Index r0, Index r1, Index w) {
   if (r1 > r0 && w > 0) mat(dst + r0 * ld, r1 - r0, w, ld).setZero();
 }
 
-// xp = x W_ih^T + b_ih for all T*B rows at once: (T*B, I) x (I, G*H).
+// xp = x W_ih^T + b_ih for all T*B rows at once: (T*B, I) x (I, G*H), rows split over threads.
 template <typename S>
 void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, const S* b_ih, S* xp,
                       int threads) {
-  const auto w = cmat(w_ih, GH, I, I);
-  const Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>> b(b_ih, GH);
-  parallel_for_blocks(rows, threads, 32, 1, [&](Range r) {
-    auto out = mat(xp + r.begin * GH, r.size(), GH, GH);
-    out.noalias() = cmat(x + r.begin * I, r.size(), I, I) * w.transpose();
-    out.rowwise() += b;
+  PackedB<S> w;
+  w.pack(I, GH, [&](Index k, Index j) { return w_ih[j * I + k]; });
+  const Buffer<S> bias = padded_row(b_ih, GH, w.padded_cols());
+  parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
+    packed_gemm(r.size(), x + r.begin * I, I, w, xp + r.begin * GH, GH, false, bias.data());
   });
 }
 
@@ -222,17 +221,15 @@ void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, cons
   });
 }
 
-// dx = sum over directions of d_gates W_ih: (T*B, G*H) x (G*H, I), split by rows.
+// dx = sum over directions of d_gates W_ih: (T*B, G*H) x (G*H, I), rows split over threads.
 template <typename S>
 void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
                 const std::vector<const S*>& w_ih, S* dx, int threads) {
-  parallel_for_blocks(rows, threads, 32, 1, [&](Range r) {
-    auto out = mat(dx + r.begin * I, r.size(), I, I);
-    for (size_t d = 0; d < d_gates.size(); ++d) {
-      const auto dg = cmat(d_gates[d] + r.begin * GH, r.size(), GH, GH);
-      if (d == 0) out.noalias() = dg * cmat(w_ih[d], GH, I, I);
-      else out.noalias() += dg * cmat(w_ih[d], GH, I, I);
-    }
+  std::vector<PackedB<S>> w(d_gates.size());
+  for (size_t d = 0; d < w.size(); ++d) w[d].pack(GH, I, [&](Index k, Index j) { return w_ih[d][k * I + j]; });
+  parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
+    for (size_t d = 0; d < w.size(); ++d)
+      packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, w[d], dx + r.begin * I, I, d > 0);
   });
 }
 
