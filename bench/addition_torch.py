@@ -26,13 +26,13 @@ TORCH_CELLS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 class TorchSeq2Seq(torch.nn.Module):
     """pyrnn.apps.addition.Seq2Seq in torch, with the same attribute (and so parameter) names."""
 
-    def __init__(self, cell: str, embed: int, hidden: int) -> None:
+    def __init__(self, cell: str, embed: int, hidden: int, layers: int, dropout: float) -> None:
         super().__init__()
         rnn, vocab = TORCH_CELLS[cell], len(A.VOCAB)
         self.enc_embed = torch.nn.Embedding(vocab, embed)
-        self.encoder = rnn(embed, hidden)
+        self.encoder = rnn(embed, hidden, num_layers=layers, dropout=dropout)
         self.dec_embed = torch.nn.Embedding(vocab, embed)
-        self.decoder = rnn(embed, hidden)
+        self.decoder = rnn(embed, hidden, num_layers=layers, dropout=dropout)
         self.head = torch.nn.Linear(hidden, vocab)
 
     def forward(self, q: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
@@ -54,14 +54,18 @@ class TorchSeq2Seq(torch.nn.Module):
 
 def exact_match(model: TorchSeq2Seq, val: tuple[np.ndarray, ...]) -> float:
     q, _, target = (torch.from_numpy(part) for part in val)
-    return float((model.answer(q) == target).all(dim=0).double().mean())
+    model.eval()
+    right = float((model.answer(q) == target).all(dim=0).double().mean())
+    model.train()
+    return right
 
 
 def train(config: argparse.Namespace, threads: int) -> dict[str, object]:
     torch.set_num_threads(threads)
     train_set, val = A.split(config.examples, config.held_out, config.seed)
-    model = TorchSeq2Seq(config.cell, config.embed, config.hidden)
-    same_start = A.Seq2Seq(config.cell, config.embed, config.hidden, config.seed).state_dict()
+    model = TorchSeq2Seq(config.cell, config.embed, config.hidden, config.layers, config.dropout)
+    same_start = A.Seq2Seq(config.cell, config.embed, config.hidden, config.seed, config.layers,
+                           config.dropout).state_dict()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in same_start.items()})
     adam = torch.optim.Adam(model.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed + 100)  # the batch order pyrnn addition uses
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in A.CONFIG_KEYS + ("target",):
             setattr(config, key, pyrnn_figures[key])
     threads = config.threads or (pyrnn_figures or {}).get("threads") or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads: {config.cell} {config.hidden}, batch "
+    print(f"torch {torch.__version__}, {threads} threads: {config.cell} {config.hidden}x"
+          f"{config.layers}, batch "
           f"{config.batch}, lr {config.lr}, target {config.target}")
     figures = train(config, threads)
     if pyrnn_figures is not None:

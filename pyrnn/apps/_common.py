@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import _backend
+from ..module import Module, no_grad
 
 
 class AppError(RuntimeError):
@@ -130,6 +132,18 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
              disable: bool = False, **kwargs: object) -> tqdm:
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True,
                 leave=True, **kwargs)
+
+
+@contextlib.contextmanager
+def evaluating(model: Module) -> Iterator[Module]:
+    """Eval mode (no dropout) and no tape inside the block; the previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 class Stopwatch:

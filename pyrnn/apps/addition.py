@@ -73,13 +73,15 @@ def batch_order(n: int, batch: int, rng: np.random.Generator) -> list[np.ndarray
 # ---------------------------------------------------------------- model
 
 class Seq2Seq(pyrnn.Module):
-    def __init__(self, cell: str, embed: int, hidden: int, seed: int) -> None:
+    def __init__(self, cell: str, embed: int, hidden: int, seed: int, layers: int = 1,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         rnn, vocab = CELLS[cell], len(VOCAB)
+        stack = {"num_layers": layers, "dropout": dropout}
         self.enc_embed = Embedding(vocab, embed, seed=seed)
-        self.encoder = rnn(embed, hidden, seed=seed + 1)
+        self.encoder = rnn(embed, hidden, **stack, seed=seed + 1)
         self.dec_embed = Embedding(vocab, embed, seed=seed + 2)
-        self.decoder = rnn(embed, hidden, seed=seed + 3)
+        self.decoder = rnn(embed, hidden, **stack, seed=seed + 3)
         self.head = Linear(hidden, vocab, seed=seed + 4)
 
     def loss(self, q: np.ndarray, dec_in: np.ndarray, target: np.ndarray) -> float:
@@ -95,7 +97,7 @@ class Seq2Seq(pyrnn.Module):
 
     def answer(self, q: np.ndarray) -> np.ndarray:
         """Greedy decoding: (ANSWER_LEN, B) predicted ids, each step fed the previous one."""
-        with pyrnn.no_grad():
+        with _common.evaluating(self):
             _, state = self.encoder(self.enc_embed(q))
             token = np.full((1, q.shape[1]), CHAR_ID["="])
             predicted = []
@@ -125,7 +127,7 @@ def show(q: np.ndarray, predicted: np.ndarray) -> str:
 def train(args: argparse.Namespace) -> dict[str, object]:
     backend = _common.setup_runtime(args)
     train_set, val = split(args.examples, args.held_out, args.seed)
-    model = Seq2Seq(args.cell, args.embed, args.hidden, args.seed)
+    model = Seq2Seq(args.cell, args.embed, args.hidden, args.seed, args.layers, args.dropout)
     adam = optim.Adam(model, lr=args.lr)
     rng = np.random.default_rng(args.seed + 100)
     n_train = train_set[0].shape[1]
@@ -171,8 +173,8 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return figures
 
 
-CONFIG_KEYS = ("cell", "hidden", "embed", "batch", "lr", "lr_decay", "clip", "epochs", "examples",
-               "held_out", "seed")
+CONFIG_KEYS = ("cell", "hidden", "layers", "dropout", "embed", "batch", "lr", "lr_decay", "clip",
+               "epochs", "examples", "held_out", "seed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,6 +197,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cell", choices=sorted(CELLS), default="lstm", help="(default: lstm)")
     parser.add_argument("--hidden", type=_common.positive_int, default=128,
                         help="hidden units of encoder and decoder (default: 128)")
+    parser.add_argument("--layers", type=_common.positive_int, default=1,
+                        help="stacked layers in encoder and decoder (default: 1)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout between stacked layers, training only (default: 0)")
     parser.add_argument("--embed", type=_common.positive_int, default=32,
                         help="character embedding size (default: 32)")
     parser.add_argument("--batch", type=_common.positive_int, default=64, help="(default: 64)")

@@ -118,7 +118,7 @@ def bits_per_char(model: CharRNN, ids: np.ndarray, seq_len: int, batch: int = 16
     """Mean cross-entropy on held-out ids, in bits, with the state carried across chunks."""
     rows = streams(ids, min(batch, max(1, (len(ids) - 1) // seq_len)))
     total, count, state = 0.0, 0, None
-    with pyrnn.no_grad():
+    with _common.evaluating(model):
         for start in range(0, rows.shape[1] - 1, seq_len):
             inputs, targets = chunk(rows, start, seq_len)
             logits, state = model(inputs[: len(targets)], state)
@@ -133,7 +133,7 @@ def sample(model: CharRNN, vocab: str, prime: str, length: int, temperature: flo
     char_id = {ch: i for i, ch in enumerate(vocab)}
     prime = "".join(ch for ch in prime if ch in char_id) or vocab[0]
     out = []
-    with pyrnn.no_grad():
+    with _common.evaluating(model):
         logits, state = model(np.array([[char_id[ch]] for ch in prime]))
         for _ in range(length):
             probs = softmax(logits[-1, 0].astype(np.float64) / temperature)
@@ -213,7 +213,6 @@ def train(args: argparse.Namespace) -> dict[str, object]:
             val_curve.append((step + 1, bits_per_char(model, val_ids, args.seq_len)))
             bar.write(f"step {step + 1}: train {np.mean(losses[-50:]):.3f}, "
                       f"validation {val_curve[-1][1]:.3f} bits/char, {clock.seconds():.0f} s")
-            model.train()
 
     config["step"] = max(args.steps, first_step)
     val_bits = val_curve[-1][1] if val_curve else bits_per_char(model, val_ids, args.seq_len)
@@ -271,7 +270,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise _common.AppError(f"{args.checkpoint!r} is not a charrnn checkpoint")
     model = build_model(config)
     checkpoint.load(args.checkpoint, model)
-    print(sample(model.eval(), config["vocab"], args.prime, args.length, args.temperature,
+    print(sample(model, config["vocab"], args.prime, args.length, args.temperature,
                  np.random.default_rng(args.seed)))
     return 0
 

@@ -60,7 +60,7 @@ def cosine_lr(peak: float, epoch: int, epochs: int) -> float:
 
 
 def accuracy(model: Classifier, x: np.ndarray, y: np.ndarray) -> float:
-    with pyrnn.no_grad():
+    with _common.evaluating(model):
         return float((model(x).argmax(axis=-1) == y).mean())
 
 

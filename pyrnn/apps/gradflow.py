@@ -69,7 +69,7 @@ class Recall(pyrnn.Module):
         return loss
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
-        with pyrnn.no_grad():
+        with _common.evaluating(self):
             out, _ = self.rnn(x)
             return float((self.head(out[-1]).argmax(-1) == y).mean())
 
