@@ -38,18 +38,22 @@ struct PackedB {
   Index K = 0, N = 0, panels = 0;
   Buffer<S> data;
 
-  // b(k, j) gives B's element; called once per element.
+  // Column j of B is column(j)[k * k_stride] for k in [0, K), or all zero when column(j) is null.
   template <class F>
-  void pack(Index k_dim, Index n_dim, F&& b) {
+  void pack(Index k_dim, Index n_dim, Index k_stride, F&& column) {
     constexpr Index P = kPacket<S>;
     K = k_dim;
     N = n_dim;
     panels = (N + P - 1) / P;
     data.allocate(panels * K * P);
-    data.fill(S(0));
-    for (Index q = 0; q < panels; ++q)
-      for (Index k = 0; k < K; ++k)
-        for (Index c = 0; c < P && q * P + c < N; ++c) data[(q * K + k) * P + c] = b(k, q * P + c);
+    for (Index j = 0; j < panels * P; ++j) {
+      S* dst = data.data() + (j / P) * K * P + j % P;
+      const S* src = j < N ? column(j) : nullptr;
+      if (src)
+        for (Index k = 0; k < K; ++k) dst[k * P] = src[k * k_stride];
+      else
+        for (Index k = 0; k < K; ++k) dst[k * P] = S(0);
+    }
   }
   Index padded_cols() const { return panels * kPacket<S>; }
 };

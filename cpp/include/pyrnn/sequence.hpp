@@ -68,7 +68,7 @@ template <typename S>
 void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, const S* b_ih, S* xp,
                       int threads) {
   PackedB<S> w;
-  w.pack(I, GH, [&](Index k, Index j) { return w_ih[j * I + k]; });
+  w.pack(I, GH, 1, [&](Index j) { return w_ih + j * I; });
   const Buffer<S> bias = padded_row(b_ih, GH, w.padded_cols());
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
     packed_gemm(r.size(), x + r.begin * I, I, w, xp + r.begin * GH, GH, false, bias.data());
@@ -93,9 +93,9 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     // This thread's rows of W_hh, packed once: gate g's units at columns [g * wp, g * wp + w).
     const Index wp = round_up(w, kPacket<S>);
     PackedB<S> w_hh;
-    w_hh.pack(H, G * wp, [&](Index k, Index j) {
+    w_hh.pack(H, G * wp, 1, [&](Index j) {
       const Index g = j / wp, unit = j % wp;
-      return unit < w ? wt.w_hh[(g * H + j0 + unit) * H + k] : S(0);
+      return unit < w ? wt.w_hh + (g * H + j0 + unit) * H : nullptr;
     });
     Buffer<S> hh(B * G * wp);
     copy_cols(h_buf.data() + j0, H, h0 + j0, H, 0, B, w);
@@ -152,7 +152,7 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
     // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
     const Index wp = round_up(w, kPacket<S>);
     PackedB<S> w_cols;
-    w_cols.pack(GH, wp, [&](Index k, Index unit) { return unit < w ? w_hh[k * H + j0 + unit] : S(0); });
+    w_cols.pack(GH, wp, H, [&](Index unit) { return unit < w ? w_hh + j0 + unit : nullptr; });
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + j0, H, d_h_n + j0, H, 0, B, w);
     else zero_cols(dh.data() + j0, H, 0, B, w);
@@ -226,7 +226,7 @@ template <typename S>
 void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
                 const std::vector<const S*>& w_ih, S* dx, int threads) {
   std::vector<PackedB<S>> w(d_gates.size());
-  for (size_t d = 0; d < w.size(); ++d) w[d].pack(GH, I, [&](Index k, Index j) { return w_ih[d][k * I + j]; });
+  for (size_t d = 0; d < w.size(); ++d) w[d].pack(GH, I, I, [&](Index j) { return w_ih[d] + j; });
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
     for (size_t d = 0; d < w.size(); ++d)
       packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, w[d], dx + r.begin * I, I, d > 0);
