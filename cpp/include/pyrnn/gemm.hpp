@@ -55,6 +55,25 @@ struct PackedB {
         for (Index k = 0; k < K; ++k) dst[k * P] = S(0);
     }
   }
+  // Row k of B is row(k)[0, valid) followed by zeros up to n_dim columns: copies whole runs of a
+  // panel's width (for B stored by rows).
+  template <class F>
+  void pack_rows(Index k_dim, Index valid, Index n_dim, F&& row) {
+    constexpr Index P = kPacket<S>;
+    K = k_dim;
+    N = n_dim;
+    panels = (N + P - 1) / P;
+    data.allocate(panels * K * P);
+    for (Index k = 0; k < K; ++k) {
+      const S* src = row(k);
+      for (Index q = 0; q < panels; ++q) {
+        S* dst = data.data() + (q * K + k) * P;
+        const Index n = std::max<Index>(0, std::min(P, valid - q * P));
+        std::copy_n(src + q * P, n, dst);
+        std::fill(dst + n, dst + P, S(0));
+      }
+    }
+  }
   Index padded_cols() const { return panels * kPacket<S>; }
 };
 

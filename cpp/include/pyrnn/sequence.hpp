@@ -152,7 +152,7 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
     // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
     const Index wp = round_up(w, kPacket<S>);
     PackedB<S> w_cols;
-    w_cols.pack(GH, wp, H, [&](Index unit) { return unit < w ? w_hh + j0 + unit : nullptr; });
+    w_cols.pack_rows(GH, w, wp, [&](Index k) { return w_hh + k * H + j0; });
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + j0, H, d_h_n + j0, H, 0, B, w);
     else zero_cols(dh.data() + j0, H, 0, B, w);
@@ -226,7 +226,7 @@ template <typename S>
 void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
                 const std::vector<const S*>& w_ih, S* dx, int threads) {
   std::vector<PackedB<S>> w(d_gates.size());
-  for (size_t d = 0; d < w.size(); ++d) w[d].pack(GH, I, I, [&](Index j) { return w_ih[d] + j; });
+  for (size_t d = 0; d < w.size(); ++d) w[d].pack_rows(GH, I, I, [&](Index k) { return w_ih[d] + k * I; });
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
     for (size_t d = 0; d < w.size(); ++d)
       packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, w[d], dx + r.begin * I, I, d > 0);
