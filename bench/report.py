@@ -54,7 +54,7 @@ def table(results: dict) -> str:
     shown = [b for b in BACKEND_COLUMNS if any(b in r["backends"] for r in rows)]
     head = (["config", "cell", "mode", "thr"] + [f"{b} ms" for b in shown]
             + ["GFLOP/s", "% GEMM"] + [label for _, label in RATIO_PEERS]
-            + ["bg %", "issue-4 targets"])
+            + ["×torch cpu", "bg %", "issue-4 targets"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mine = r["backends"].get("pyrnn-cpp", {})
@@ -62,7 +62,8 @@ def table(results: dict) -> str:
         cells += [fmt_ms(r["backends"].get(b), results["settings"]["rounds"]) for b in shown]
         cells += [fmt_num(mine.get("gflops"), 1), fmt_num(mine.get("pct_gemm"), 1)]
         cells += [fmt_num(r["ratios"].get(peer)) for peer, _ in RATIO_PEERS]
-        cells += [fmt_num(r.get("host_other_pct"), 0), fmt_targets(r)]
+        cells += [fmt_num(r.get("cpu_ratios", {}).get("torch")),
+                  fmt_num(r.get("host_other_pct"), 0), fmt_targets(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,7 +131,9 @@ LEGEND = (
     "the input). GFLOP/s and % GEMM are pyrnn-cpp's (train counted as 3× forward FLOPs; ragged "
     "counts only the real steps). ×peer = peer ms / pyrnn-cpp ms: above 1 means pyrnn is faster. "
     "bg % = CPU share used by other processes while the row was timed (noise on a shared host). "
-    "† = fewer rounds than asked (the per-row time budget ran out)."
+    "† = fewer rounds than asked (the per-row time budget ran out). ×torch cpu = the same ratio "
+    "on process CPU time per call: immune to other processes at 1 thread, but at 2 threads it "
+    "also counts OpenMP spin-waiting."
 )
 
 

@@ -197,6 +197,9 @@ def derived(row: dict, gemm: dict) -> None:
     mine = row["backends"].get(PYRNN, {}).get("ms")
     row["ratios"] = {p: row["backends"][p]["ms"] / mine for p in PEERS
                      if mine and row["backends"].get(p, {}).get("ms")}
+    mine_cpu = row["backends"].get(PYRNN, {}).get("cpu_ms")
+    row["cpu_ratios"] = {p: row["backends"][p]["cpu_ms"] / mine_cpu for p in PEERS
+                         if mine_cpu and row["backends"].get(p, {}).get("cpu_ms")}
     row["targets"] = [verdict(rule, row) for rule in
                       cfg.rules_for(row["config"], row["cell"], row["mode"], row["threads"])]
     row["targets"] = [t for t in row["targets"] if t is not None]

@@ -77,11 +77,20 @@ def busy_cpu_s() -> float | None:
 
 def time_calls(fn: Callable[[], object], n: int) -> list[float]:
     """Seconds taken by each of n calls."""
+    return [wall for wall, _ in time_calls_cpu(fn, n)]
+
+
+def time_calls_cpu(fn: Callable[[], object], n: int) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of n calls.
+
+    CPU time is what the call cost whether or not another process held a core meanwhile; at
+    1 thread it is the noise-free twin of wall time (at more threads it includes spin-waits).
+    """
     times = []
     for _ in range(n):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     return times
 
 
@@ -111,7 +120,7 @@ def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, i
             for name in names[shift:] + names[:shift]:
                 if r < rounds[name]:
                     with runners[name].scope():
-                        times[name].append(time_calls(runners[name].call, calls[name]))
+                        times[name].append(time_calls_cpu(runners[name].call, calls[name]))
     return times
 
 
@@ -132,13 +141,19 @@ def wait_for_quiet(max_other_pct: float, max_wait_s: float) -> tuple[float, floa
             return waited, load.pct
 
 
-def summarise(rounds: list[list[float]]) -> dict:
-    """ms = median of round medians; min_ms = fastest call; spread = max/min round median."""
-    medians = [statistics.median(r) for r in rounds]
+def summarise(rounds: list[list[tuple[float, float]]]) -> dict:
+    """ms = median of round medians; min_ms = fastest call; spread = max/min round median.
+
+    cpu_ms is the median of round medians of process CPU time per call.
+    """
+    walls = [[w for w, _ in r] for r in rounds]
+    medians = [statistics.median(r) for r in walls]
+    cpu_medians = [statistics.median(c for _, c in r) for r in rounds]
     return {
         "ms": 1e3 * statistics.median(medians),
-        "min_ms": 1e3 * min(min(r) for r in rounds),
+        "min_ms": 1e3 * min(min(r) for r in walls),
         "spread": max(medians) / min(medians),
+        "cpu_ms": 1e3 * statistics.median(cpu_medians),
         "round_medians_ms": [1e3 * m for m in medians],
         "calls_per_round": len(rounds[0]),
         "rounds": len(rounds),

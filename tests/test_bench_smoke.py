@@ -48,6 +48,7 @@ def test_every_available_backend_runs_and_agrees_on_tiny_configs(tiny_results):
         for name, entry in row["backends"].items():
             assert entry["status"] == "ok", (row["config"], row["cell"], name, entry)
             assert 0 < entry["min_ms"] <= entry["ms"] and entry["spread"] >= 1.0
+            assert entry["cpu_ms"] >= 0
             assert entry["gflops"] > 0 and entry["pct_gemm"] > 0
             if name != row["reference"]:
                 assert entry["max_rel_err"] <= run.TOLERANCE
@@ -63,7 +64,7 @@ def test_results_json_has_the_documented_schema(tiny_results):
     assert {"cpu", "logical_cpus", "usable_cpus"} <= set(saved["machine"])
     row = saved["rows"][0]
     for key in ("config", "cell", "mode", "threads", "shape", "flops", "reference",
-                "backends", "ratios", "targets", "host_other_pct"):
+                "backends", "ratios", "cpu_ratios", "targets", "host_other_pct"):
         assert key in row, key
     ragged = [r for r in saved["rows"] if r["config"] == "tiny-ragged"]
     assert all(len(r["lengths"]) == 3 and max(r["lengths"]) <= 6 for r in ragged)
