@@ -29,16 +29,18 @@ class TorchSeq2Seq(torch.nn.Module):
     def __init__(self, cell: str, embed: int, hidden: int, layers: int, dropout: float) -> None:
         super().__init__()
         rnn, vocab = TORCH_CELLS[cell], len(A.VOCAB)
+        stack = {"num_layers": layers, "dropout": dropout if layers > 1 else 0.0}
         self.enc_embed = torch.nn.Embedding(vocab, embed)
-        self.encoder = rnn(embed, hidden, num_layers=layers, dropout=dropout)
+        self.encoder = rnn(embed, hidden, **stack)
         self.dec_embed = torch.nn.Embedding(vocab, embed)
-        self.decoder = rnn(embed, hidden, num_layers=layers, dropout=dropout)
+        self.decoder = rnn(embed, hidden, **stack)
         self.head = torch.nn.Linear(hidden, vocab)
+        self.drop = torch.nn.Dropout(dropout)  # the same non-recurrent places as pyrnn's model
 
     def forward(self, q: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
-        _, state = self.encoder(self.enc_embed(q))
-        out, _ = self.decoder(self.dec_embed(dec_in), state)
-        return self.head(out)
+        _, state = self.encoder(self.drop(self.enc_embed(q)))
+        out, _ = self.decoder(self.drop(self.dec_embed(dec_in)), state)
+        return self.head(self.drop(out))
 
     @torch.no_grad()
     def answer(self, q: torch.Tensor) -> torch.Tensor:

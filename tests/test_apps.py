@@ -70,6 +70,7 @@ def test_python_dash_m_pyrnn_runs_the_cli():
     (["addition", "--hidden", "0"], ["--hidden", "positive integer"]),
     (["addition", "--target", "1.5"], ["--target", "(0, 1]"]),
     (["classify", "--lr", "fast"], ["--lr", "'fast'"]),
+    (["addition", "--dropout", "1"], ["--dropout", "[0, 1)"]),
     (["charrnn", "train", "--cell", "transformer"], ["--cell", "invalid choice"]),
     (["gradflow", "--backend", "gpu"], ["--backend", "invalid choice"]),
     (["charrnn", "train", "--text", "/no/such/file.txt"], ["--text", "no such file"]),
@@ -184,14 +185,23 @@ def test_addition_data_is_reversed_padded_and_correct():
     assert as_text(dec_in) == "=596" and as_text(target) == "596 "
 
 
+def test_addition_holds_out_a_random_disjoint_tenth():
+    train, val = addition.split(2000, 0.1, seed=0)
+    assert train[0].shape == (7, 1800) and val[0].shape == (7, 200)
+    as_set = lambda q: {tuple(column) for column in q.T}  # noqa: E731
+    assert not as_set(train[0]) & as_set(val[0])
+    short = lambda q: int((q[:4] == addition.CHAR_ID[" "]).all(axis=0).sum())  # noqa: E731
+    assert short(train[0]) > 0  # the few 1-digit + 1-digit questions are not all held out
+
+
 def test_addition_runs_and_writes_val_exact_match(tmp_path, capsys):
     out = run_ok(["addition", "--examples", "600", "--epochs", "2", "--hidden", "16",
-                  "--embed", "8", "--batch", "64", "--json", str(tmp_path / "a.json"),
+                  "--embed", "8", "--batch", "64", "--layers", "2", "--dropout", "0.1", "--json", str(tmp_path / "a.json"),
                   *plot_flags(tmp_path, "a.png"), *COMMON], capsys)
     figures = read_json(tmp_path / "a.json")
     assert 0 <= figures["val_exact_match"] <= 1
     assert len(figures["val_exact_match_per_epoch"]) == figures["epochs"] <= 2
-    assert figures["hidden"] == 16 and figures["examples"] == 600
+    assert figures["hidden"] == 16 and figures["examples"] == 600 and figures["layers"] == 2
     assert "wall_seconds" in figures and "seconds_to_target" in figures
     assert "examples:" in out
     assert_png(tmp_path, "a.png")

@@ -65,6 +65,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str | None = None) -> None:
     """--seed, --json, --plot, --backend, --threads, --no-progress."""
     group = parser.add_argument_group("common options")

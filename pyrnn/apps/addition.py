@@ -58,10 +58,13 @@ def encode(questions: list[str], answers: list[str]) -> tuple[np.ndarray, ...]:
 def split(size: int, held_out: float, seed: int) -> tuple[np.ndarray, ...]:
     """The encoded training and validation arrays: (q, dec_in, target) for each."""
     q, dec_in, target = encode(*make_dataset(size, seed))
+    # Held out at random: the generator exhausts the few 1-digit pairs early, so the first
+    # questions drawn would hold all of them and leave none to learn from.
+    order = np.random.default_rng(seed + 1).permutation(size)
     n_val = int(round(size * held_out))
-    val = (q[:, :n_val], dec_in[:, :n_val], target[:, :n_val])
-    train = (q[:, n_val:], dec_in[:, n_val:], target[:, n_val:])
-    return train, val
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return ((q[:, train_idx], dec_in[:, train_idx], target[:, train_idx]),
+            (q[:, val_idx], dec_in[:, val_idx], target[:, val_idx]))
 
 
 def batch_order(n: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -77,22 +80,33 @@ class Seq2Seq(pyrnn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         rnn, vocab = CELLS[cell], len(VOCAB)
-        stack = {"num_layers": layers, "dropout": dropout}
+        stack = {"num_layers": layers, "dropout": dropout if layers > 1 else 0.0}
         self.enc_embed = Embedding(vocab, embed, seed=seed)
         self.encoder = rnn(embed, hidden, **stack, seed=seed + 1)
         self.dec_embed = Embedding(vocab, embed, seed=seed + 2)
         self.decoder = rnn(embed, hidden, **stack, seed=seed + 3)
         self.head = Linear(hidden, vocab, seed=seed + 4)
+        self.p = dropout
+        self.rng = np.random.default_rng(seed + 5)
+
+    def drop(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dropout on a non-recurrent connection (Zaremba et al., 2014): (x * mask, mask)."""
+        keep = self.rng.random(x.shape) >= self.p
+        mask = keep.astype(x.dtype) / x.dtype.type(1 - self.p)
+        return x * mask, mask
 
     def loss(self, q: np.ndarray, dec_in: np.ndarray, target: np.ndarray) -> float:
         """Forward with teacher forcing, then backward: gradients land in the modules' grads."""
-        _, state = self.encoder(self.enc_embed(q))
-        dec_out, _ = self.decoder(self.dec_embed(dec_in), state)
+        enc_x, enc_mask = self.drop(self.enc_embed(q))
+        _, state = self.encoder(enc_x)
+        dec_x, dec_mask = self.drop(self.dec_embed(dec_in))
+        dec_out, _ = self.decoder(dec_x, state)
+        dec_out, out_mask = self.drop(dec_out)
         loss, d_logits = cross_entropy(self.head(dec_out), target)
-        d_dec_x, d_state = self.decoder.backward(self.head.backward(d_logits))
-        self.dec_embed.backward(d_dec_x)
+        d_dec_x, d_state = self.decoder.backward(self.head.backward(d_logits) * out_mask)
+        self.dec_embed.backward(d_dec_x * dec_mask)
         d_enc_x, _ = self.encoder.backward(None, d_state)  # only the final state was used
-        self.enc_embed.backward(d_enc_x)
+        self.enc_embed.backward(d_enc_x * enc_mask)
         return loss
 
     def answer(self, q: np.ndarray) -> np.ndarray:
@@ -199,8 +213,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="hidden units of encoder and decoder (default: 128)")
     parser.add_argument("--layers", type=_common.positive_int, default=1,
                         help="stacked layers in encoder and decoder (default: 1)")
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="dropout between stacked layers, training only (default: 0)")
+    parser.add_argument("--dropout", type=_common.probability, default=0.0,
+                        help="dropout on the embeddings, the decoder's outputs and between "
+                        "stacked layers, training only (default: 0)")
     parser.add_argument("--embed", type=_common.positive_int, default=32,
                         help="character embedding size (default: 32)")
     parser.add_argument("--batch", type=_common.positive_int, default=64, help="(default: 64)")

@@ -305,7 +305,7 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--embed", type=_common.positive_int, default=64, help="(default: 64)")
     parser.add_argument("--hidden", type=_common.positive_int, default=256, help="(default: 256)")
     parser.add_argument("--layers", type=_common.positive_int, default=1, help="(default: 1)")
-    parser.add_argument("--dropout", type=float, default=0.0,
+    parser.add_argument("--dropout", type=_common.probability, default=0.0,
                         help="between stacked layers (default: 0)")
     parser.add_argument("--seq-len", type=_common.positive_int, default=64,
                         help="truncated-BPTT chunk length (default: 64)")
