@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = train(config, threads)
     if pyrnn_figures is not None:
         figures["pyrnn_seconds_to_target"] = pyrnn_figures["seconds_to_target"]
-        figures["pyrnn_epochs"] = pyrnn_figures["epochs"]
+        figures["pyrnn_epochs"] = pyrnn_figures["epochs_run"]
         if figures["pyrnn_seconds_to_target"] and figures["torch_seconds_to_target"]:
             figures["torch_over_pyrnn"] = (figures["torch_seconds_to_target"]
                                            / figures["pyrnn_seconds_to_target"])

@@ -196,11 +196,12 @@ def test_addition_holds_out_a_random_disjoint_tenth():
 
 def test_addition_runs_and_writes_val_exact_match(tmp_path, capsys):
     out = run_ok(["addition", "--examples", "600", "--epochs", "2", "--hidden", "16",
-                  "--embed", "8", "--batch", "64", "--layers", "2", "--dropout", "0.1", "--json", str(tmp_path / "a.json"),
+                  "--embed", "8", "--batch", "64", "--layers", "2", "--dropout", "0.1",
+                  "--json", str(tmp_path / "a.json"),
                   *plot_flags(tmp_path, "a.png"), *COMMON], capsys)
     figures = read_json(tmp_path / "a.json")
     assert 0 <= figures["val_exact_match"] <= 1
-    assert len(figures["val_exact_match_per_epoch"]) == figures["epochs"] <= 2
+    assert len(figures["val_exact_match_per_epoch"]) == figures["epochs_run"] <= 2
     assert figures["hidden"] == 16 and figures["examples"] == 600 and figures["layers"] == 2
     assert "wall_seconds" in figures and "seconds_to_target" in figures
     assert "examples:" in out

@@ -76,7 +76,15 @@ def probability(text: str) -> float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str | None = None) -> None:
+SMALL_MODEL_THREADS = 1
+SMALL_MODEL_NOTE = (
+    "its model is small, and measured on 2 shared cores a second thread cost more in "
+    "synchronisation at every time step than it saved"
+)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str | None = None,
+                         threads_default: int | None = None) -> None:
     """--seed, --json, --plot, --backend, --threads, --no-progress."""
     group = parser.add_argument_group("common options")
     group.add_argument("--seed", type=non_negative_int, default=0,
@@ -87,8 +95,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str | No
                        + (f" (default: {plot_default})" if plot_default else ""))
     group.add_argument("--backend", choices=_backend.BACKENDS, default="auto",
                        help="kernels: C++ core, NumPy reference, or auto (default: auto)")
-    group.add_argument("--threads", type=positive_int, default=None,
-                       help="threads for the C++ core (default: all cores)")
+    group.add_argument("--threads", type=positive_int, default=threads_default,
+                       help="threads for the C++ core (default: "
+                       + (f"{threads_default}: {SMALL_MODEL_NOTE})" if threads_default
+                          else "all cores)"))
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -174,7 +174,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     figures = {
         "val_exact_match": accuracy[-1],
         "val_exact_match_per_epoch": accuracy,
-        "epochs": epoch,
+        "epochs_run": epoch,
         "target": args.target,
         "reached_target": seconds_to_target is not None,
         "seconds_to_target": seconds_to_target,
@@ -193,9 +193,16 @@ CONFIG_KEYS = ("cell", "hidden", "layers", "dropout", "embed", "batch", "lr", "l
 
 def run(args: argparse.Namespace) -> int:
     _common.check_common_arguments(args.parser, args)
+    if args.examples > 1000**2:
+        args.parser.error(f"--examples: at most {1000**2} distinct questions exist, "
+                          f"got {args.examples}")
+    n_val = int(round(args.examples * args.held_out))
+    if not 1 <= n_val < args.examples:
+        args.parser.error(f"--held-out {args.held_out} of --examples {args.examples} leaves "
+                          f"{n_val} validation and {args.examples - n_val} training questions")
     figures = train(args)
     if figures["reached_target"]:
-        print(f"reached {args.target:.2%} exact match after {figures['epochs']} epochs "
+        print(f"reached {args.target:.2%} exact match after {figures['epochs_run']} epochs "
               f"in {figures['seconds_to_target']:.1f} s")
     else:
         print(f"stopped at {figures['val_exact_match']:.2%} exact match after {args.epochs} epochs "
@@ -213,25 +220,25 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="hidden units of encoder and decoder (default: 128)")
     parser.add_argument("--layers", type=_common.positive_int, default=1,
                         help="stacked layers in encoder and decoder (default: 1)")
-    parser.add_argument("--dropout", type=_common.probability, default=0.0,
+    parser.add_argument("--dropout", type=_common.probability, default=0.1,
                         help="dropout on the embeddings, the decoder's outputs and between "
-                        "stacked layers, training only (default: 0)")
+                        "stacked layers, training only (default: 0.1)")
     parser.add_argument("--embed", type=_common.positive_int, default=32,
                         help="character embedding size (default: 32)")
     parser.add_argument("--batch", type=_common.positive_int, default=64, help="(default: 64)")
     parser.add_argument("--lr", type=_common.positive_float, default=3e-3,
                         help="Adam learning rate (default: 3e-3)")
-    parser.add_argument("--lr-decay", type=_common.fraction, default=0.8,
-                        help="multiply the learning rate by this after every epoch (default: 0.8)")
+    parser.add_argument("--lr-decay", type=_common.fraction, default=0.9,
+                        help="multiply the learning rate by this after every epoch (default: 0.9)")
     parser.add_argument("--clip", type=_common.positive_float, default=1.0,
                         help="clip the gradient's global norm to this (default: 1.0)")
-    parser.add_argument("--epochs", type=_common.positive_int, default=60,
-                        help="at most this many epochs (default: 60)")
+    parser.add_argument("--epochs", type=_common.positive_int, default=40,
+                        help="at most this many epochs (default: 40)")
     parser.add_argument("--target", type=_common.fraction, default=0.99,
                         help="stop once validation exact match reaches this (default: 0.99)")
     parser.add_argument("--examples", type=_common.positive_int, default=50_000,
                         help="distinct generated questions (default: 50000)")
     parser.add_argument("--held-out", type=_common.fraction, default=0.1,
                         help="fraction kept for validation (default: 0.1)")
-    _common.add_common_arguments(parser)
+    _common.add_common_arguments(parser, threads_default=_common.SMALL_MODEL_THREADS)
     parser.set_defaults(run=run, parser=parser)

@@ -135,5 +135,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=_common.positive_int, default=50, help="(default: 50)")
     parser.add_argument("--test-fraction", type=_common.fraction, default=0.2,
                         help="share of the 1797 digits held out for testing (default: 0.2)")
-    _common.add_common_arguments(parser)
+    _common.add_common_arguments(parser, threads_default=_common.SMALL_MODEL_THREADS)
     parser.set_defaults(run=run, parser=parser)
