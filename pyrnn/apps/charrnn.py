@@ -31,9 +31,10 @@ STDLIB_FILES = (
     "textwrap.py", "string.py", "bisect.py", "heapq.py", "copy.py", "contextlib.py",
     "functools.py", "fractions.py", "random.py", "calendar.py", "csv.py", "pprint.py",
     "json/decoder.py", "json/encoder.py", "tokenize.py", "weakref.py", "shutil.py",
-    "dataclasses.py", "pathlib.py", "threading.py", "os.py", "collections/__init__.py",
+    "dataclasses.py", "pathlib.py", "threading.py", "argparse.py", "ast.py", "difflib.py",
+    "enum.py", "typing.py", "inspect.py", "os.py", "collections/__init__.py",
 )
-DEFAULT_CORPUS_CHARS = 400_000
+DEFAULT_CORPUS_CHARS = 1_000_000
 
 
 # ---------------------------------------------------------------- data
