@@ -29,6 +29,7 @@ constexpr int kAccumulators = 24;
 constexpr int kAccumulators = 12;
 #endif
 constexpr int kRowBlock = 6;    // rows of A per kernel call
+constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B may fill
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 
 // B as column panels of kPacket<S> columns: element (k, j) at data[(j / P) * K * P + k * P + j % P],
@@ -129,16 +130,16 @@ void gemm_edge(const S* a, Index lda, const S* b, Index panel_stride, Index kc, 
   for (int i = 0; i < MR; ++i) std::copy_n(tile + i * PS, cols, c + i * ldc);
 }
 
-// MR rows of C over all of B's columns, for depth slice [k0, k0 + kc).
+// MR rows of C over B's panels [q0, q1), for depth slice [k0, k0 + kc).
 template <typename S, int MR, Start start>
-void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c, Index ldc,
-               const S* bias) {
+void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index q0, Index q1, Index k0, Index kc, S* c,
+               Index ldc, const S* bias) {
   constexpr Index PS = kPacket<S>;
   constexpr int NP = panels_per_call(MR);
-  const Index stride = b.K * PS, full = b.N / PS;
+  const Index stride = b.K * PS, full = std::min(q1, b.N / PS);
   const S* bk = b.data.data() + k0 * PS;
   auto at = [&](Index q) { return bias ? bias + q * PS : nullptr; };
-  Index q = 0;
+  Index q = q0;
   for (; q + NP <= full; q += NP)
     gemm_kernel<S, MR, NP, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   if constexpr (NP > 2)
@@ -146,17 +147,17 @@ void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S
       gemm_kernel<S, MR, 2, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   for (; q < full; ++q)
     gemm_kernel<S, MR, 1, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
-  if (full < b.panels)
+  if (full < q1)
     gemm_edge<S, MR, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), b.N - full * PS);
 }
 
 template <typename S, int MR>
-void gemm_rows_at(Start start, const S* a, Index lda, const PackedB<S>& b, Index k0, Index kc, S* c,
-                  Index ldc, const S* bias) {
+void gemm_rows_at(Start start, const S* a, Index lda, const PackedB<S>& b, Index q0, Index q1, Index k0,
+                  Index kc, S* c, Index ldc, const S* bias) {
   switch (start) {
-    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, b, k0, kc, c, ldc, bias); break;
-    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, b, k0, kc, c, ldc, bias); break;
-    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, b, k0, kc, c, ldc, bias); break;
+    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
+    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
+    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
   }
 }
 
@@ -165,22 +166,29 @@ void gemm_rows_at(Start start, const S* a, Index lda, const PackedB<S>& b, Index
 template <typename S>
 void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Index ldc, bool accumulate,
                  const S* bias = nullptr) {
+  // Each row block against all of B while B stays in L2; a B too large for that goes a few
+  // panels at a time against all rows, so that each slice is fetched from memory once.
+  const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
+  const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
     const Index kc = std::min(kKBlock, b.K - k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0;
-    Index r = 0;
-    for (; r + kRowBlock <= n; r += kRowBlock)
-      gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, b, k0, kc, c + r * ldc, ldc, bias);
-    const S* ar = ak + r * lda;
-    S* cr = c + r * ldc;
-    switch (n - r) {
-      case 1: gemm_rows_at<S, 1>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
-      case 2: gemm_rows_at<S, 2>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
-      case 3: gemm_rows_at<S, 3>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
-      case 4: gemm_rows_at<S, 4>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
-      case 5: gemm_rows_at<S, 5>(start, ar, lda, b, k0, kc, cr, ldc, bias); break;
-      default: break;
+    for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
+      const Index q1 = std::min(b.panels, q0 + chunk);
+      Index r = 0;
+      for (; r + kRowBlock <= n; r += kRowBlock)
+        gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
+      const S* ar = ak + r * lda;
+      S* cr = c + r * ldc;
+      switch (n - r) {
+        case 1: gemm_rows_at<S, 1>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 2: gemm_rows_at<S, 2>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 3: gemm_rows_at<S, 3>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 4: gemm_rows_at<S, 4>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 5: gemm_rows_at<S, 5>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        default: break;
+      }
     }
   }
 }
