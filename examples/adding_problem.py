@@ -12,7 +12,7 @@ from pyrnn import optim
 from pyrnn.layers import Linear
 from pyrnn.losses import mse
 
-T, BATCH, HIDDEN, STEPS = 30, 64, 64, 600
+T, BATCH, HIDDEN, STEPS = 30, 64, 64, 1200
 
 
 def make_batch(rng, batch):
@@ -41,7 +41,7 @@ for step in range(1, STEPS + 1):
     lstm.backward(d_out)
     optim.clip_grad_norm([lstm, head], 1.0)
     adam.step()
-    if step % 100 == 0:
+    if step % 200 == 0:
         print(f"step {step}: mse {loss:.4f}")
 
 x, target = make_batch(np.random.default_rng(1), 2000)

@@ -54,6 +54,7 @@ with pyrnn.no_grad():
     out, _ = gru(np.zeros((T, 500, 1), np.float32), np.tanh(to_state(vector))[None])
     predicted = head(out)
 print(f"held-out mse {mse(predicted, wave)[0]:.5f} (predicting zeros: {np.mean(wave**2):.5f})")
-print(f"from vector (amplitude, frequency, phase) = {np.round(vector[0], 2).tolist()}:")
+amplitude, frequency, phase = vector[0]
+print(f"from the vector (amplitude {amplitude:.2f}, frequency {frequency:.2f}, phase {phase:.2f}):")
 print("  generated", " ".join(f"{v:+.2f}" for v in predicted[:12, 0, 0]), "...")
 print("  true     ", " ".join(f"{v:+.2f}" for v in wave[:12, 0, 0]), "...")
