@@ -92,8 +92,8 @@ enum class Start { zero, c, bias };
 // MR rows x NP panels of C, over depth [0, kc): C = start + A B. With a bias start, `bias` points
 // at the bias of these panels' first column.
 template <typename S, int MR, int NP, Start start>
-EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, const S* b, Index panel_stride, Index kc,
-                                     S* c, Index ldc, const S* bias) {
+EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* b, Index panel_stride,
+                                     Index kc, S* c, Index ldc, const S* bias) {
   namespace ei = Eigen::internal;
   using P = Packet<S>;
   constexpr Index PS = kPacket<S>;
@@ -108,7 +108,7 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, const S* b, Index pa
     P bk[NP];
     for (int p = 0; p < NP; ++p) bk[p] = ei::ploadu<P>(b + p * panel_stride + k * PS);
     for (int i = 0; i < MR; ++i) {
-      const P ai = ei::pset1<P>(a[i * lda + k]);
+      const P ai = ei::pset1<P>(a[i * lda + k * a_k]);
       for (int p = 0; p < NP; ++p) acc[i][p] = ei::pmadd(ai, bk[p], acc[i][p]);
     }
   }
@@ -120,20 +120,20 @@ constexpr int panels_per_call(int rows) { return std::max(1, std::min(8, kAccumu
 
 // The last, partial panel: computed into a local tile, of which the valid columns are kept.
 template <typename S, int MR, Start start>
-void gemm_edge(const S* a, Index lda, const S* b, Index panel_stride, Index kc, S* c, Index ldc,
-               const S* bias, Index cols) {
+void gemm_edge(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
+               Index ldc, const S* bias, Index cols) {
   constexpr Index PS = kPacket<S>;
   alignas(64) S tile[MR * PS];
   if constexpr (start == Start::c)
     for (int i = 0; i < MR; ++i) std::copy_n(c + i * ldc, cols, tile + i * PS);
-  gemm_kernel<S, MR, 1, start>(a, lda, b, panel_stride, kc, tile, PS, bias);
+  gemm_kernel<S, MR, 1, start>(a, lda, a_k, b, panel_stride, kc, tile, PS, bias);
   for (int i = 0; i < MR; ++i) std::copy_n(tile + i * PS, cols, c + i * ldc);
 }
 
 // MR rows of C over B's panels [q0, q1), for depth slice [k0, k0 + kc).
 template <typename S, int MR, Start start>
-void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index q0, Index q1, Index k0, Index kc, S* c,
-               Index ldc, const S* bias) {
+void gemm_rows(const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, Index q1, Index k0,
+               Index kc, S* c, Index ldc, const S* bias) {
   constexpr Index PS = kPacket<S>;
   constexpr int NP = panels_per_call(MR);
   const Index stride = b.K * PS, full = std::min(q1, b.N / PS);
@@ -141,31 +141,31 @@ void gemm_rows(const S* a, Index lda, const PackedB<S>& b, Index q0, Index q1, I
   auto at = [&](Index q) { return bias ? bias + q * PS : nullptr; };
   Index q = q0;
   for (; q + NP <= full; q += NP)
-    gemm_kernel<S, MR, NP, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
+    gemm_kernel<S, MR, NP, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   if constexpr (NP > 2)
     for (; q + 2 <= full; q += 2)
-      gemm_kernel<S, MR, 2, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
+      gemm_kernel<S, MR, 2, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   for (; q < full; ++q)
-    gemm_kernel<S, MR, 1, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
+    gemm_kernel<S, MR, 1, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q));
   if (full < q1)
-    gemm_edge<S, MR, start>(a, lda, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), b.N - full * PS);
+    gemm_edge<S, MR, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), b.N - full * PS);
 }
 
 template <typename S, int MR>
-void gemm_rows_at(Start start, const S* a, Index lda, const PackedB<S>& b, Index q0, Index q1, Index k0,
-                  Index kc, S* c, Index ldc, const S* bias) {
+void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, Index q1,
+                  Index k0, Index kc, S* c, Index ldc, const S* bias) {
   switch (start) {
-    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
-    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
-    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, b, q0, q1, k0, kc, c, ldc, bias); break;
+    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias); break;
+    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias); break;
+    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias); break;
   }
 }
 
-// C (n x b.N, row stride ldc) = A (n x b.K, row stride lda) * B, plus C itself when accumulate,
-// plus the row `bias` (padded to b.padded_cols()) when given.
+// C (n x b.N, row stride ldc) = A * B, plus C itself when accumulate, plus the row `bias` (padded
+// to b.padded_cols()) when given. A (n x b.K) has element (i, k) at a[i * lda + k * a_k].
 template <typename S>
-void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Index ldc, bool accumulate,
-                 const S* bias = nullptr) {
+void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,
+                         bool accumulate, const S* bias = nullptr) {
   // Each row block against all of B while B stays in L2; a B too large for that goes a few
   // panels at a time against all rows, so that each slice is fetched from memory once.
   const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
@@ -173,24 +173,31 @@ void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Inde
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
     const Index kc = std::min(kKBlock, b.K - k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
-    const S* ak = a + k0;
+    const S* ak = a + k0 * a_k;
     for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
       const Index q1 = std::min(b.panels, q0 + chunk);
       Index r = 0;
       for (; r + kRowBlock <= n; r += kRowBlock)
-        gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
+        gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, a_k, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
       const S* ar = ak + r * lda;
       S* cr = c + r * ldc;
       switch (n - r) {
-        case 1: gemm_rows_at<S, 1>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 2: gemm_rows_at<S, 2>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 3: gemm_rows_at<S, 3>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 4: gemm_rows_at<S, 4>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 5: gemm_rows_at<S, 5>(start, ar, lda, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 1: gemm_rows_at<S, 1>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 2: gemm_rows_at<S, 2>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 3: gemm_rows_at<S, 3>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 4: gemm_rows_at<S, 4>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+        case 5: gemm_rows_at<S, 5>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
         default: break;
       }
     }
   }
+}
+
+// The same with A row-major (row stride lda).
+template <typename S>
+void packed_gemm(Index n, const S* a, Index lda, const PackedB<S>& b, S* c, Index ldc, bool accumulate,
+                 const S* bias = nullptr) {
+  packed_gemm_strided(n, a, lda, 1, b, c, ldc, accumulate, bias);
 }
 
 }  // namespace pyrnn

@@ -207,15 +207,17 @@ void column_sums(const S* m, Index rows, Index cols, Index ld, S* sums) {
 }
 
 // Weight gradients summed over all steps, as two large GEMMs after the loop:
-// dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev, and the biases as column sums.
+// dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev (d_gates read transposed, in place), and the
+// biases as column sums. Threads split the gate rows; each sum over steps runs in one order.
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_gates_hh,
                   const S* x, const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
-  parallel_for_blocks(GH, threads, 8, 8, [&](Range g) {
-    const auto dg = cmat(d_gates + g.begin, rows, g.size(), GH);
-    const auto dg_hh = cmat(d_gates_hh + g.begin, rows, g.size(), GH);
-    mat(dw_ih + g.begin * I, g.size(), I, I).noalias() = dg.transpose() * cmat(x, rows, I, I);
-    mat(dw_hh + g.begin * H, g.size(), H, H).noalias() = dg_hh.transpose() * cmat(h_prev, rows, H, H);
+  PackedB<S> xb, hb;
+  xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; });
+  hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; });
+  parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
+    packed_gemm_strided(g.size(), d_gates + g.begin, 1, GH, xb, dw_ih + g.begin * I, I, false);
+    packed_gemm_strided(g.size(), d_gates_hh + g.begin, 1, GH, hb, dw_hh + g.begin * H, H, false);
     column_sums(d_gates + g.begin, rows, g.size(), GH, db_ih + g.begin);
     column_sums(d_gates_hh + g.begin, rows, g.size(), GH, db_hh + g.begin);
   });
