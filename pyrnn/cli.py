@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .apps import addition, charrnn, classify, gradflow
-from .apps._common import AppError
+from .apps._common import AppError, restored_threads
 
 APPS = (charrnn, addition, classify, gradflow)
 
@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with restored_threads():
+            return int(args.run(args) or 0)
     except AppError as error:
         print(f"pyrnn {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -88,6 +88,13 @@ def test_bad_arguments_exit_nonzero_with_a_message(argv, words, capsys):
         assert word in err
 
 
+def test_a_run_leaves_the_thread_counts_as_it_found_them(capsys):
+    before = pyrnn.get_num_threads()
+    run_ok(["gradflow", "-T", "4", "--hidden", "4", "--train-steps", "1", "--plot", "",
+            "--threads", "1", *COMMON], capsys)
+    assert pyrnn.get_num_threads() == before
+
+
 def test_plot_without_matplotlib_is_refused_clearly(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(_common, "matplotlib_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:

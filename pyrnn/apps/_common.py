@@ -140,6 +140,24 @@ def single_threaded_blas() -> None:
     threadpool_limits(1, user_api="blas")
 
 
+@contextlib.contextmanager
+def restored_threads() -> Iterator[None]:
+    """Put the core's and BLAS's thread counts back afterwards (an app run inside a longer
+    Python process, such as a test session, must not change them for what follows)."""
+    core_threads = _backend.get_num_threads()
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        blas = contextlib.nullcontext()
+    else:
+        blas = ThreadpoolController().limit(limits=None)  # a snapshot restored on exit
+    with blas:
+        try:
+            yield
+        finally:
+            _backend.set_num_threads(core_threads)
+
+
 def runtime_figures(backend: str) -> dict[str, object]:
     return {
         "backend": backend,
