@@ -51,10 +51,13 @@ def test_set_num_threads_round_trips():
         pyrnn.set_num_threads(before)
 
 
-def _import_core_in_subprocess(env_isa: str) -> subprocess.CompletedProcess:
+def _import_core_in_subprocess(env_isa: str, cwd) -> subprocess.CompletedProcess:
+    # Run outside the source tree, so that the installed package (with its cores) is imported.
     code = "import pyrnn._core as c; print(c.variant)"
     env = dict(os.environ, PYRNN_ISA=env_isa)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_core_variant_matches_the_cpu_and_is_reported():
@@ -72,19 +75,19 @@ def test_core_variant_matches_the_cpu_and_is_reported():
         assert "AVX2" in info["simd"]
 
 
-def test_pyrnn_isa_avx2_forces_the_avx2_core():
+def test_pyrnn_isa_avx2_forces_the_avx2_core(tmp_path):
     if not _backend.cpp_available():
         pytest.skip("no C++ core")
     from pyrnn import _core
 
     if _core.variant == "_core_custom":
         pytest.skip("built with PYRNN_MARCH: a single custom core")
-    result = _import_core_in_subprocess("avx2")
+    result = _import_core_in_subprocess("avx2", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "_core_avx2"
 
 
-def test_pyrnn_isa_rejects_unknown_values():
-    result = _import_core_in_subprocess("sse9")
+def test_pyrnn_isa_rejects_unknown_values(tmp_path):
+    result = _import_core_in_subprocess("sse9", tmp_path)
     assert result.returncode != 0
     assert "PYRNN_ISA must be 'avx2' or 'avx512'" in result.stderr
