@@ -426,7 +426,8 @@ def _vector_norm(values: np.ndarray, norm_type: float) -> float:
     if math.isinf(norm_type):
         return float(magnitudes.max())
     if norm_type == 2:
-        return float(np.sqrt(np.dot(magnitudes, magnitudes)))
+        # einsum, not np.dot: a BLAS dot may wake BLAS threads that fight the core's OpenMP team
+        return float(np.sqrt(np.einsum("i,i->", magnitudes, magnitudes)))
     return float(np.sum(magnitudes ** norm_type) ** (1 / norm_type))
 
 
