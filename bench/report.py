@@ -116,7 +116,8 @@ def header(results: dict) -> str:
         f"- pyrnn: {info.get('active')} backend, {info.get('codegen_flags', '')}, "
         f"{info.get('simd', '')}; measured through the {results.get('pyrnn_api')} API",
         f"- float32 GEMM rate (NumPy {next(iter(results['gemm'].values()))['size']}² matmul, "
-        f"best round): {gemm}",
+        f"best of {sum(len(g.get('measurements', [1])) for g in results['gemm'].values())} "
+        f"looks during the run): {gemm}",
         f"- settings: {results['settings']}; agreement tolerance {results['tolerance']} "
         f"(relative to max(1, max|ref|))",
         f"- command: `{results['command']}`",
