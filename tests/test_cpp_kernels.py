@@ -301,6 +301,18 @@ def test_cpp_tape_survives_caller_changing_its_arrays():
                 np.testing.assert_array_equal(a, b)
 
 
+def test_returned_arrays_are_not_reused_by_later_calls():
+    # The core recycles buffers across calls; arrays it returned must keep their values.
+    p = Problem("gru", 30, 8, 16, 64, D=2, dtype=np.float32, seed=9)
+    first = p.run(_core)
+    kept = {k: v.copy() for k, v in first.items() if isinstance(v, np.ndarray)}
+    for seed in range(3):
+        other = Problem("gru", 30, 8, 16, 64, D=2, dtype=np.float32, seed=20 + seed)
+        other.run(_core)
+    for key, value in kept.items():
+        np.testing.assert_array_equal(first[key], value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The NumPy reference as the oracle (once it implements the kernel contract)
 
