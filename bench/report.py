@@ -49,12 +49,18 @@ def fmt_num(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def min_ratio(row: dict, peer: str) -> float | None:
+    """Peer's fastest call / pyrnn-cpp's fastest call: the least disturbed view of each."""
+    mine, theirs = (row["backends"].get(n, {}).get("min_ms") for n in ("pyrnn-cpp", peer))
+    return theirs / mine if mine and theirs else None
+
+
 def table(results: dict) -> str:
     rows = results["rows"]
     shown = [b for b in BACKEND_COLUMNS if any(b in r["backends"] for r in rows)]
     head = (["config", "cell", "mode", "thr"] + [f"{b} ms" for b in shown]
             + ["GFLOP/s", "% GEMM"] + [label for _, label in RATIO_PEERS]
-            + ["×torch cpu", "bg %", "issue-4 targets"])
+            + ["×torch cpu", "×torch min", "bg %", "issue-4 targets"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mine = r["backends"].get("pyrnn-cpp", {})
@@ -62,7 +68,7 @@ def table(results: dict) -> str:
         cells += [fmt_ms(r["backends"].get(b), results["settings"]["rounds"]) for b in shown]
         cells += [fmt_num(mine.get("gflops"), 1), fmt_num(mine.get("pct_gemm"), 1)]
         cells += [fmt_num(r["ratios"].get(peer)) for peer, _ in RATIO_PEERS]
-        cells += [fmt_num(r.get("cpu_ratios", {}).get("torch")),
+        cells += [fmt_num(r.get("cpu_ratios", {}).get("torch")), fmt_num(min_ratio(r, "torch")),
                   fmt_num(r.get("host_other_pct"), 0), fmt_targets(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -134,7 +140,8 @@ LEGEND = (
     "bg % = CPU share used by other processes while the row was timed (noise on a shared host). "
     "† = fewer rounds than asked (the per-row time budget ran out). ×torch cpu = the same ratio "
     "on process CPU time per call: immune to other processes at 1 thread, but at 2 threads it "
-    "also counts OpenMP spin-waiting."
+    "also counts OpenMP spin-waiting. ×torch min = torch's fastest call / pyrnn's fastest call "
+    "(the calls least disturbed by other processes)."
 )
 
 
