@@ -11,6 +11,7 @@ torch/pyrnn (> 1 means pyrnn is faster).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -110,18 +111,53 @@ def time_calls(fn, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def compare(cell, cfg, mode, rounds, budget):
+def load_core(path: str):
+    """Another build of the core, e.g. an older commit's, for before/after figures in one run.
+
+    Build it outside the package with its own module name and pybind11 internals, e.g.
+    g++ -O3 -march=x86-64-v4 -fopenmp -fPIC -shared -DEIGEN_DONT_PARALLELIZE
+    -DPYRNN_MODULE_NAME=_core_old -DPYBIND11_COMPILER_TYPE='"_old"' -I<old>/cpp/include
+    -I<python, pybind11, eigen includes> <old>/cpp/bindings.cpp -o _core_old.so
+    """
+    spec = importlib.util.spec_from_file_location("_core_old", path)
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    return core
+
+
+def core_fn(core, cell, mode, weights, x, h0, c0, lengths, d_out, bidir):
+    """Like pyrnn_fn for any core; zero final-state gradients (old cores mishandled None)."""
+    if mode == "infer":
+        return lambda: core.stack_forward(cell, x, h0, c0, weights, bidir, lengths, None, False)
+    d_h_n = np.zeros_like(h0)
+    d_c_n = None if c0 is None else np.zeros_like(c0)
+
+    def step():
+        tape = core.stack_forward(cell, x, h0, c0, weights, bidir, lengths, None, True)[3]
+        return core.stack_backward(tape, d_out, d_h_n, d_c_n)
+
+    return step
+
+
+def compare(cell, cfg, mode, rounds, budget, old=None):
+    """Median ms of pyrnn and torch (and the old core), and median ratios torch/pyrnn (/old)."""
     net, weights, x, h0, c0, lengths, d_out = make_case(cell, cfg)
     bidir = CONFIGS[cfg][5] == 2
-    fp = pyrnn_fn(cell, mode, weights, x, h0, c0, lengths, d_out, bidir)
-    ft = torch_fn(cell, mode, net, x, lengths, d_out)
-    fp(), ft(), fp(), ft()  # warm-up
-    tp, tt = [], []
+    fns = {"pyrnn": pyrnn_fn(cell, mode, weights, x, h0, c0, lengths, d_out, bidir),
+           "torch": torch_fn(cell, mode, net, x, lengths, d_out)}
+    if old is not None:
+        fns["old"] = core_fn(old, cell, mode, weights, x, h0, c0, lengths, d_out, bidir)
+    for _ in range(2):  # warm-up
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
     for _ in range(rounds):
-        tp.append(time_calls(fp, budget))
-        tt.append(time_calls(ft, budget))
-    ratios = [b / a for a, b in zip(tp, tt, strict=True)]
-    return statistics.median(tp), statistics.median(tt), statistics.median(ratios)
+        for k, f in fns.items():
+            times[k].append(time_calls(f, budget))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ratio = {k: statistics.median([t / p for t, p in zip(times["torch"], v, strict=True)])
+             for k, v in times.items() if k != "torch"}
+    return ms, ratio
 
 
 def gflops(cell, cfg, mode, seconds):
@@ -142,6 +178,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.3, help="seconds per round per backend")
+    ap.add_argument("--old", help="path of another compiled core to time alongside (see load_core)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time, robust to other load but only fair at 1 thread")
     args = ap.parse_args()
@@ -149,16 +186,25 @@ def main():
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     pyrnn.set_num_threads(args.threads)
-    head = ("cell", "config", "mode", "pyrnn ms", "torch ms", "ratio", "GF/s")
-    print("{:9} {:8} {:5} {:>9} {:>9} {:>6} {:>6}".format(*head))
+    old = load_core(args.old) if args.old else None
+    if old is not None:
+        old.set_num_threads(args.threads)
+    head = ["cell", "config", "mode", "pyrnn ms", "torch ms", "ratio", "GF/s"]
+    if old:
+        head += ["old ms", "old ratio"]
+    print("{:9} {:8} {:5} {:>9} {:>9} {:>6} {:>6}".format(*head[:7]) +
+          ("  {:>9} {:>9}".format(*head[7:]) if old else ""))
     for cell in args.cells.split(","):
         for cfg in args.configs.split(","):
             if cfg in LSTM_ONLY and cell != "lstm":
                 continue
             for mode in args.modes.split(","):
-                tp, tt, r = compare(cell, cfg, mode, args.rounds, args.budget)
-                print(f"{cell:9} {cfg:8} {mode:5} {tp * 1e3:9.3f} {tt * 1e3:9.3f} {r:6.2f} "
-                      f"{gflops(cell, cfg, mode, tp):6.1f}", flush=True)
+                ms, r = compare(cell, cfg, mode, args.rounds, args.budget, old)
+                line = (f"{cell:9} {cfg:8} {mode:5} {ms['pyrnn']:9.3f} {ms['torch']:9.3f} "
+                        f"{r['pyrnn']:6.2f} {gflops(cell, cfg, mode, ms['pyrnn'] / 1e3):6.1f}")
+                if old:
+                    line += f"  {ms['old']:9.3f} {r['old']:9.2f}"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":
