@@ -212,8 +212,10 @@ NAMED = {
     "one_step": (1, 3, 4, 5, {"L": 2, "D": 2}),
     "one_hidden_unit": (5, 3, 2, 1, {"L": 2, "D": 2, "lengths": True}),
     "all_ones": (1, 1, 1, 1, {}),
-    # big enough for the per-step work to be split over a team of threads, H not a multiple of 16
+    # big enough for the per-step work to be shared by a team of threads: by hidden units (few
+    # rows; H not a multiple of 16), and by batch rows (odd B, so the threads' shares differ)
     "threaded_steps": (4, 9, 5, 130, {"lengths": True}),
+    "threaded_rows": (4, 19, 5, 100, {"lengths": True}),
 }
 
 
@@ -609,23 +611,32 @@ def threads():
     pyrnn.set_num_threads(before)
 
 
+# (B, H) with B * G * H * H large enough for each step to be shared by the team: 16 rows share
+# out by rows, 9 rows (too few for two threads) by hidden units
+TEAM_SHAPES = {"by_rows": (16, 96), "by_units": (9, 130)}
+
+
+@pytest.mark.parametrize("shape", list(TEAM_SHAPES))
 @pytest.mark.parametrize("cell", CELLS)
-def test_results_repeat_exactly_for_a_thread_count(cell, threads):
-    # B * G * H * H is large enough for each step to be split over the team
-    p = Problem(cell, 6, 16, 8, 96, L=2, lengths=True, dtype=np.float32, seed=4)
+def test_results_repeat_exactly_for_a_thread_count(cell, shape, threads):
+    B, H = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=4)
     for n in (1, 2):
         threads(n)
         first, second = p.run(_core), p.run(_core)
         assert_results_close(second, first, 0.0)
 
 
+@pytest.mark.parametrize("shape", list(TEAM_SHAPES))
 @pytest.mark.parametrize("cell", CELLS)
-def test_one_and_two_threads_agree(cell, threads):
-    p = Problem(cell, 6, 16, 8, 96, L=2, lengths=True, dtype=np.float32, seed=6)
+def test_one_and_two_threads_agree_exactly(cell, shape, threads):
+    # every output element is the same sequence of operations whoever computes it
+    B, H = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=6)
     threads(1)
     one = p.run(_core)
     threads(2)
-    assert_results_close(p.run(_core), one, RTOL[np.float32])
+    assert_results_close(p.run(_core), one, 0.0)
 
 
 @pytest.mark.parametrize("bad,error", [(0, ValueError), (-3, ValueError), (1.5, TypeError),

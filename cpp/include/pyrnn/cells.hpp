@@ -1,8 +1,9 @@
 // The cell math, one struct per cell: gate count, pointwise forward, pointwise backward.
 //
-// Both passes work on one time step and on a block of hidden units [j0, j0 + w) of the n active
-// rows, so that each thread of the sequence driver can own a slice of the hidden units. All
-// pointers below are already offset to unit j0; rows of every (·, H)-shaped buffer are H apart.
+// Both passes work on one time step, on a block of hidden units [j0, j0 + w) of n rows, so that
+// each thread of the sequence driver can own a slice of the hidden units or of the batch rows.
+// All pointers below are already offset to the thread's first row and unit j0; its rows of every
+// (·, H)-shaped buffer are `ld` apart (H, or a multiple of H when rows are shared out in turn).
 #pragma once
 
 #include "pyrnn/activations.hpp"
@@ -21,7 +22,7 @@ struct GateView {
 
 template <typename S>
 struct StepForward {
-  Index n, w, H;
+  Index n, w, H, ld;         // H: the gate stride of b_hh; ld: the row stride of (·, H) buffers
   GateView<S> gates;         // in: x W_ih^T + b_ih; out: the activated gates (kept on the tape)
   GateView<const S> hh;      // h_prev W_hh^T, without bias
   const S* b_hh;             // gate stride H
@@ -33,7 +34,7 @@ struct StepForward {
 
 template <typename S>
 struct StepBackward {
-  Index n, w, H;
+  Index n, w, ld;
   GateView<const S> gates;   // activated gates from the forward pass
   const S* aux;
   const S* h_prev;
@@ -74,7 +75,7 @@ struct RnnCell {
     for (Index r = 0; r < s.n; ++r) {
       auto a = arr(s.gates.at(r, 0), s.w);
       a = Act::f(a + carr(s.hh.at(r, 0), s.w) + b);
-      arr(s.h + r * s.H, s.w) = a;
+      arr(s.h + r * s.ld, s.w) = a;
     }
   }
 
@@ -82,7 +83,7 @@ struct RnnCell {
   static void backward(const StepBackward<S>& s) {
     for (Index r = 0; r < s.n; ++r) {
       const auto y = carr(s.gates.at(r, 0), s.w);
-      arr(s.d_gates.at(r, 0), s.w) = carr(s.dh + r * s.H, s.w) * Act::df(y);
+      arr(s.d_gates.at(r, 0), s.w) = carr(s.dh + r * s.ld, s.w) * Act::df(y);
     }
   }
 };
@@ -100,7 +101,7 @@ struct LstmCell {
 
   template <typename S>
   static void forward(const StepForward<S>& s) {
-    const Index w = s.w, H = s.H;
+    const Index w = s.w, H = s.H, ld = s.ld;
     for (Index r = 0; r < s.n; ++r) {
       auto i = arr(s.gates.at(r, 0), w);
       auto f = arr(s.gates.at(r, 1), w);
@@ -110,26 +111,26 @@ struct LstmCell {
       f = sigmoid(f + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w));
       g = tanh_of(g + carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w));
       o = sigmoid(o + carr(s.hh.at(r, 3), w) + carr(s.b_hh + 3 * H, w));
-      auto c = arr(s.c + r * H, w);
-      auto tanh_c = arr(s.aux + r * H, w);
+      auto c = arr(s.c + r * ld, w);
+      auto tanh_c = arr(s.aux + r * ld, w);
       c = f * c + i * g;
       tanh_c = tanh_of(c);
-      arr(s.h + r * H, w) = o * tanh_c;
+      arr(s.h + r * ld, w) = o * tanh_c;
     }
   }
 
   template <typename S>
   static void backward(const StepBackward<S>& s) {
-    const Index w = s.w, H = s.H;
+    const Index w = s.w, ld = s.ld;
     for (Index r = 0; r < s.n; ++r) {
       const auto i = carr(s.gates.at(r, 0), w);
       const auto f = carr(s.gates.at(r, 1), w);
       const auto g = carr(s.gates.at(r, 2), w);
       const auto o = carr(s.gates.at(r, 3), w);
-      const auto tanh_c = carr(s.aux + r * H, w);
-      const auto c_prev = carr(s.c_prev + r * H, w);
-      const auto dh = carr(s.dh + r * H, w);
-      auto dc = arr(s.dc + r * H, w);
+      const auto tanh_c = carr(s.aux + r * ld, w);
+      const auto c_prev = carr(s.c_prev + r * ld, w);
+      const auto dh = carr(s.dh + r * ld, w);
+      auto dc = arr(s.dc + r * ld, w);
       dc += dh * o * (1 - tanh_c.square());
       arr(s.d_gates.at(r, 0), w) = dc * g * i * (1 - i);
       arr(s.d_gates.at(r, 1), w) = dc * c_prev * f * (1 - f);
@@ -150,30 +151,30 @@ struct GruCell {
 
   template <typename S>
   static void forward(const StepForward<S>& s) {
-    const Index w = s.w, H = s.H;
+    const Index w = s.w, H = s.H, ld = s.ld;
     for (Index r = 0; r < s.n; ++r) {
       auto rg = arr(s.gates.at(r, 0), w);
       auto z = arr(s.gates.at(r, 1), w);
       auto n = arr(s.gates.at(r, 2), w);
-      auto hn = arr(s.aux + r * H, w);
+      auto hn = arr(s.aux + r * ld, w);
       rg = sigmoid(rg + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w));
       z = sigmoid(z + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w));
       hn = carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w);
       n = tanh_of(n + rg * hn);
-      arr(s.h + r * H, w) = (1 - z) * n + z * carr(s.h_prev + r * H, w);
+      arr(s.h + r * ld, w) = (1 - z) * n + z * carr(s.h_prev + r * ld, w);
     }
   }
 
   template <typename S>
   static void backward(const StepBackward<S>& s) {
-    const Index w = s.w, H = s.H;
+    const Index w = s.w, ld = s.ld;
     for (Index r = 0; r < s.n; ++r) {
       const auto rg = carr(s.gates.at(r, 0), w);
       const auto z = carr(s.gates.at(r, 1), w);
       const auto n = carr(s.gates.at(r, 2), w);
-      const auto hn = carr(s.aux + r * H, w);
-      const auto h_prev = carr(s.h_prev + r * H, w);
-      auto dh = arr(s.dh + r * H, w);
+      const auto hn = carr(s.aux + r * ld, w);
+      const auto h_prev = carr(s.h_prev + r * ld, w);
+      auto dh = arr(s.dh + r * ld, w);
       auto d_n = arr(s.d_gates.at(r, 2), w);
       d_n = dh * (1 - z) * (1 - n.square());
       arr(s.d_gates.at(r, 0), w) = d_n * hn * rg * (1 - rg);

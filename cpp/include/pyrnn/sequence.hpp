@@ -2,9 +2,9 @@
 //
 // Batch rows are sorted by length (longest first) by the stack driver, so at time t the active
 // sequences are the first batch_sizes[t] rows and only they do work. Within a time loop the
-// threads of a team each own a slice of the hidden units: each computes the recurrent GEMM for
-// its own gate columns, runs the cell's pointwise pass on them, and meets the others at one
-// barrier per step.
+// threads of a team share the work in one of two ways (see StepPlan): each owns a slice of the
+// hidden units of every row and meets the others at one barrier per step, or each owns every
+// team-th batch row outright and never waits for the others.
 #pragma once
 
 #include <algorithm>
@@ -43,12 +43,40 @@ struct DirTape {
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
 constexpr Index kUnitAlign = 16;
 
-// Threads for one time loop: a barrier per step only pays when the step's GEMM is big enough.
-inline int step_team_size(Index B, Index H, Index G, int threads) {
+// Rows each thread needs before the batch is shared out by rows.
+constexpr Index kMinRowsPerThread = 8;
+
+// How a time loop is shared. By units, the threads must meet after every step (each step reads
+// every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
+// independent and nobody waits, but every thread reads all of W_hh each step, so that is chosen
+// only when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it.
+struct StepPlan {
+  int team;
+  bool by_rows;
+};
+inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads) {
   const Index macs = B * H * G * H;
-  if (threads <= 1 || macs < (Index(1) << 17)) return 1;
-  return static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign));
+  if (threads <= 1 || macs < (Index(1) << 17)) return {1, false};  // a barrier would cost more
+  const bool w_hh_in_l2 = G * H * H * scalar_bytes <= static_cast<Index>(kL2Bytes);
+  if (w_hh_in_l2 && B >= kMinRowsPerThread * 2)
+    return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true};
+  return {static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign)), false};
 }
+
+// One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
+struct Share {
+  Index row0, row_step, j0, w;
+  static Share of(const StepPlan& plan, int tid, Index H) {
+    if (plan.by_rows) return {tid, plan.team, 0, H};
+    const Range u = split(H, tid, plan.team, kUnitAlign);
+    return {0, 1, u.begin, u.size()};
+  }
+  // How many of the first n rows are this thread's.
+  Index rows(Index n) const { return n > row0 ? (n - row0 + row_step - 1) / row_step : 0; }
+  // Where this share starts in a (rows, ld) buffer, and how far apart its rows are there.
+  Index at(Index ld) const { return row0 * ld + j0; }
+  Index stride(Index ld) const { return ld * row_step; }
+};
 
 inline Index time_at(Index step, Index T, bool reverse) { return reverse ? T - 1 - step : step; }
 inline Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }
@@ -86,51 +114,53 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
   std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
+  const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
-    const Range u = split(H, tid, team, kUnitAlign);
-    const Index j0 = u.begin, w = u.size();
+  run_team(plan.team, [&](int tid, int) {
+    const Share my = Share::of(plan, tid, H);
+    const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     // This thread's rows of W_hh, packed once: gate g's units at columns [g * wp, g * wp + w).
     const Index wp = round_up(w, kPacket<S>);
     PackedB<S> w_hh;
     w_hh.pack(H, G * wp, 1, [&](Index j) {
       const Index g = j / wp, unit = j % wp;
-      return unit < w ? wt.w_hh + (g * H + j0 + unit) * H : nullptr;
+      return unit < w ? wt.w_hh + (g * H + my.j0 + unit) * H : nullptr;
     });
     Buffer<S> hh(B * G * wp);
-    copy_cols(h_buf.data() + j0, H, h0 + j0, H, 0, B, w);
-    if constexpr (Cell::has_c) copy_cols(c.data() + j0, H, c0 + j0, H, 0, B, w);
-    team_barrier();
+    copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
+    if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
+    if (!plan.by_rows) team_barrier();
 
     for (Index step = 0; step < T; ++step) {
-      const Index t = time_at(step, T, reverse), n = s.batch_sizes[t];
+      const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
       const S* h_prev = h_buf.data() + (step % 2) * B * H;
       S* h = h_buf.data() + ((step + 1) % 2) * B * H;
       if (tape) {
-        copy_cols(tape->h_prev.data() + t * B * H + j0, H, h_prev + j0, H, 0, B, w);
-        if constexpr (Cell::has_c) copy_cols(tape->c_prev.data() + t * B * H + j0, H, c.data() + j0, H, 0, B, w);
+        copy_cols(tape->h_prev.data() + t * B * H + at_h, ld_h, h_prev + at_h, ld_h, 0, my_b, w);
+        if constexpr (Cell::has_c)
+          copy_cols(tape->c_prev.data() + t * B * H + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
       }
       if (w > 0 && n > 0) {
-        packed_gemm(n, h_prev, H, w_hh, hh.data(), G * wp, false);
+        packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * wp, false);
         S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
-        StepForward<S> step_io{n, w, H,
-                               {xp + t * B * GH + j0, GH, H},
+        StepForward<S> step_io{n, w, H, ld_h,
+                               {xp + t * B * GH + my.at(GH), my.stride(GH), H},
                                {hh.data(), G * wp, wp},
-                               wt.b_hh + j0,
-                               h_prev + j0,
-                               h + j0,
-                               Cell::has_c ? c.data() + j0 : nullptr,
-                               aux ? aux + j0 : nullptr};
+                               wt.b_hh + my.j0,
+                               h_prev + at_h,
+                               h + at_h,
+                               Cell::has_c ? c.data() + at_h : nullptr,
+                               aux ? aux + at_h : nullptr};
         Cell::forward(step_io);
       }
-      copy_cols(h + j0, H, h_prev + j0, H, n, B, w);  // finished (or not yet started) rows keep their state
-      S* out_t = out + t * B * ld_out + j0;
-      copy_cols(out_t, ld_out, h + j0, H, 0, n, w);
-      zero_cols(out_t, ld_out, n, B, w);
-      team_barrier();
+      copy_cols(h + at_h, ld_h, h_prev + at_h, ld_h, n, my_b, w);  // finished (or not yet started) rows keep their state
+      S* out_t = out + t * B * ld_out + my.at(ld_out);
+      copy_cols(out_t, my.stride(ld_out), h + at_h, ld_h, 0, n, w);
+      zero_cols(out_t, my.stride(ld_out), n, my_b, w);
+      if (!plan.by_rows) team_barrier();
     }
-    copy_cols(h_n + j0, H, h_buf.data() + (T % 2) * B * H + j0, H, 0, B, w);
-    if constexpr (Cell::has_c) copy_cols(c_n + j0, H, c.data() + j0, H, 0, B, w);
+    copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
+    if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
   });
 }
 
@@ -145,55 +175,57 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   S* dg_hh = Cell::split_hh_grad ? d_gates_hh : d_gates;
+  const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  run_team(step_team_size(B, H, G, threads), [&](int tid, int team) {
-    const Range u = split(H, tid, team, kUnitAlign);
-    const Index j0 = u.begin, w = u.size();
+  run_team(plan.team, [&](int tid, int) {
+    const Share my = Share::of(plan, tid, H);
+    const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
+    const Index at_g = my.at(GH), ld_g = my.stride(GH);
     // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
     const Index wp = round_up(w, kPacket<S>);
     PackedB<S> w_cols;
-    w_cols.pack_rows(GH, w, wp, [&](Index k) { return w_hh + k * H + j0; });
+    w_cols.pack_rows(GH, w, wp, [&](Index k) { return w_hh + k * H + my.j0; });
     Buffer<S> dh_hh(B * wp);
-    if (d_h_n) copy_cols(dh.data() + j0, H, d_h_n + j0, H, 0, B, w);
-    else zero_cols(dh.data() + j0, H, 0, B, w);
+    if (d_h_n) copy_cols(dh.data() + at_h, ld_h, d_h_n + at_h, ld_h, 0, my_b, w);
+    else zero_cols(dh.data() + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) {
-      if (d_c_n) copy_cols(dc.data() + j0, H, d_c_n + j0, H, 0, B, w);
-      else zero_cols(dc.data() + j0, H, 0, B, w);
+      if (d_c_n) copy_cols(dc.data() + at_h, ld_h, d_c_n + at_h, ld_h, 0, my_b, w);
+      else zero_cols(dc.data() + at_h, ld_h, 0, my_b, w);
     }
 
     for (Index step = T - 1; step >= 0; --step) {
-      const Index t = time_at(step, T, reverse), n = s.batch_sizes[t];
+      const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
       const Index at_t = t * B * H;
       S* dg_t = d_gates + t * B * GH;
       S* dg_hh_t = dg_hh + t * B * GH;
       if (w > 0) {
-        mat(dh.data() + j0, n, w, H) += cmat(d_out + t * B * ld_dout + j0, n, w, ld_dout);
-        StepBackward<S> step_io{n, w, H,
-                                {tape.gates.data() + t * B * GH + j0, GH, H},
-                                Cell::has_aux ? tape.aux.data() + at_t + j0 : nullptr,
-                                tape.h_prev.data() + at_t + j0,
-                                Cell::has_c ? tape.c_prev.data() + at_t + j0 : nullptr,
-                                dh.data() + j0,
-                                Cell::has_c ? dc.data() + j0 : nullptr,
-                                {dg_t + j0, GH, H},
-                                {dg_hh_t + j0, GH, H}};
+        mat(dh.data() + at_h, n, w, ld_h) += cmat(d_out + t * B * ld_dout + my.at(ld_dout), n, w, my.stride(ld_dout));
+        StepBackward<S> step_io{n, w, ld_h,
+                                {tape.gates.data() + t * B * GH + at_g, ld_g, H},
+                                Cell::has_aux ? tape.aux.data() + at_t + at_h : nullptr,
+                                tape.h_prev.data() + at_t + at_h,
+                                Cell::has_c ? tape.c_prev.data() + at_t + at_h : nullptr,
+                                dh.data() + at_h,
+                                Cell::has_c ? dc.data() + at_h : nullptr,
+                                {dg_t + at_g, ld_g, H},
+                                {dg_hh_t + at_g, ld_g, H}};
         Cell::backward(step_io);
         for (Index g = 0; g < G; ++g) {
-          zero_cols(dg_t + g * H + j0, GH, n, B, w);
-          if constexpr (Cell::split_hh_grad) zero_cols(dg_hh_t + g * H + j0, GH, n, B, w);
+          zero_cols(dg_t + at_g + g * H, ld_g, n, my_b, w);
+          if constexpr (Cell::split_hh_grad) zero_cols(dg_hh_t + at_g + g * H, ld_g, n, my_b, w);
         }
       }
-      team_barrier();  // the recurrent GEMM below reads every thread's d_gates
+      if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
-        packed_gemm(n, dg_hh_t, GH, w_cols, dh_hh.data(), wp, false);
-        auto dh_prev = mat(dh.data() + j0, n, w, H);
+        packed_gemm(n, dg_hh_t + my.row0 * GH, ld_g, w_cols, dh_hh.data(), wp, false);
+        auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);
         const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);
         if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
         else dh_prev = from_w_hh;
       }
     }
-    copy_cols(dh0 + j0, H, dh.data() + j0, H, 0, B, w);
-    if constexpr (Cell::has_c) copy_cols(dc0 + j0, H, dc.data() + j0, H, 0, B, w);
+    copy_cols(dh0 + at_h, ld_h, dh.data() + at_h, ld_h, 0, my_b, w);
+    if constexpr (Cell::has_c) copy_cols(dc0 + at_h, ld_h, dc.data() + at_h, ld_h, 0, my_b, w);
   });
 }
 
