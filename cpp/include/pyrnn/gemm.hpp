@@ -47,14 +47,34 @@ struct PackedB {
     N = n_dim;
     panels = (N + P - 1) / P;
     data.allocate(panels * K * P);
-    for (Index j = 0; j < panels * P; ++j) {
-      S* dst = data.data() + (j / P) * K * P + j % P;
-      const S* src = j < N ? column(j) : nullptr;
-      if (src)
-        for (Index k = 0; k < K; ++k) dst[k * P] = src[k * k_stride];
-      else
-        for (Index k = 0; k < K; ++k) dst[k * P] = S(0);
+    for (Index q = 0; q < panels; ++q) {
+      S* panel = data.data() + q * K * P;
+      const S* cols[P];
+      bool contiguous = k_stride == 1;
+      for (Index p = 0; p < P; ++p) {
+        cols[p] = q * P + p < N ? column(q * P + p) : nullptr;
+        contiguous = contiguous && cols[p];
+      }
+      // Element by element this is a scattered store per value, which for the small weights of
+      // a short sequence cost as much as the GEMMs; whole blocks go through a register transpose.
+      const Index k_done = contiguous ? transpose_into_panel(cols, panel) : 0;
+      for (Index p = 0; p < P; ++p)
+        for (Index k = k_done; k < K; ++k) panel[k * P + p] = cols[p] ? cols[p][k * k_stride] : S(0);
     }
+  }
+  // Panel rows [0, K - K % P) from kPacket<S> contiguous columns, a square block at a time;
+  // returns how many rows it filled.
+  Index transpose_into_panel(const S* const* cols, S* panel) const {
+    namespace ei = Eigen::internal;
+    constexpr Index P = kPacket<S>;
+    ei::PacketBlock<Packet<S>, static_cast<int>(P)> block;
+    Index k = 0;
+    for (; k + P <= K; k += P) {
+      for (Index p = 0; p < P; ++p) block.packet[p] = ei::ploadu<Packet<S>>(cols[p] + k);
+      ei::ptranspose(block);
+      for (Index p = 0; p < P; ++p) ei::pstoreu(panel + (k + p) * P, block.packet[p]);
+    }
+    return k;
   }
   // Row k of B is row(k)[0, valid) followed by zeros up to n_dim columns: copies whole runs of a
   // panel's width (for B stored by rows).
