@@ -67,7 +67,12 @@ struct PackedB {
   Index transpose_into_panel(const S* const* cols, S* panel) const {
     namespace ei = Eigen::internal;
     constexpr Index P = kPacket<S>;
+    // A vector type as a template argument loses its alignment attribute, which g++ reports;
+    // Eigen's own uses of PacketBlock silence the same warning inside its headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
     ei::PacketBlock<Packet<S>, static_cast<int>(P)> block;
+#pragma GCC diagnostic pop
     Index k = 0;
     for (; k + P <= K; k += P) {
       for (Index p = 0; p < P; ++p) block.packet[p] = ei::ploadu<Packet<S>>(cols[p] + k);
@@ -143,7 +148,7 @@ template <typename S, int MR, Start start>
 void gemm_edge(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
                Index ldc, const S* bias, Index cols) {
   constexpr Index PS = kPacket<S>;
-  alignas(64) S tile[MR * PS];
+  alignas(64) S tile[MR * PS] = {};  // zeroed: with Start::c the kernel also loads the columns past `cols`
   if constexpr (start == Start::c)
     for (int i = 0; i < MR; ++i) std::copy_n(c + i * ldc, cols, tile + i * PS);
   gemm_kernel<S, MR, 1, start>(a, lda, a_k, b, panel_stride, kc, tile, PS, bias);
