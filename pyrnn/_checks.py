@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_CODES = frozenset(d.char for d in FLOAT_DTYPES)  # "f", "d"
 
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
@@ -38,10 +39,15 @@ def float_array(name: str, a: Any, dtype: np.dtype | None = None) -> np.ndarray:
     """A float32/float64 ndarray (of `dtype` when given), made native and contiguous."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f" or a.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+    # Compared by type code, which ignores byte order: this runs for every weight of every call,
+    # and building byte-swapped dtypes to compare cost more than a small model's step.
+    code = a.dtype.char
+    if code not in _FLOAT_CODES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
-    if dtype is not None and a.dtype.newbyteorder("=") != dtype:
+    if dtype is not None and code != dtype.char:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
+    if a.dtype.isnative and a.flags.c_contiguous:
+        return a
     return native(a)
 
 
