@@ -31,6 +31,7 @@ constexpr int kAccumulators = 12;
 constexpr int kRowBlock = 6;    // rows of A per kernel call
 constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B may fill
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
+constexpr Index kRowsPerPass = 42 * kRowBlock;  // rows of A kept in L2 while a large B streams past
 
 // B as column panels of kPacket<S> columns: element (k, j) at data[(j / P) * K * P + k * P + j % P],
 // with the columns past N zero (the last panel is partial when N is not a multiple of P).
@@ -191,28 +192,32 @@ void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S
 template <typename S>
 void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,
                          bool accumulate, const S* bias = nullptr) {
-  // Each row block against all of B while B stays in L2; a B too large for that goes a few
-  // panels at a time against all rows, so that each slice is fetched from memory once.
+  // Each row block against all of B while B stays in L2. A B too large for that goes a few panels
+  // at a time against a pass of rows whose depth slice stays in L2, so that each B slice is
+  // fetched from memory once per pass and A's slice once per k-block, not once per panel group.
   const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
   const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
     const Index kc = std::min(kKBlock, b.K - k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0 * a_k;
-    for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
-      const Index q1 = std::min(b.panels, q0 + chunk);
-      Index r = 0;
-      for (; r + kRowBlock <= n; r += kRowBlock)
-        gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, a_k, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
-      const S* ar = ak + r * lda;
-      S* cr = c + r * ldc;
-      switch (n - r) {
-        case 1: gemm_rows_at<S, 1>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 2: gemm_rows_at<S, 2>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 3: gemm_rows_at<S, 3>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 4: gemm_rows_at<S, 4>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        case 5: gemm_rows_at<S, 5>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-        default: break;
+    for (Index r0 = 0; r0 < n; r0 += kRowsPerPass) {
+      const Index r1 = std::min(n, r0 + kRowsPerPass);
+      for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
+        const Index q1 = std::min(b.panels, q0 + chunk);
+        Index r = r0;
+        for (; r + kRowBlock <= r1; r += kRowBlock)
+          gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, a_k, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
+        const S* ar = ak + r * lda;
+        S* cr = c + r * ldc;
+        switch (r1 - r) {
+          case 1: gemm_rows_at<S, 1>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 2: gemm_rows_at<S, 2>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 3: gemm_rows_at<S, 3>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 4: gemm_rows_at<S, 4>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 5: gemm_rows_at<S, 5>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          default: break;
+        }
       }
     }
   }
