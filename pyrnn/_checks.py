@@ -81,6 +81,8 @@ def lengths(value: Any, T: int, B: int) -> np.ndarray | None:  # noqa: N803 - co
 
 
 def flag(name: str, value: Any) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name}: expected a bool, got {value!r}")
     return bool(value)
@@ -96,6 +98,8 @@ def positive_int(name: str, value: Any) -> int:
 
 def dropout(value: Any, name: str = "dropout") -> float:
     """A probability in [0, 1): p = 1 would scale the kept units by 1/0."""
+    if type(value) is float and 0 <= value < 1:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float in [0, 1), got {value!r}")
     if not 0 <= value < 1:

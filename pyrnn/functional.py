@@ -205,6 +205,9 @@ def _cell_state(name: str, value: Any, cell: str, shape: tuple[int, int, int],
     return None
 
 
+_WEIGHT_MEANINGS = ("(G*H, I_k)", "(G*H, H)", "(G*H,)", "(G*H,)")
+
+
 def _check_weights(
     cell: str, weights: Any, D: int, I: int, dtype: np.dtype  # noqa: N803, E741
 ) -> tuple[list[tuple[Array, Array, Array, Array]], tuple[tuple[bool, bool], ...], int, int]:
@@ -230,15 +233,14 @@ def _check_weights(
             raise ValueError(f"{name}: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {entry!r}")
         I_k = I if k < D else D * H  # noqa: N806
         shapes = ((G * H, I_k), (G * H, H), (G * H,), (G * H,))
-        meanings = ("(G*H, I_k)", "(G*H, H)", "(G*H,)", "(G*H,)")
         arrays = []
-        for j, (array, want, meaning) in enumerate(zip(entry, shapes, meanings, strict=True)):
+        for j, array in enumerate(entry):
             if array is None and j >= 2:
                 arrays.append(zeros)
                 continue
             array_name = f"{name} {WEIGHT_NAMES[j]}"
             array = _checks.float_array(array_name, array, dtype)
-            _checks.shape(array_name, array, want, meaning)
+            _checks.shape(array_name, array, shapes[j], _WEIGHT_MEANINGS[j])
             arrays.append(array)
         kernel_weights.append(tuple(arrays))
         bias_given.append((entry[2] is not None, entry[3] is not None))
