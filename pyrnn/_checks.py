@@ -30,6 +30,8 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
 
 def native(a: np.ndarray) -> np.ndarray:
     """a in native byte order and C-contiguous; a itself when it already is."""
+    if type(a) is np.ndarray and a.dtype.isnative and a.flags.c_contiguous:
+        return a  # the common case, without a call into NumPy's conversion machinery
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
     return np.ascontiguousarray(a)
@@ -46,8 +48,6 @@ def float_array(name: str, a: Any, dtype: np.dtype | None = None) -> np.ndarray:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
     if dtype is not None and code != dtype.char:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
-    if a.dtype.isnative and a.flags.c_contiguous:
-        return a
     return native(a)
 
 
