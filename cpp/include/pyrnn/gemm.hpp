@@ -149,9 +149,10 @@ template <typename S, int MR, Start start>
 void gemm_edge(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
                Index ldc, const S* bias, Index cols) {
   constexpr Index PS = kPacket<S>;
-  alignas(64) S tile[MR * PS] = {};  // zeroed: with Start::c the kernel also loads the columns past `cols`
+  alignas(64) S tile[MR * PS];
+  // With Start::c the kernel loads whole rows of the tile: the lanes past `cols` are zeroed.
   if constexpr (start == Start::c)
-    for (int i = 0; i < MR; ++i) std::copy_n(c + i * ldc, cols, tile + i * PS);
+    for (int i = 0; i < MR; ++i) std::fill(std::copy_n(c + i * ldc, cols, tile + i * PS), tile + (i + 1) * PS, S(0));
   gemm_kernel<S, MR, 1, start>(a, lda, a_k, b, panel_stride, kc, tile, PS, bias);
   for (int i = 0; i < MR; ++i) std::copy_n(tile + i * PS, cols, c + i * ldc);
 }
