@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
 #include "pyrnn/workspace.hpp"
 
@@ -32,6 +33,7 @@ constexpr int kRowBlock = 6;    // rows of A per kernel call
 constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B may fill
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 constexpr Index kRowsPerPass = 42 * kRowBlock;  // rows of A kept in L2 while a large B streams past
+constexpr Index kMinPackPerThread = Index(1) << 15;  // elements: less is packed faster by one thread
 
 // B as column panels of kPacket<S> columns: element (k, j) at data[(j / P) * K * P + k * P + j % P],
 // with the columns past N zero (the last panel is partial when N is not a multiple of P).
@@ -41,27 +43,35 @@ struct PackedB {
   Buffer<S> data;
 
   // Column j of B is column(j)[k * k_stride] for k in [0, K), or all zero when column(j) is null.
+  // Up to `threads` threads share the panels.
   template <class F>
-  void pack(Index k_dim, Index n_dim, Index k_stride, F&& column) {
+  void pack(Index k_dim, Index n_dim, Index k_stride, F&& column, int threads = 1) {
     constexpr Index P = kPacket<S>;
     K = k_dim;
     N = n_dim;
     panels = (N + P - 1) / P;
     data.allocate(panels * K * P);
-    for (Index q = 0; q < panels; ++q) {
-      S* panel = data.data() + q * K * P;
-      const S* cols[P];
-      bool contiguous = k_stride == 1;
-      for (Index p = 0; p < P; ++p) {
-        cols[p] = q * P + p < N ? column(q * P + p) : nullptr;
-        contiguous = contiguous && cols[p];
-      }
-      // Element by element this is a scattered store per value, which for the small weights of
-      // a short sequence cost as much as the GEMMs; whole blocks go through a register transpose.
-      const Index k_done = contiguous ? transpose_into_panel(cols, panel) : 0;
-      for (Index p = 0; p < P; ++p)
-        for (Index k = k_done; k < K; ++k) panel[k * P + p] = cols[p] ? cols[p][k * k_stride] : S(0);
+    const Index min_panels = std::max<Index>(1, kMinPackPerThread / std::max<Index>(1, K * P));
+    parallel_for_blocks(panels, threads, min_panels, 1, [&](Range qs) {
+      for (Index q = qs.begin; q < qs.end; ++q) pack_panel(q, k_stride, column);
+    });
+  }
+  // Panel q of B (columns [q * P, q * P + P)).
+  template <class F>
+  void pack_panel(Index q, Index k_stride, F&& column) {
+    constexpr Index P = kPacket<S>;
+    S* panel = data.data() + q * K * P;
+    const S* cols[P];
+    bool contiguous = k_stride == 1;
+    for (Index p = 0; p < P; ++p) {
+      cols[p] = q * P + p < N ? column(q * P + p) : nullptr;
+      contiguous = contiguous && cols[p];
     }
+    // Element by element this is a scattered store per value, which for the small weights of
+    // a short sequence cost as much as the GEMMs; whole blocks go through a register transpose.
+    const Index k_done = contiguous ? transpose_into_panel(cols, panel) : 0;
+    for (Index p = 0; p < P; ++p)
+      for (Index k = k_done; k < K; ++k) panel[k * P + p] = cols[p] ? cols[p][k * k_stride] : S(0);
   }
   // Panel rows [0, K - K % P) from kPacket<S> contiguous columns, a square block at a time;
   // returns how many rows it filled.
@@ -83,23 +93,26 @@ struct PackedB {
     return k;
   }
   // Row k of B is row(k)[0, valid) followed by zeros up to n_dim columns: copies whole runs of a
-  // panel's width (for B stored by rows).
+  // panel's width (for B stored by rows). Up to `threads` threads share the rows.
   template <class F>
-  void pack_rows(Index k_dim, Index valid, Index n_dim, F&& row) {
+  void pack_rows(Index k_dim, Index valid, Index n_dim, F&& row, int threads = 1) {
     constexpr Index P = kPacket<S>;
     K = k_dim;
     N = n_dim;
     panels = (N + P - 1) / P;
     data.allocate(panels * K * P);
-    for (Index k = 0; k < K; ++k) {
-      const S* src = row(k);
-      for (Index q = 0; q < panels; ++q) {
-        S* dst = data.data() + (q * K + k) * P;
-        const Index n = std::max<Index>(0, std::min(P, valid - q * P));
-        std::copy_n(src + q * P, n, dst);
-        std::fill(dst + n, dst + P, S(0));
+    const Index min_rows = std::max<Index>(1, kMinPackPerThread / std::max<Index>(1, panels * P));
+    parallel_for_blocks(K, threads, min_rows, 1, [&](Range ks) {
+      for (Index k = ks.begin; k < ks.end; ++k) {
+        const S* src = row(k);
+        for (Index q = 0; q < panels; ++q) {
+          S* dst = data.data() + (q * K + k) * P;
+          const Index n = std::max<Index>(0, std::min(P, valid - q * P));
+          std::copy_n(src + q * P, n, dst);
+          std::fill(dst + n, dst + P, S(0));
+        }
       }
-    }
+    });
   }
   Index padded_cols() const { return panels * kPacket<S>; }
 };
@@ -188,35 +201,72 @@ void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S
   }
 }
 
+// Rows [0, rows) x depth [0, kc) of A, element (i, k) at a[i * lda + k * a_k], copied into row
+// blocks of kRowBlock rows (the last may be shorter, mr rows) stored depth-major: element (i, k)
+// of the block starting at row r lands at dst[r * kc + k * mr + i - r]. Each row's elements are
+// also added to row_sums[i] in order of k, when row_sums is given.
+template <typename S>
+void pack_a_blocks(const S* a, Index lda, Index a_k, Index rows, Index kc, S* dst, S* row_sums) {
+  const Index full = rows / kRowBlock * kRowBlock, tail = rows - full;
+  // Depth outer, so that with lda == 1 (A read transposed) each k reads one contiguous run.
+  for (Index k = 0; k < kc; ++k) {
+    const S* from = a + k * a_k;
+    for (Index r = 0; r < full; r += kRowBlock) {
+      S* to = dst + r * kc + k * kRowBlock;
+      if (lda == 1) std::copy_n(from + r, kRowBlock, to);
+      else for (Index i = 0; i < kRowBlock; ++i) to[i] = from[(r + i) * lda];
+    }
+    for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * lda];
+    if (row_sums)
+      for (Index i = 0; i < rows; ++i) row_sums[i] += from[i * lda];
+  }
+}
+
 // C (n x b.N, row stride ldc) = A * B, plus C itself when accumulate, plus the row `bias` (padded
-// to b.padded_cols()) when given. A (n x b.K) has element (i, k) at a[i * lda + k * a_k].
+// to b.padded_cols()) when given. A (n x b.K) has element (i, k) at a[i * lda + k * a_k]. With
+// a_row_sums, also a_row_sums[i] = sum over k of A(i, k), added in order of k (the bias gradients,
+// from the pass that already reads every element of A once).
 template <typename S>
 void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,
-                         bool accumulate, const S* bias = nullptr) {
+                         bool accumulate, const S* bias = nullptr, S* a_row_sums = nullptr) {
   // Each row block against all of B while B stays in L2. A B too large for that goes a few panels
   // at a time against a pass of rows whose depth slice stays in L2, so that each B slice is
   // fetched from memory once per pass and A's slice once per k-block, not once per panel group.
   const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
   const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+  // An A read across its rows (a_k != 1: d_gates read transposed) has each k of a row block in
+  // another cache line, GH elements on, which for a power-of-two GH maps them all to one L1 set;
+  // each pass of such an A is copied once into blocks that the kernel reads contiguously.
+  const bool pack_a = a_k != 1 || a_row_sums;
+  if (a_row_sums) std::fill(a_row_sums, a_row_sums + n, S(0));
+  Buffer<S> a_packed(pack_a ? std::min(n, kRowsPerPass) * std::min(b.K, kKBlock) : 0);
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
     const Index kc = std::min(kKBlock, b.K - k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0 * a_k;
     for (Index r0 = 0; r0 < n; r0 += kRowsPerPass) {
       const Index r1 = std::min(n, r0 + kRowsPerPass);
+      if (pack_a)
+        pack_a_blocks(ak + r0 * lda, lda, a_k, r1 - r0, kc, a_packed.data(), a_row_sums ? a_row_sums + r0 : nullptr);
+      // Where row block [r, r + mr) of A starts, its row stride and its depth stride.
+      auto a_at = [&](Index r) { return pack_a ? a_packed.data() + (r - r0) * kc : ak + r * lda; };
+      const Index a_ld = pack_a ? 1 : lda;
+      auto a_step = [&](Index mr) { return pack_a ? mr : a_k; };
       for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
         const Index q1 = std::min(b.panels, q0 + chunk);
         Index r = r0;
         for (; r + kRowBlock <= r1; r += kRowBlock)
-          gemm_rows_at<S, kRowBlock>(start, ak + r * lda, lda, a_k, b, q0, q1, k0, kc, c + r * ldc, ldc, bias);
-        const S* ar = ak + r * lda;
+          gemm_rows_at<S, kRowBlock>(start, a_at(r), a_ld, a_step(kRowBlock), b, q0, q1, k0, kc, c + r * ldc,
+                                     ldc, bias);
+        const S* ar = a_at(r);
+        const Index as = a_step(r1 - r);
         S* cr = c + r * ldc;
         switch (r1 - r) {
-          case 1: gemm_rows_at<S, 1>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-          case 2: gemm_rows_at<S, 2>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-          case 3: gemm_rows_at<S, 3>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-          case 4: gemm_rows_at<S, 4>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
-          case 5: gemm_rows_at<S, 5>(start, ar, lda, a_k, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias); break;
+          case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias); break;
           default: break;
         }
       }

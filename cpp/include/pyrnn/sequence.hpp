@@ -96,7 +96,7 @@ template <typename S>
 void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, const S* b_ih, S* xp,
                       int threads) {
   PackedB<S> w;
-  w.pack(I, GH, 1, [&](Index j) { return w_ih + j * I; });
+  w.pack(I, GH, 1, [&](Index j) { return w_ih + j * I; }, threads);
   const Buffer<S> bias = padded_row(b_ih, GH, w.padded_cols());
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
     packed_gemm(r.size(), x + r.begin * I, I, w, xp + r.begin * GH, GH, false, bias.data());
@@ -229,29 +229,22 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   });
 }
 
-// sums[j] = sum over r of m[r, j], adding row after row: unlike Eigen's colwise().sum(), whose
-// summation order differs between its packet and scalar columns, this does not depend on alignment.
-template <typename S>
-void column_sums(const S* m, Index rows, Index cols, Index ld, S* sums) {
-  auto acc = arr(sums, cols);
-  acc.setZero();
-  for (Index r = 0; r < rows; ++r) acc += carr(m + r * ld, cols);
-}
-
 // Weight gradients summed over all steps, as two large GEMMs after the loop:
 // dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev (d_gates read transposed, in place), and the
-// biases as column sums. Threads split the gate rows; each sum over steps runs in one order.
+// biases as d_gates' column sums, taken as the GEMMs pack d_gates. Threads split the gate rows;
+// each sum over steps runs in one order.
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_gates_hh,
                   const S* x, const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
   PackedB<S> xb, hb;
-  xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; });
-  hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; });
+  xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; }, threads);
+  hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
+  const S* no_bias = nullptr;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
-    packed_gemm_strided(g.size(), d_gates + g.begin, 1, GH, xb, dw_ih + g.begin * I, I, false);
-    packed_gemm_strided(g.size(), d_gates_hh + g.begin, 1, GH, hb, dw_hh + g.begin * H, H, false);
-    column_sums(d_gates + g.begin, rows, g.size(), GH, db_ih + g.begin);
-    column_sums(d_gates_hh + g.begin, rows, g.size(), GH, db_hh + g.begin);
+    packed_gemm_strided(g.size(), d_gates + g.begin, 1, GH, xb, dw_ih + g.begin * I, I, false, no_bias,
+                        db_ih + g.begin);
+    packed_gemm_strided(g.size(), d_gates_hh + g.begin, 1, GH, hb, dw_hh + g.begin * H, H, false, no_bias,
+                        db_hh + g.begin);
   });
 }
 
@@ -260,7 +253,8 @@ template <typename S>
 void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
                 const std::vector<const S*>& w_ih, S* dx, int threads) {
   std::vector<PackedB<S>> w(d_gates.size());
-  for (size_t d = 0; d < w.size(); ++d) w[d].pack_rows(GH, I, I, [&](Index k) { return w_ih[d] + k * I; });
+  for (size_t d = 0; d < w.size(); ++d)
+    w[d].pack_rows(GH, I, I, [&](Index k) { return w_ih[d] + k * I; }, threads);
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
     for (size_t d = 0; d < w.size(); ++d)
       packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, w[d], dx + r.begin * I, I, d > 0);
