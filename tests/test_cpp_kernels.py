@@ -639,6 +639,21 @@ def test_one_and_two_threads_agree_exactly(cell, shape, threads):
     assert_results_close(p.run(_core), one, 0.0)
 
 
+@pytest.mark.parametrize("shape", list(TEAM_SHAPES))
+@pytest.mark.parametrize("cell", CELLS)
+def test_more_threads_than_a_direction_gets_agree_exactly(cell, shape, threads):
+    # With 4 threads each direction of a bidirectional layer asks for a team of 2 inside the
+    # region that runs the directions side by side, where OpenMP grants only 1: the time loop
+    # must split its work by the team it is given, not the one it asked for.
+    B, H = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, D=2, lengths=True, dtype=np.float32, seed=7)
+    threads(1)
+    one = p.run(_core)
+    for n in (3, 4):
+        threads(n)
+        assert_results_close(p.run(_core), one, 0.0)
+
+
 @pytest.mark.parametrize("bad,error", [(0, ValueError), (-3, ValueError), (1.5, TypeError),
                                        ("2", TypeError), (None, TypeError)])
 def test_core_set_num_threads_rejects_bad_counts(bad, error):

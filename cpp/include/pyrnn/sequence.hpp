@@ -64,11 +64,13 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
 }
 
 // One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
+// `team` is the number of threads running, which OpenMP makes fewer than planned inside another
+// parallel region (each direction of a bidirectional layer runs in one).
 struct Share {
   Index row0, row_step, j0, w;
-  static Share of(const StepPlan& plan, int tid, Index H) {
-    if (plan.by_rows) return {tid, plan.team, 0, H};
-    const Range u = split(H, tid, plan.team, kUnitAlign);
+  static Share of(const StepPlan& plan, int tid, int team, Index H) {
+    if (plan.by_rows) return {tid, team, 0, H};
+    const Range u = split(H, tid, team, kUnitAlign);
     return {0, 1, u.begin, u.size()};
   }
   // How many of the first n rows are this thread's.
@@ -116,8 +118,8 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  run_team(plan.team, [&](int tid, int) {
-    const Share my = Share::of(plan, tid, H);
+  run_team(plan.team, [&](int tid, int team) {
+    const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     // This thread's rows of W_hh, packed once: gate g's units at columns [g * wp, g * wp + w).
     const Index wp = round_up(w, kPacket<S>);
@@ -177,8 +179,8 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   S* dg_hh = Cell::split_hh_grad ? d_gates_hh : d_gates;
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  run_team(plan.team, [&](int tid, int) {
-    const Share my = Share::of(plan, tid, H);
+  run_team(plan.team, [&](int tid, int team) {
+    const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
     // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
