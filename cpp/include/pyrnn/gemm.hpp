@@ -103,9 +103,13 @@ struct PackedB {
     data.allocate(panels * K * P);
     const Index min_rows = std::max<Index>(1, kMinPackPerThread / std::max<Index>(1, panels * P));
     parallel_for_blocks(K, threads, min_rows, 1, [&](Range ks) {
+      const Index full = std::min(panels, valid / P);
       for (Index k = ks.begin; k < ks.end; ++k) {
         const S* src = row(k);
-        for (Index q = 0; q < panels; ++q) {
+        // A whole panel row is one packet (a run-time length would cost a memmove call per packet).
+        for (Index q = 0; q < full; ++q)
+          Eigen::internal::pstoreu(data.data() + (q * K + k) * P, Eigen::internal::ploadu<Packet<S>>(src + q * P));
+        for (Index q = full; q < panels; ++q) {
           S* dst = data.data() + (q * K + k) * P;
           const Index n = std::max<Index>(0, std::min(P, valid - q * P));
           std::copy_n(src + q * P, n, dst);
