@@ -33,6 +33,10 @@ void run_team(int n, F&& body) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
+inline void team_barrier() {
+#pragma omp barrier
+}
+
 // A barrier for the threads of one run_team that spins on a shared counter instead of entering
 // the OpenMP runtime: a time loop split by hidden units meets once per step, and at batch size 1
 // a step is a few microseconds, about what an OpenMP barrier costs. A thread that has waited
