@@ -58,7 +58,7 @@ class SpinBarrier {
   }
 
  private:
-  static constexpr int kSpins = 1 << 12;
+  static constexpr int kSpins = 1 << 6;
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
