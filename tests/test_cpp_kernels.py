@@ -612,8 +612,8 @@ def threads():
 
 
 # (B, H) with B * G * H * H large enough for each step to be shared by the team: 16 rows share
-# out by rows, 9 rows (too few for two threads) by hidden units, and so does a single row
-TEAM_SHAPES = {"by_rows": (16, 96), "by_units": (9, 130), "one_row": (1, 130)}
+# out by rows, 9 rows (too few for two threads) by hidden units
+TEAM_SHAPES = {"by_rows": (16, 96), "by_units": (9, 130)}
 
 
 @pytest.mark.parametrize("shape", list(TEAM_SHAPES))

@@ -50,28 +50,17 @@ constexpr Index kMinRowsPerThread = 8;
 // every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
 // independent and nobody waits, but every thread reads all of W_hh each step, so that is chosen
 // only when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it.
-// Threads sharing steps by units meet after each at a spinning barrier when a step is small (an
-// OpenMP barrier costs about as much as a step at batch size 1), at OpenMP's otherwise: on long
-// loops of larger steps spinning measured up to 25 % slower in the benchmark, where other
-// libraries' threads compete for the cores.
 struct StepPlan {
   int team;
   bool by_rows;
-  bool spin;
 };
 inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads) {
   const Index macs = B * H * G * H;
-  if (threads <= 1 || macs < (Index(1) << 14)) return {1, false, false};  // a barrier would cost more
+  if (threads <= 1 || macs < (Index(1) << 17)) return {1, false};  // a barrier would cost more
   const bool w_hh_in_l2 = G * H * H * scalar_bytes <= static_cast<Index>(kL2Bytes);
   if (w_hh_in_l2 && B >= kMinRowsPerThread * 2)
-    return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true, false};
-  const bool small = macs < (Index(1) << 17);
-  return {static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign)), false, small};
-}
-inline void step_barrier(const StepPlan& plan, SpinBarrier& spin, int team) {
-  if (plan.by_rows) return;
-  if (plan.spin) spin.wait(team);
-  else team_barrier();
+    return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true};
+  return {static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign)), false};
 }
 
 // One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
@@ -129,7 +118,6 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  SpinBarrier barrier;
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
@@ -143,7 +131,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     Buffer<S> hh(B * G * wp);
     copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
-    step_barrier(plan, barrier, team);
+    if (!plan.by_rows) team_barrier();
 
     for (Index step = 0; step < T; ++step) {
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
@@ -171,7 +159,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       S* out_t = out + t * B * ld_out + my.at(ld_out);
       copy_cols(out_t, my.stride(ld_out), h + at_h, ld_h, 0, n, w);
       zero_cols(out_t, my.stride(ld_out), n, my_b, w);
-      step_barrier(plan, barrier, team);
+      if (!plan.by_rows) team_barrier();
     }
     copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
@@ -191,7 +179,6 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   S* dg_hh = Cell::split_hh_grad ? d_gates_hh : d_gates;
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
 
-  SpinBarrier barrier;
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
@@ -230,7 +217,7 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
           if constexpr (Cell::split_hh_grad) zero_cols(dg_hh_t + at_g + g * H, ld_g, n, my_b, w);
         }
       }
-      step_barrier(plan, barrier, team);  // the recurrent GEMM below reads every thread's d_gates
+      if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
         packed_gemm(n, dg_hh_t + my.row0 * GH, ld_g, w_cols, dh_hh.data(), wp, false);
         auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
 
 #include "pyrnn/types.hpp"
 
@@ -36,37 +35,6 @@ void run_team(int n, F&& body) {
 inline void team_barrier() {
 #pragma omp barrier
 }
-
-// A barrier for the threads of one run_team that spins on a shared counter instead of entering
-// the OpenMP runtime: a time loop split by hidden units meets once per step, and at batch size 1
-// a step is a few microseconds, about what an OpenMP barrier costs. A thread that has waited
-// long (another process holds its partner's core) yields its core instead of spinning on.
-class SpinBarrier {
- public:
-  void wait(int team) {
-    if (team <= 1) return;
-    const unsigned gen = generation_.load(std::memory_order_relaxed);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpins) pause();
-      else std::this_thread::yield();
-    }
-  }
-
- private:
-  static constexpr int kSpins = 1 << 6;
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-  alignas(64) std::atomic<int> arrived_{0};
-  alignas(64) std::atomic<unsigned> generation_{0};
-};
 
 // The tid-th of `parts` contiguous slices of [0, n), with slice edges on multiples of `align`.
 struct Range {
