@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "pyrnn/cells.hpp"
@@ -105,18 +106,54 @@ void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, 
   });
 }
 
-// Forward through time. xp holds the input projection on entry and the activated gates on exit.
-// out is this direction's (T, B, H) slice of a (T, B, ld_out) buffer; rows past a sequence's end
-// are zero. h0/c0 (B, H) in, h_n/c_n (B, H) out; c0/c_n only for lstm. tape may be null.
+// Bytes of one thread's input projection computed ahead of its time loop: a few steps' worth,
+// so that the cell reads them from cache, not from memory written long before.
+constexpr Index kProjectionBytes = Index(1) << 20;
+
+// This thread's x W_ih^T + b_ih, G gates of its units [j0, j0 + w), one packed B per gate so that
+// each gate's projection lands in that gate's own columns of the destination.
+template <typename S>
+struct GateProjection {
+  std::vector<PackedB<S>> w_ih;
+  std::vector<Buffer<S>> b_ih;
+
+  GateProjection(const DirWeights<S>& wt, Index G, Index I, Index H, Index j0, Index w) : w_ih(G), b_ih(G) {
+    for (Index g = 0; g < G; ++g) {
+      w_ih[g].pack(I, w, 1, [&](Index j) { return wt.w_ih + (g * H + j0 + j) * I; });
+      b_ih[g] = padded_row(wt.b_ih + g * H + j0, w, w_ih[g].padded_cols());
+    }
+  }
+  // n rows of x (row stride ld_x) into n rows of gates (row stride ld, gate g at g * gate_stride).
+  void run(Index n, const S* x, Index ld_x, S* gates, Index ld, Index gate_stride) const {
+    for (size_t g = 0; g < w_ih.size(); ++g)
+      packed_gemm(n, x, ld_x, w_ih[g], gates + g * gate_stride, ld, false, b_ih[g].data());
+  }
+};
+
+// Forward through time. x is this direction's (T, B, I) input. out is this direction's (T, B, H)
+// slice of a (T, B, ld_out) buffer; rows past a sequence's end are zero. h0/c0 (B, H) in, h_n/c_n
+// (B, H) out; c0/c_n only for lstm. With a tape, its gates receive the activated gates.
+//
+// The input projection is computed by the thread that uses it, a chunk of steps at a time, into
+// the tape's gates or a small per-thread buffer; only a time loop too small for every thread
+// projects the whole sequence up front, with all of them.
 template <class Cell, typename S>
-void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, S* xp, const S* h0,
+void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, const S* x, const S* h0,
                       const S* c0, S* out, Index ld_out, S* h_n, S* c_n, DirTape<S>* tape,
                       int threads) {
   constexpr Index G = Cell::G;
-  const Index T = s.T, B = s.B, H = s.H, GH = G * H;
+  const Index T = s.T, B = s.B, I = s.I, H = s.H, GH = G * H;
   std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads);
+  const bool project_up_front = plan.team < threads;
+  Buffer<S> xp_all;  // (T, B, G*H), the whole projection when made up front without a tape
+  S* xp_full = tape ? tape->gates.data() : nullptr;
+  if (project_up_front) {
+    if (!tape) xp_all.allocate(T * B * GH);
+    if (!tape) xp_full = xp_all.data();
+    input_projection(T * B, I, GH, x, wt.w_ih, wt.b_ih, xp_full, threads);
+  }
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
@@ -131,10 +168,44 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     Buffer<S> hh(B * G * wp);
     copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
+
+    // Step t's gates of this share: into the (T, B, G*H) layout of the tape, or into `chunk`,
+    // a buffer of `chunk_steps` steps of my_b rows by G*wp, from time chunk_t0 on.
+    const bool in_chunks = !project_up_front && w > 0;
+    const Index step_elems = my_b * G * wp;
+    // At least a pass of rows per chunk, or W_ih would be fetched into cache more often than
+    // one projection of the whole sequence fetches it.
+    const Index min_steps = (kRowsPerPass + my_b - 1) / std::max<Index>(1, my_b);
+    const Index fit_steps = kProjectionBytes / std::max<Index>(1, step_elems * Index(sizeof(S)));
+    const Index chunk_steps = std::clamp<Index>(std::max(min_steps, fit_steps), 1, T);
+    Buffer<S> chunk(in_chunks && !tape ? chunk_steps * step_elems : 0);
+    const bool full_layout = xp_full != nullptr;
+    const Index ld_xp = full_layout ? my.stride(GH) : G * wp, gate_stride = full_layout ? H : wp;
+    Index chunk_t0 = 0;
+    auto xp_at = [&](Index t) {
+      return full_layout ? xp_full + t * B * GH + my.at(GH) : chunk.data() + (t - chunk_t0) * step_elems;
+    };
+    std::unique_ptr<GateProjection<S>> projection;
+    if (in_chunks) projection = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
+    // Project times [t0, t0 + n): the rows of consecutive steps follow each other unless this
+    // thread owns every team-th row.
+    auto project = [&](Index t0, Index n) {
+      chunk_t0 = t0;
+      if (my.row_step == 1) {
+        projection->run(n * B, x + t0 * B * I, I, xp_at(t0), ld_xp, gate_stride);
+      } else {
+        for (Index t = t0; t < t0 + n; ++t)
+          projection->run(my_b, x + t * B * I + my.at(I), my.stride(I), xp_at(t), ld_xp, gate_stride);
+      }
+    };
     if (!plan.by_rows) team_barrier();
 
     for (Index step = 0; step < T; ++step) {
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
+      if (in_chunks && step % chunk_steps == 0) {
+        const Index steps = std::min(chunk_steps, T - step);
+        project(reverse ? T - step - steps : step, steps);
+      }
       const S* h_prev = h_buf.data() + (step % 2) * B * H;
       S* h = h_buf.data() + ((step + 1) % 2) * B * H;
       if (tape) {
@@ -146,7 +217,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
         packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * wp, false);
         S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
         StepForward<S> step_io{n, w, H, ld_h,
-                               {xp + t * B * GH + my.at(GH), my.stride(GH), H},
+                               {xp_at(t), ld_xp, gate_stride},
                                {hh.data(), G * wp, wp},
                                wt.b_hh + my.j0,
                                h_prev + at_h,

@@ -148,7 +148,6 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   const bool sorted = in.lengths == nullptr;
   std::vector<Index> order, batch_sizes;
   sort_by_length(in.lengths, B, T, order, batch_sizes);
-  const SeqShape shape{T, B, 0, H, batch_sizes.data()};
 
   std::unique_ptr<Tape<S>> tape;
   if (keep_tape) {
@@ -186,20 +185,8 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
 
   Buffer<S> y_own;
   S* y = nullptr;
-  std::vector<Buffer<S>> xp_scratch(keep_tape ? 0 : D);
   for (Index layer = 0; layer < L; ++layer) {
-    const Index Ik = dm.input_size(layer);
-    std::vector<S*> xp(D);
-    for (Index d = 0; d < D; ++d) {
-      if (keep_tape) {
-        xp[d] = tape->dirs[layer * D + d].gates.data();
-      } else {
-        xp_scratch[d].allocate(T * B * GH);
-        xp[d] = xp_scratch[d].data();
-      }
-      const DirWeights<S>& w = in.weights[layer * D + d];
-      input_projection(T * B, Ik, GH, x, w.w_ih, w.b_ih, xp[d], threads);
-    }
+    const SeqShape shape{T, B, dm.input_size(layer), H, batch_sizes.data()};
     const bool last = layer + 1 == L;
     if (last && sorted) {
       y = res.out;
@@ -210,7 +197,7 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
     for_each_direction(D, threads, [&](int d, int dir_threads) {
       const Index k = layer * D + d;
       const Index state = k * B * H;
-      sequence_forward<Cell>(shape, in.weights[k], d == 1, xp[d], h0.data() + state,
+      sequence_forward<Cell>(shape, in.weights[k], d == 1, x, h0.data() + state,
                              Cell::has_c ? c0.data() + state : nullptr, y + d * H, DH,
                              h_n.data() + state, Cell::has_c ? c_n.data() + state : nullptr,
                              keep_tape ? &tape->dirs[k] : nullptr, dir_threads);
