@@ -150,8 +150,10 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   Buffer<S> xp_all;  // (T, B, G*H), the whole projection when made up front without a tape
   S* xp_full = tape ? tape->gates.data() : nullptr;
   if (project_up_front) {
-    if (!tape) xp_all.allocate(T * B * GH);
-    if (!tape) xp_full = xp_all.data();
+    if (!tape) {
+      xp_all.allocate(T * B * GH);
+      xp_full = xp_all.data();
+    }
     input_projection(T * B, I, GH, x, wt.w_ih, wt.b_ih, xp_full, threads);
   }
 
