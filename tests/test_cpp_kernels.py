@@ -65,6 +65,12 @@ class Problem:
     def bidirectional(self):
         return self.D == 2
 
+    def infer(self, kernels):
+        """Forward without a tape: (out, h_n, c_n)."""
+        return kernels.stack_forward(
+            self.cell, self.x, self.h0, self.c0, self.weights, self.bidirectional, self.lengths,
+            self.masks, False)[:3]
+
     def run(self, kernels, d_h_n=True):
         """Forward with a tape, then backward: a dict of every output and gradient."""
         out, h_n, c_n, tape = kernels.stack_forward(
@@ -637,6 +643,24 @@ def test_one_and_two_threads_agree_exactly(cell, shape, threads):
     one = p.run(_core)
     threads(2)
     assert_results_close(p.run(_core), one, 0.0)
+
+
+# Inference shares smaller steps among threads than training does: a batch of one with H=160
+# (25k-100k multiply-adds a step) is split by hidden units for every cell only in inference.
+INFERENCE_SHAPES = {**TEAM_SHAPES, "batch_of_one": (1, 160)}
+
+
+@pytest.mark.parametrize("shape", list(INFERENCE_SHAPES))
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_agrees_exactly_on_one_and_two_threads(cell, shape, threads):
+    B, H = INFERENCE_SHAPES[shape]
+    p = Problem(cell, 7, B, 8, H, L=2, lengths=B > 1, dtype=np.float32, seed=8)
+    threads(1)
+    one = p.infer(_core)
+    threads(2)
+    for got, want in zip(p.infer(_core), one, strict=True):
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("shape", list(TEAM_SHAPES))
