@@ -33,12 +33,14 @@ MODES = ("infer", "train")
 
 # Defaults of a full run, and the --quick preset (finishes in under 2 minutes on 2 cores).
 # budget_s caps one backend's timing of one row (slow rows get fewer rounds); before each row
-# the runner waits up to quiet_wait_s for other processes to use under quiet_pct of the CPUs.
+# the runner waits up to quiet_wait_s for other processes to use under quiet_pct of the CPUs;
+# settle_s is the pause before each backend's round (see bench/timing.py: interleaved_rounds).
 DEFAULTS = {"threads": [2], "rounds": 5, "round_s": 0.3, "max_calls": 200, "warmup_s": 0.1,
-            "gemm_size": 2048, "budget_s": 15.0, "quiet_pct": 25.0, "quiet_wait_s": 20.0}
+            "gemm_size": 2048, "budget_s": 15.0, "quiet_pct": 25.0, "quiet_wait_s": 20.0,
+            "settle_s": 0.1}
 QUICK = {"configs": ["latency", "charrnn", "medium"], "threads": [2], "rounds": 3,
          "round_s": 0.1, "max_calls": 50, "warmup_s": 0.03, "budget_s": 3.0,
-         "quiet_wait_s": 2.0}
+         "quiet_wait_s": 2.0, "settle_s": 0.05}
 
 # Issue 4's targets. A rule applies to a row when every listed key matches (absent = any);
 # "peer" rules need ratio = peer ms / pyrnn-cpp ms >= min, "pct_gemm" rules need pyrnn-cpp's

@@ -65,12 +65,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="before each row, wait while other processes use more than this %% "
                         "of the CPUs ...")
     p.add_argument("--quiet-wait-s", type=float, help="... but at most this long")
+    p.add_argument("--settle-s", type=float,
+                   help="pause before each backend's round, so that the previous backend's idle "
+                        "threads have stopped spinning")
     p.add_argument("--out", default="bench/results", help="output directory")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
     args = p.parse_args(argv)
     preset = {**cfg.DEFAULTS, **(cfg.QUICK if args.quick else {})}
     for key in ("configs", "threads", "rounds", "round_s", "max_calls", "warmup_s", "gemm_size",
-                "budget_s", "quiet_pct", "quiet_wait_s"):
+                "budget_s", "quiet_pct", "quiet_wait_s", "settle_s"):
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key))
     check_args(args)
@@ -87,6 +90,8 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{args.round_s}, {args.budget_s} and {args.max_calls}")
     if args.quiet_wait_s < 0:
         raise ValueError(f"--quiet-wait-s must be >= 0, got {args.quiet_wait_s}")
+    if args.settle_s < 0:
+        raise ValueError(f"--settle-s must be >= 0, got {args.settle_s}")
     suite_of(args)  # raises on unknown names
 
 
@@ -183,7 +188,7 @@ def time_all(runners: dict, entries: dict, args: argparse.Namespace) -> None:
             continue
         calls[name], rounds[name] = timing.plan_rounds(float(np.median(warm)), args)
     if runners:
-        for name, times in timing.interleaved_rounds(runners, calls, rounds).items():
+        for name, times in timing.interleaved_rounds(runners, calls, rounds, args.settle_s).items():
             entries[name].update(timing.summarise(times))
 
 
@@ -330,7 +335,7 @@ def run_suite(args: argparse.Namespace, out_dir: Path, progress: bool = True) ->
         "command": "python -m bench " + " ".join(args.argv or []),
         "settings": {k: getattr(args, k) for k in
                      ("threads", "rounds", "round_s", "max_calls", "warmup_s", "gemm_size",
-                      "budget_s", "quiet_pct", "quiet_wait_s")},
+                      "budget_s", "quiet_pct", "quiet_wait_s", "settle_s")},
         "tolerance": TOLERANCE, "machine": machine_info(), "versions": versions(),
         "git_commit": git_commit(), "pyrnn_backend_info": pyrnn.backend_info(),
         "pyrnn_api": pyrnn_api(), "unavailable": missing, "gemm": {}, "rows": [],

@@ -110,8 +110,19 @@ def plan_rounds(seconds_per_call: float, args) -> tuple[int, int]:
     return calls, max(1, min(args.rounds, affordable))
 
 
-def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, int]) -> dict:
-    """Per backend, a list of rounds, each the list of its call times in seconds."""
+def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, int],
+                       settle_s: float = 0.0) -> dict:
+    """Per backend, a list of rounds, each the list of its call times in seconds.
+
+    Each round starts settle_s after the previous one ended. Thread pools keep spinning for a
+    while after a call (ONNX Runtime's two intra-op threads burned ~47 ms of CPU in the half
+    second after a call here, OpenMP's a few ms), which slows whichever backend runs next, and
+    the rotation does not even that out: in a cyclic order the same backend nearly always
+    follows the same neighbour. Measured at 2 threads without the pause, on the backend after
+    ONNX Runtime: DeepBench h1024 LSTM inference pyrnn-cpp 172-180 ms (150-151 when ONNX
+    Runtime does not spin), char-RNN LSTM 0.099-0.103 ms (0.070), and torch, which follows
+    pyrnn-cpp, char-RNN 0.335-0.345 ms (0.197).
+    """
     names = list(runners)
     times: dict[str, list] = {name: [] for name in names}
     with gc_paused():
@@ -119,6 +130,7 @@ def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, i
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 if r < rounds[name]:
+                    time.sleep(settle_s)
                     with runners[name].scope():
                         times[name].append(time_calls_cpu(runners[name].call, calls[name]))
     return times

@@ -22,7 +22,7 @@ TINY_RAGGED = {"name": "tiny-ragged", "T": 6, "B": 3, "I": 4, "H": 3, "L": 1, "D
 
 def tiny_args(configs, backend_names=None):
     args = run.parse_args(["--rounds", "1", "--max-calls", "1", "--threads", "1",
-                           "--round-s", "0.001", "--quiet-wait-s", "0"])
+                           "--round-s", "0.001", "--quiet-wait-s", "0", "--settle-s", "0"])
     args.configs, args.backends, args.warmup_s, args.argv = configs, backend_names, 0.0, []
     args.gemm_size = 256
     return args
@@ -160,6 +160,8 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--threads" in capsys.readouterr().err
     assert run.main(["--configs", "no-such-config"]) == 2
     assert "no-such-config" in capsys.readouterr().err
+    assert run.main(["--settle-s", "-1"]) == 2
+    assert "--settle-s" in capsys.readouterr().err
 
 
 def test_round_plan_fills_round_s_and_cuts_rounds_to_the_budget():
