@@ -114,14 +114,14 @@ def interleaved_rounds(runners: dict, calls: dict[str, int], rounds: dict[str, i
                        settle_s: float = 0.0) -> dict:
     """Per backend, a list of rounds, each the list of its call times in seconds.
 
-    Each round starts settle_s after the previous one ended. Thread pools keep spinning for a
-    while after a call (ONNX Runtime's two intra-op threads burned ~47 ms of CPU in the half
-    second after a call here, OpenMP's a few ms), which slows whichever backend runs next, and
-    the rotation does not even that out: in a cyclic order the same backend nearly always
-    follows the same neighbour. Measured at 2 threads without the pause, on the backend after
-    ONNX Runtime: DeepBench h1024 LSTM inference pyrnn-cpp 172-180 ms (150-151 when ONNX
-    Runtime does not spin), char-RNN LSTM 0.099-0.103 ms (0.070), and torch, which follows
-    pyrnn-cpp, char-RNN 0.335-0.345 ms (0.197).
+    Each backend's turn in a round starts settle_s after the previous turn ended. Thread pools
+    keep spinning for a while after a call (ONNX Runtime's two intra-op threads burned ~47 ms
+    of CPU in the half second after a call here, OpenMP's a few ms), which slows whichever
+    backend runs next, and the rotation does not even that out: in a cyclic order the same
+    backend nearly always follows the same neighbour. Measured at 2 threads without the pause,
+    on the backend after ONNX Runtime: DeepBench h1024 LSTM inference pyrnn-cpp 172-180 ms
+    (150-151 when ONNX Runtime does not spin), char-RNN LSTM 0.099-0.103 ms (0.070), and torch,
+    which follows pyrnn-cpp, char-RNN 0.335-0.345 ms (0.197).
     """
     names = list(runners)
     times: dict[str, list] = {name: [] for name in names}
