@@ -195,6 +195,9 @@ def time_all(runners: dict, entries: dict, args: argparse.Namespace) -> None:
 def derived(row: dict, gemm: dict) -> None:
     """GFLOP/s, % of GEMM rate per backend; ratios peer/pyrnn; target verdicts."""
     flops = row["flops"]
+    # The time of this row's arithmetic at the machine's GEMM rate: no implementation doing
+    # these FLOPs runs faster here, so peer ms / floor_ms bounds any ratio against that peer.
+    row["floor_ms"] = flops / (gemm[str(row["threads"])]["gflops"] * 1e9) * 1e3
     for entry in row["backends"].values():
         if entry.get("ms"):
             entry["gflops"] = flops / (entry["ms"] * 1e-3) / 1e9
@@ -211,15 +214,22 @@ def derived(row: dict, gemm: dict) -> None:
 
 
 def verdict(rule: dict, row: dict) -> dict | None:
-    """{id, need, got, ok}; None when the row lacks the peer (e.g. no ORT for training)."""
+    """{id, need, got, ok, ceiling}; None when the row lacks the peer (e.g. no ORT for training).
+
+    ceiling is the ratio a peer rule would show with pyrnn at the measured GEMM rate (None for
+    the GEMM-rate rule itself): a target above it cannot be met by doing this row's FLOPs faster.
+    """
+    ceiling = None
     if rule.get("metric") == "pct_gemm":
         got = row["backends"].get(PYRNN, {}).get("pct_gemm")
     else:
         if rule["peer"] not in row["backends"]:
             return None
         got = row["ratios"].get(rule["peer"])
+        peer_ms = row["backends"][rule["peer"]].get("ms")
+        ceiling = peer_ms / row["floor_ms"] if peer_ms and row.get("floor_ms") else None
     ok = got is not None and got >= rule["min"]
-    return {"id": rule["id"], "need": rule["min"], "got": got, "ok": ok}
+    return {"id": rule["id"], "need": rule["min"], "got": got, "ok": ok, "ceiling": ceiling}
 
 
 def run_case(case: Case, names: list[str], args: argparse.Namespace, gemm: dict) -> dict:

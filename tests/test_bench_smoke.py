@@ -143,6 +143,23 @@ def test_ratios_and_verdicts_follow_peer_time_over_pyrnn_time():
     assert row["backends"]["pyrnn-cpp"]["pct_gemm"] == pytest.approx(50.0)
     verdicts = {t["id"]: t["ok"] for t in row["targets"]}
     assert verdicts == {"gru/rnn infer >= 1.5x torch": False, "infer >= 1x onnxruntime": True}
+    # 2 GFLOP at 400 GFLOP/s take 5 ms: torch's 12 ms allow at most 2.4x, ORT's 30 ms 6x.
+    assert row["floor_ms"] == pytest.approx(5.0)
+    ceilings = {t["id"]: t["ceiling"] for t in row["targets"]}
+    assert ceilings == {"gru/rnn infer >= 1.5x torch": pytest.approx(2.4),
+                        "infer >= 1x onnxruntime": pytest.approx(6.0)}
+
+
+def test_target_summary_marks_targets_beyond_the_gemm_rate():
+    row = {"config": "large", "cell": "gru", "mode": "train", "threads": 2, "flops": 6e10,
+           "backends": {"pyrnn-cpp": {"status": "ok", "ms": 366.0},
+                        "torch": {"status": "ok", "ms": 469.0}}}
+    run.derived(row, {"2": {"gflops": 210.0}})
+    summary = report.target_summary({"rows": [row]})
+    assert "large/gru/train (1.28; ≤ 1.64 ⊘)" in summary
+    row["backends"]["torch"]["ms"] = 700.0
+    run.derived(row, {"2": {"gflops": 210.0}})
+    assert "(1.91; ≤ 2.45)" in report.target_summary({"rows": [row]})
 
 
 def test_forward_flops_count_every_layer_direction_and_real_steps():
