@@ -118,6 +118,10 @@ def load_core(path: str):
     g++ -O3 -march=x86-64-v4 -fopenmp -fPIC -shared -DEIGEN_DONT_PARALLELIZE
     -DPYRNN_MODULE_NAME=_core_old -DPYBIND11_COMPILER_TYPE='"_old"' -I<old>/cpp/include
     -I<python, pybind11, eigen includes> <old>/cpp/bindings.cpp -o _core_old.so
+
+    One such core per process: CPython hands back the module already loaded under a name for
+    any later file that defines the same name, so two builds both named _core_old would time
+    the first one twice (each build compared in one process needs a module name of its own).
     """
     spec = importlib.util.spec_from_file_location("_core_old", path)
     core = importlib.util.module_from_spec(spec)
