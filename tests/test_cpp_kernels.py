@@ -645,6 +645,19 @@ def test_one_and_two_threads_agree_exactly(cell, shape, threads):
     assert_results_close(p.run(_core), one, 0.0)
 
 
+# Weights larger than a core's L2 with 12+ batch rows are streamed a chunk of panels at a time,
+# the next chunk prefetched; depths of 300 and 530 run past one 256-deep block and end in a partial
+# one (not a multiple of the SIMD width), and 530 columns end in a partial panel. On two threads
+# each thread's share of W_hh is still larger than L2 for lstm and gru.
+@pytest.mark.parametrize("threads_used", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("cell", CELLS)
+def test_weights_streamed_past_l2_match_torch(cell, dtype, threads_used, threads):
+    threads(threads_used)
+    p = Problem(cell, 3, 13, 300, 530, lengths=True, dtype=dtype, seed=12)
+    assert_results_close(p.run(_core), torch_run(p), RTOL[dtype])
+
+
 # Inference shares smaller steps among threads than training does: a batch of one with H=160
 # (25k-100k multiply-adds a step) is split by hidden units for every cell only in inference.
 INFERENCE_SHAPES = {**TEAM_SHAPES, "batch_of_one": (1, 160)}
