@@ -206,7 +206,7 @@ def write_report(path: Path, md: Path | None = None, png: Path | None = None) ->
     results = load(path)
     text = markdown(results)
     md = md or path.with_suffix(".md")
-    md.write_text(text)
+    md.write_text(under_existing_header(md, text))
     png = png or path.with_suffix(".png")
     made = chart(results, png)
     print(text)
@@ -214,11 +214,24 @@ def write_report(path: Path, md: Path | None = None, png: Path | None = None) ->
     return text
 
 
+def under_existing_header(md: Path, text: str) -> str:
+    """text, kept under whatever md already holds above its first generated section.
+
+    A published report (bench/RESULTS.md) is a hand-written introduction followed by this
+    module's output; regenerating it from its JSON must not throw the introduction away.
+    """
+    if not md.exists():
+        return text
+    head, found, _ = md.read_text().partition(text.split("\n", 1)[0] + "\n")
+    return head + text if found else text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report",
                                 description="Markdown table and bar chart from bench results.")
     p.add_argument("results", type=Path, help="results JSON written by python -m bench")
-    p.add_argument("--md", type=Path, help="Markdown output (default: beside the JSON)")
+    p.add_argument("--md", type=Path, help="Markdown output (default: beside the JSON); text "
+                   "above its first generated section is kept")
     p.add_argument("--png", type=Path, help="chart output (default: beside the JSON)")
     args = p.parse_args(argv)
     try:

@@ -81,6 +81,17 @@ def test_report_renders_table_and_chart(tiny_results, tmp_path):
     assert report.main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_report_keeps_the_introduction_of_an_existing_file(tiny_results, tmp_path):
+    _, path = tiny_results
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Published results\n\nWritten by hand.\n\n## Machine and settings\n\nold\n")
+    text = report.write_report(path, md, tmp_path / "r.png")
+    assert md.read_text() == "# Published results\n\nWritten by hand.\n\n" + text
+    md.write_text("not a report at all\n")                   # nothing generated: replaced whole
+    report.write_report(path, md, tmp_path / "r.png")
+    assert md.read_text() == text
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
