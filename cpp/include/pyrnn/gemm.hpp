@@ -45,10 +45,13 @@ struct PackedB {
   Index K = 0, N = 0, panels = 0;
   Buffer<S> data;
 
+  // Rows of the depth block holding row k: kKBlock, or fewer in the last block. A block's panels
+  // lie this many packets apart, so every reader of a block must use it as the block's depth.
+  Index block_depth(Index k) const { return std::min(kKBlock, K - (k - k % kKBlock)); }
   // Row k of panel q (kPacket<S> values).
   S* at(Index k, Index q) {
     const Index k0 = k - k % kKBlock;
-    return data.data() + k0 * padded_cols() + q * std::min(kKBlock, K - k0) * kPacket<S> + (k - k0) * kPacket<S>;
+    return data.data() + k0 * padded_cols() + (q * block_depth(k0) + k - k0) * kPacket<S>;
   }
   // Depth block k0's first panel; the panels follow kc * kPacket<S> apart.
   const S* block(Index k0) const { return data.data() + k0 * padded_cols(); }
@@ -78,7 +81,7 @@ struct PackedB {
       contiguous = contiguous && cols[p];
     }
     for (Index k0 = 0; k0 < K; k0 += kKBlock) {
-      const Index kc = std::min(kKBlock, K - k0);
+      const Index kc = block_depth(k0);
       S* panel = at(k0, q);
       const S* from[P];
       for (Index p = 0; p < P; ++p) from[p] = cols[p] ? cols[p] + k0 * k_stride : nullptr;
@@ -124,7 +127,7 @@ struct PackedB {
         const S* src = row(k);
         // A whole panel row is one packet (a run-time length would cost a memmove call per packet).
         S* const row0 = at(k, 0);
-        const Index panel_stride = std::min(kKBlock, K - (k - k % kKBlock)) * P;
+        const Index panel_stride = block_depth(k) * P;
         for (Index q = 0; q < full; ++q)
           Eigen::internal::pstoreu(row0 + q * panel_stride, Eigen::internal::ploadu<Packet<S>>(src + q * P));
         for (Index q = full; q < panels; ++q) {
@@ -279,7 +282,7 @@ void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const Packed
   if (a_row_sums) std::fill(a_row_sums, a_row_sums + n, S(0));
   Buffer<S> a_packed(pack_a ? std::min(n, kRowsPerPass) * std::min(b.K, kKBlock) : 0);
   for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
-    const Index kc = std::min(kKBlock, b.K - k0);
+    const Index kc = b.block_depth(k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0 * a_k;
     for (Index r0 = 0; r0 < n; r0 += kRowsPerPass) {
