@@ -122,6 +122,12 @@ def failures(results: dict) -> str:
     return "\n".join(bad)
 
 
+def batch_one_note(info: dict) -> str:
+    """Which build ran the batch-1 rows, when it is not the one that ran the others."""
+    flags = info.get("codegen_flags_batch_one")
+    return f" (batch-1 rows: {flags})" if flags else ""
+
+
 def header(results: dict) -> str:
     m, v = results["machine"], results["versions"]
     gemm = ", ".join(f"{t} thr {g['gflops']:.0f} GFLOP/s" for t, g in results["gemm"].items())
@@ -133,7 +139,8 @@ def header(results: dict) -> str:
         f"- machine: {m['cpu']}, {m['usable_cpus']} usable CPUs, {m['platform']}",
         f"- versions: {vers}",
         f"- pyrnn: {info.get('active')} backend, {info.get('codegen_flags', '')}, "
-        f"{info.get('simd', '')}; measured through the {results.get('pyrnn_api')} API",
+        f"{info.get('simd', '')}{batch_one_note(info)}; measured through the "
+        f"{results.get('pyrnn_api')} API",
         f"- float32 GEMM rate (NumPy {next(iter(results['gemm'].values()))['size']}² matmul, "
         f"best of {sum(len(g.get('measurements', [1])) for g in results['gemm'].values())} "
         f"looks during the run): {gemm}",

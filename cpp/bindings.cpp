@@ -282,8 +282,11 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
     return d;
   }, "Facts about how the core was compiled.");
 
+  // Local to this module: pyrnn/_core.py may load two builds of the core side by side (see there),
+  // each registering the same C++ type, and each tape must go back to the build that made it.
   py::class_<pyrnn::TapeBase, std::shared_ptr<pyrnn::TapeBase>>(
-      m, "Tape", "What stack_backward needs from a stack_forward call (opaque; owns its copies).")
+      m, "Tape", "What stack_backward needs from a stack_forward call (opaque; owns its copies).",
+      py::module_local())
       .def_property_readonly("cell", [](const pyrnn::TapeBase& t) { return kCells[static_cast<int>(t.cell)]; })
       .def_property_readonly("dtype", &tape_dtype)
       .def("__repr__", [](const pyrnn::TapeBase& t) {

@@ -91,3 +91,44 @@ def test_pyrnn_isa_rejects_unknown_values(tmp_path):
     result = _import_core_in_subprocess("sse9", tmp_path)
     assert result.returncode != 0
     assert "PYRNN_ISA must be 'avx2' or 'avx512'" in result.stderr
+
+
+V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi1", "bmi2",
+      "f16c", "movbe"}
+
+
+@pytest.mark.parametrize(
+    ("vendor", "flags", "isa", "want_order", "want_batch_one"),
+    [
+        ("AuthenticAMD", V4, "", ["_core_avx512", "_core_avx2"], "_core_avx2"),
+        ("GenuineIntel", V4, "", ["_core_avx512", "_core_avx2"], None),
+        ("AuthenticAMD", V4, "avx512", ["_core_avx512", "_core_avx2"], None),
+        ("AuthenticAMD", V4, "avx2", ["_core_avx2"], None),
+        ("AuthenticAMD", V4 - {"avx512f"}, "", ["_core_avx2"], None),
+        ("", set(), "", [], None),
+    ],
+)
+def test_which_builds_load_follows_the_cpu_and_pyrnn_isa(
+    monkeypatch, vendor, flags, isa, want_order, want_batch_one
+):
+    if not _backend.cpp_available():
+        pytest.skip("no C++ core")
+    from pyrnn import _core
+
+    monkeypatch.setattr(_core, "_cpu", lambda: (vendor, set(flags)))
+    monkeypatch.setenv("PYRNN_ISA", isa)
+    assert _core._variants() == ["_core_custom", *want_order]
+    primary = want_order[0] if want_order else "_core_custom"
+    assert _core._batch_one_variant(primary) == want_batch_one
+
+
+def test_forcing_one_isa_loads_a_single_build(tmp_path):
+    if not _backend.cpp_available():
+        pytest.skip("no C++ core")
+    code = "import pyrnn._core as c; print(c.variant, c.batch_one_variant)"
+    for isa in ("avx2", "avx512"):
+        result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYRNN_ISA=isa),
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        variant, batch_one = result.stdout.split()
+        assert batch_one == "None", variant
