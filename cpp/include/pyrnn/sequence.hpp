@@ -170,21 +170,19 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
-    // This thread's rows of W_hh, packed once: gate g's units at columns [g * wp, g * wp + w).
-    const Index wp = round_up(w, kPacket<S>);
+    // This thread's rows of W_hh, packed once: gate g's units at columns [g * w, g * w + w). The
+    // gates sit side by side, not each padded to whole panels: for H = 100 on two threads that
+    // padding was 8-23 % more columns in every step's GEMM.
     PackedB<S> w_hh;
-    w_hh.pack(H, G * wp, 1, [&](Index j) {
-      const Index g = j / wp, unit = j % wp;
-      return unit < w ? wt.w_hh + (g * H + my.j0 + unit) * H : nullptr;
-    });
-    Buffer<S> hh(B * G * wp);
+    w_hh.pack(H, G * w, 1, [&](Index j) { return wt.w_hh + ((j / w) * H + my.j0 + j % w) * H; });
+    Buffer<S> hh(B * G * w);
     copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
 
     // Step t's gates of this share: into the (T, B, G*H) layout of the tape, or into `chunk`,
-    // a buffer of `chunk_steps` steps of my_b rows by G*wp, from time chunk_t0 on.
+    // a buffer of `chunk_steps` steps of my_b rows by G*w, from time chunk_t0 on.
     const bool in_chunks = !project_up_front && w > 0;
-    const Index step_elems = my_b * G * wp;
+    const Index step_elems = my_b * G * w;
     // At least a pass of rows per chunk, or W_ih would be fetched into cache more often than
     // one projection of the whole sequence fetches it.
     const Index min_steps = (kRowsPerPass + my_b - 1) / std::max<Index>(1, my_b);
@@ -192,7 +190,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     const Index chunk_steps = std::clamp<Index>(std::max(min_steps, fit_steps), 1, T);
     Buffer<S> chunk(in_chunks && !tape ? chunk_steps * step_elems : 0);
     const bool full_layout = xp_full != nullptr;
-    const Index ld_xp = full_layout ? my.stride(GH) : G * wp, gate_stride = full_layout ? H : wp;
+    const Index ld_xp = full_layout ? my.stride(GH) : G * w, gate_stride = full_layout ? H : w;
     Index chunk_t0 = 0;
     auto xp_at = [&](Index t) {
       return full_layout ? xp_full + t * B * GH + my.at(GH) : chunk.data() + (t - chunk_t0) * step_elems;
@@ -226,11 +224,11 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
           copy_cols(tape->c_prev.data() + t * B * H + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
       }
       if (w > 0 && n > 0) {
-        packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * wp, false);
+        packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * w, false);
         S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
         StepForward<S> step_io{n, w, H, ld_h,
                                {xp_at(t), ld_xp, gate_stride},
-                               {hh.data(), G * wp, wp},
+                               {hh.data(), G * w, w},
                                wt.b_hh + my.j0,
                                h_prev + at_h,
                                h + at_h,
