@@ -48,10 +48,8 @@ def _wanted_isa() -> str:
     return wanted
 
 
-def _variants() -> list[str]:
-    """Module names to try, best first."""
-    _, flags = _cpu()
-    wanted = _wanted_isa()
+def _variants(flags: set[str], wanted: str) -> list[str]:
+    """Module names to try, best first, for a CPU with these flags and PYRNN_ISA=wanted."""
     order = ["_core_custom"]
     if _V4_FLAGS <= flags and wanted in ("", "avx512"):
         order.append("_core_avx512")
@@ -60,17 +58,16 @@ def _variants() -> list[str]:
     return order
 
 
-def _batch_one_variant(primary: str) -> str | None:
-    """The module for batches of one, when it is not the primary one (see the module docstring)."""
-    vendor, flags = _cpu()
-    if primary == "_core_avx512" and vendor == "AuthenticAMD" and _wanted_isa() == "":
+def _batch_one_variant(primary: str, vendor: str, flags: set[str], wanted: str) -> str | None:
+    """The module for batches of one, when not the primary one (see the module docstring)."""
+    if primary == "_core_avx512" and vendor == "AuthenticAMD" and wanted == "":
         return "_core_avx2" if _V3_FLAGS <= flags else None
     return None
 
 
-def _load() -> tuple[ModuleType, str]:
+def _load(names: list[str]) -> tuple[ModuleType, str]:
     errors = []
-    for name in _variants():
+    for name in names:
         try:
             return import_module(f"pyrnn.{name}"), name
         except ImportError as exc:
@@ -78,18 +75,20 @@ def _load() -> tuple[ModuleType, str]:
     raise ImportError("no compiled pyrnn core loads on this CPU (" + "; ".join(errors) + ")")
 
 
-def _load_batch_one(primary: str) -> tuple[ModuleType | None, str | None]:
-    name = _batch_one_variant(primary)
+def _load_batch_one(name: str | None) -> tuple[ModuleType | None, str | None]:
     if name is None:
         return None, None
     try:
-        return import_module(f"pyrnn.{name}"), name
+        return _load([name])
     except ImportError:  # a build without it: the primary module runs every batch
         return None, None
 
 
-_impl, variant = _load()
-_batch_one, batch_one_variant = _load_batch_one(variant)
+_vendor, _flags = _cpu()  # read once: both choices below depend on it
+_isa = _wanted_isa()
+_impl, variant = _load(_variants(_flags, _isa))
+_batch_one, batch_one_variant = _load_batch_one(
+    _batch_one_variant(variant, _vendor, _flags, _isa))
 _by_tape = {_impl.Tape: _impl} | ({_batch_one.Tape: _batch_one} if _batch_one else {})
 
 Tape = _impl.Tape

@@ -109,17 +109,15 @@ V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", 
     ],
 )
 def test_which_builds_load_follows_the_cpu_and_pyrnn_isa(
-    monkeypatch, vendor, flags, isa, want_order, want_batch_one
+    vendor, flags, isa, want_order, want_batch_one
 ):
     if not _backend.cpp_available():
         pytest.skip("no C++ core")
     from pyrnn import _core
 
-    monkeypatch.setattr(_core, "_cpu", lambda: (vendor, set(flags)))
-    monkeypatch.setenv("PYRNN_ISA", isa)
-    assert _core._variants() == ["_core_custom", *want_order]
+    assert _core._variants(set(flags), isa) == ["_core_custom", *want_order]
     primary = want_order[0] if want_order else "_core_custom"
-    assert _core._batch_one_variant(primary) == want_batch_one
+    assert _core._batch_one_variant(primary, vendor, set(flags), isa) == want_batch_one
 
 
 def test_forcing_one_isa_loads_a_single_build(tmp_path):
