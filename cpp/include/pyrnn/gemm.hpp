@@ -34,6 +34,7 @@ constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 constexpr Index kRowsPerPass = 42 * kRowBlock;  // rows of A kept in L2 while a large B streams past
 constexpr Index kMinPackPerThread = Index(1) << 15;  // elements: less is packed faster by one thread
+constexpr Index kPackAhead = 8;  // depth rows of a transposed A requested ahead of its copy
 
 // B as column panels of kPacket<S> columns, cut into depth blocks of kKBlock rows: block k0 holds
 // every panel's rows [k0, k0 + kc) one panel after another, so element (k, j) is at
@@ -246,43 +247,55 @@ void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S
 template <typename S>
 void pack_a_blocks(const S* a, Index lda, Index a_k, Index rows, Index kc, S* dst, S* row_sums) {
   const Index full = rows / kRowBlock * kRowBlock, tail = rows - full;
-  // Depth outer, so that with lda == 1 (A read transposed) each k reads one contiguous run.
+  // Depth outer, so that with lda == 1 (A read transposed) each k reads one contiguous run. That
+  // case has loops of its own, which the compiler makes vector moves and adds: the generic ones
+  // (a memmove call per block, scalar sums) made packing d_gates 6 % of a GRU training step.
+  // Its runs lie GH values apart, too far for the hardware prefetcher: they are asked for ahead.
   for (Index k = 0; k < kc; ++k) {
     const S* from = a + k * a_k;
-    for (Index r = 0; r < full; r += kRowBlock) {
-      S* to = dst + r * kc + k * kRowBlock;
-      if (lda == 1) std::copy_n(from + r, kRowBlock, to);
-      else for (Index i = 0; i < kRowBlock; ++i) to[i] = from[(r + i) * lda];
+    if (lda == 1) {
+      if (k + kPackAhead < kc)
+        for (Index i = 0; i < rows; i += 64 / Index(sizeof(S))) __builtin_prefetch(from + kPackAhead * a_k + i, 0, 3);
+      for (Index r = 0; r < full; r += kRowBlock)
+        for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[r + i];
+      for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[full + i];
+      if (row_sums)
+        for (Index i = 0; i < rows; ++i) row_sums[i] += from[i];
+    } else {
+      for (Index r = 0; r < full; r += kRowBlock)
+        for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[(r + i) * lda];
+      for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * lda];
+      if (row_sums)
+        for (Index i = 0; i < rows; ++i) row_sums[i] += from[i * lda];
     }
-    for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * lda];
-    if (row_sums)
-      for (Index i = 0; i < rows; ++i) row_sums[i] += from[i * lda];
   }
 }
 
-// C (n x b.N, row stride ldc) = A * B, plus C itself when accumulate, plus the row `bias` (padded
-// to b.padded_cols()) when given. A (n x b.K) has element (i, k) at a[i * lda + k * a_k]. With
-// a_row_sums, also a_row_sums[i] = sum over k of A(i, k), added in order of k (the bias gradients,
-// from the pass that already reads every element of A once).
+// One product of packed_gemm_targets: C (n x b->N, row stride ldc) = A * B.
 template <typename S>
-void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,
-                         bool accumulate, const S* bias = nullptr, S* a_row_sums = nullptr) {
-  // Each row block against all of B while B stays in L2. A B too large for that goes a few panels
-  // at a time against a pass of rows whose depth slice stays in L2, so that each B slice is
-  // fetched from memory once per pass and A's slice once per k-block, not once per panel group;
-  // the pass's first row block prefetches the next chunk of B, which the hardware prefetcher
-  // alone fetched too late: a 1024-unit LSTM step (32 rows against a 16 MB W_hh, streamed from
-  // L3 or memory) ran at 72-82 GF/s on one core and runs at 97-99 with it.
-  const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
-  const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+struct GemmTarget {
+  const PackedB<S>* b;
+  S* c;
+  Index ldc;
+};
+
+// C = A * B for each target (every B of the same depth b->K), plus C itself when accumulate, plus
+// the row `bias` (padded to b->padded_cols(); one target only) when given. A (n x K) has element
+// (i, k) at a[i * lda + k * a_k]. With a_row_sums, also a_row_sums[i] = sum over k of A(i, k),
+// added in order of k (the bias gradients, from the pass that already reads every element of A
+// once). Each pass of A serves every target: an A that has to be copied is copied once for all.
+template <typename S>
+void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTarget<S>* targets,
+                         size_t count, bool accumulate, const S* bias = nullptr, S* a_row_sums = nullptr) {
+  const Index K = targets[0].b->K;
   // An A read across its rows (a_k != 1: d_gates read transposed) has each k of a row block in
   // another cache line, GH elements on, which for a power-of-two GH maps them all to one L1 set;
   // each pass of such an A is copied once into blocks that the kernel reads contiguously.
   const bool pack_a = a_k != 1 || a_row_sums;
   if (a_row_sums) std::fill(a_row_sums, a_row_sums + n, S(0));
-  Buffer<S> a_packed(pack_a ? std::min(n, kRowsPerPass) * std::min(b.K, kKBlock) : 0);
-  for (Index k0 = 0; k0 < b.K; k0 += kKBlock) {
-    const Index kc = b.block_depth(k0);
+  Buffer<S> a_packed(pack_a ? std::min(n, kRowsPerPass) * std::min(K, kKBlock) : 0);
+  for (Index k0 = 0; k0 < K; k0 += kKBlock) {
+    const Index kc = targets[0].b->block_depth(k0);
     const Start start = (accumulate || k0 > 0) ? Start::c : bias ? Start::bias : Start::zero;
     const S* ak = a + k0 * a_k;
     for (Index r0 = 0; r0 < n; r0 += kRowsPerPass) {
@@ -293,28 +306,50 @@ void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const Packed
       auto a_at = [&](Index r) { return pack_a ? a_packed.data() + (r - r0) * kc : ak + r * lda; };
       const Index a_ld = pack_a ? 1 : lda;
       auto a_step = [&](Index mr) { return pack_a ? mr : a_k; };
-      for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
-        const Index q1 = std::min(b.panels, q0 + chunk);
-        // The first row block of a chunk fetches the next chunk while the others reuse this one.
-        bool prefetch = chunk < b.panels;
-        Index r = r0;
-        for (; r + kRowBlock <= r1; r += kRowBlock, prefetch = false)
-          gemm_rows_at<S, kRowBlock>(start, a_at(r), a_ld, a_step(kRowBlock), b, q0, q1, k0, kc, c + r * ldc,
-                                     ldc, bias, prefetch);
-        const S* ar = a_at(r);
-        const Index as = a_step(r1 - r);
-        S* cr = c + r * ldc;
-        switch (r1 - r) {
-          case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-          case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-          case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-          case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-          case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-          default: break;
+      for (size_t t = 0; t < count; ++t) {
+        const PackedB<S>& b = *targets[t].b;
+        S* const c = targets[t].c;
+        const Index ldc = targets[t].ldc;
+        // Each row block against all of B while B stays in L2. A B too large for that goes a few
+        // panels at a time against the pass of rows, whose depth slice stays in L2, so that each
+        // B slice is fetched from memory once per pass and A's slice once per k-block, not once
+        // per panel group; the pass's first row block prefetches the next chunk of B, which the
+        // hardware prefetcher alone fetched too late: a 1024-unit LSTM step (32 rows against a
+        // 16 MB W_hh, streamed from L3 or memory) ran at 72-82 GF/s on one core and runs at 97-99
+        // with it.
+        const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
+        const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+        for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
+          const Index q1 = std::min(b.panels, q0 + chunk);
+          // The first row block of a chunk fetches the next chunk while the others reuse this one.
+          bool prefetch = chunk < b.panels;
+          Index r = r0;
+          for (; r + kRowBlock <= r1; r += kRowBlock, prefetch = false)
+            gemm_rows_at<S, kRowBlock>(start, a_at(r), a_ld, a_step(kRowBlock), b, q0, q1, k0, kc, c + r * ldc,
+                                       ldc, bias, prefetch);
+          const S* ar = a_at(r);
+          const Index as = a_step(r1 - r);
+          S* cr = c + r * ldc;
+          switch (r1 - r) {
+            case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            default: break;
+          }
         }
       }
     }
   }
+}
+
+// The same for one product: C (n x b.N, row stride ldc) = A * B (+ C, + bias).
+template <typename S>
+void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,
+                         bool accumulate, const S* bias = nullptr, S* a_row_sums = nullptr) {
+  const GemmTarget<S> target{&b, c, ldc};
+  packed_gemm_targets(n, a, lda, a_k, &target, 1, accumulate, bias, a_row_sums);
 }
 
 // The same with A row-major (row stride lda).

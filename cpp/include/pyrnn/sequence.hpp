@@ -315,19 +315,25 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
 // Weight gradients summed over all steps, as two large GEMMs after the loop:
 // dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev (d_gates read transposed, in place), and the
 // biases as d_gates' column sums, taken as the GEMMs pack d_gates. Threads split the gate rows;
-// each sum over steps runs in one order.
+// each sum over steps runs in one order. When both sides share d_gates (every cell but gru), one
+// pass over it feeds both products, and db_hh is db_ih.
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_gates_hh,
                   const S* x, const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
   PackedB<S> xb, hb;
   xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; }, threads);
   hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
-  const S* no_bias = nullptr;
+  const bool shared = d_gates == d_gates_hh;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
-    packed_gemm_strided(g.size(), d_gates + g.begin, 1, GH, xb, dw_ih + g.begin * I, I, false, no_bias,
-                        db_ih + g.begin);
-    packed_gemm_strided(g.size(), d_gates_hh + g.begin, 1, GH, hb, dw_hh + g.begin * H, H, false, no_bias,
-                        db_hh + g.begin);
+    const GemmTarget<S> ih{&xb, dw_ih + g.begin * I, I}, hh{&hb, dw_hh + g.begin * H, H};
+    if (shared) {
+      const GemmTarget<S> both[] = {ih, hh};
+      packed_gemm_targets<S>(g.size(), d_gates + g.begin, 1, GH, both, 2, false, nullptr, db_ih + g.begin);
+      std::copy_n(db_ih + g.begin, g.size(), db_hh + g.begin);
+    } else {
+      packed_gemm_targets<S>(g.size(), d_gates + g.begin, 1, GH, &ih, 1, false, nullptr, db_ih + g.begin);
+      packed_gemm_targets<S>(g.size(), d_gates_hh + g.begin, 1, GH, &hh, 1, false, nullptr, db_hh + g.begin);
+    }
   });
 }
 
