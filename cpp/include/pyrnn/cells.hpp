@@ -41,8 +41,8 @@ struct StepBackward {
   const S* c_prev;
   S* dh;                     // in: dL/dh_t; out: the part of dL/dh_prev that bypasses W_hh
   S* dc;                     // lstm, in: dL/dc_t from later steps; out: dL/dc_prev
-  GateView<S> d_gates;       // dL/d(pre-activation gates), the x side (and h side unless gru)
-  GateView<S> d_gates_hh;    // gru only: the h side differs in its n block
+  GateView<S> d_gates;       // dL/d(pre-activation gates), the x side (and h side, but gru's n)
+  S* d_hn;                   // gru only, (n, w): dL/d(W_hn h_prev + b_hn), the h side of gate n
 };
 
 struct Tanh {
@@ -66,7 +66,7 @@ struct RnnCell {
   static constexpr Index G = 1;
   static constexpr bool has_c = false;
   static constexpr bool has_aux = false;
-  static constexpr bool split_hh_grad = false;
+  static constexpr bool has_d_hn = false;
   static constexpr bool dh_bypasses_w_hh = false;
 
   template <typename S>
@@ -96,7 +96,7 @@ struct LstmCell {
   static constexpr Index G = 4;
   static constexpr bool has_c = true;
   static constexpr bool has_aux = true;
-  static constexpr bool split_hh_grad = false;
+  static constexpr bool has_d_hn = false;
   static constexpr bool dh_bypasses_w_hh = false;
 
   template <typename S>
@@ -146,7 +146,7 @@ struct GruCell {
   static constexpr Index G = 3;
   static constexpr bool has_c = false;
   static constexpr bool has_aux = true;
-  static constexpr bool split_hh_grad = true;
+  static constexpr bool has_d_hn = true;
   static constexpr bool dh_bypasses_w_hh = true;
 
   template <typename S>
@@ -179,9 +179,7 @@ struct GruCell {
       d_n = dh * (1 - z) * (1 - n.square());
       arr(s.d_gates.at(r, 0), w) = d_n * hn * rg * (1 - rg);
       arr(s.d_gates.at(r, 1), w) = dh * (h_prev - n) * z * (1 - z);
-      arr(s.d_gates_hh.at(r, 0), w) = carr(s.d_gates.at(r, 0), w);
-      arr(s.d_gates_hh.at(r, 1), w) = carr(s.d_gates.at(r, 1), w);
-      arr(s.d_gates_hh.at(r, 2), w) = d_n * rg;
+      arr(s.d_hn + r * ld, w) = d_n * rg;
       dh *= z;
     }
   }

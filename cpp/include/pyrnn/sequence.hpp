@@ -249,25 +249,30 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
 
 // BPTT through one direction. d_out is this direction's slice of a (T, B, ld_dout) buffer;
 // d_h_n/d_c_n (B, H) may be null (zero). Writes d_gates (T, B, G*H) (rows past a sequence's end
-// zero), d_gates_hh likewise for gru (else null), and dh0/dc0 (B, H).
+// zero), d_hn (T, B, H) likewise for gru (else null), and dh0/dc0 (B, H).
 template <class Cell, typename S>
 void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const DirTape<S>& tape,
                        const S* d_out, Index ld_dout, const S* d_h_n, const S* d_c_n, S* d_gates,
-                       S* d_gates_hh, S* dh0, S* dc0, int threads) {
+                       S* d_hn, S* dh0, S* dc0, int threads) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
+  // The rows of W_hh whose gradient on the h side is d_gates': all, or gru's r and z rows, its n
+  // rows taking d_hn (so that no copy of the r and z gradients is written for them).
+  const Index rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
-  S* dg_hh = Cell::split_hh_grad ? d_gates_hh : d_gates;
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kMinTeamMacsTraining);
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
-    // The columns of W_hh for this thread's units, packed once; dh_hh receives d_gates W_hh.
+    // The columns of W_hh for this thread's units, packed once (gru's n rows apart); dh_hh
+    // receives d_gates W_hh (+ d_hn W_hn).
     const Index wp = round_up(w, kPacket<S>);
-    PackedB<S> w_cols;
-    w_cols.pack_rows(GH, w, wp, [&](Index k) { return w_hh + k * H + my.j0; });
+    PackedB<S> w_cols, w_cols_n;
+    w_cols.pack_rows(rows_from_d_gates, w, wp, [&](Index k) { return w_hh + k * H + my.j0; });
+    if constexpr (Cell::has_d_hn)
+      w_cols_n.pack_rows(H, w, wp, [&](Index k) { return w_hh + (rows_from_d_gates + k) * H + my.j0; });
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + at_h, ld_h, d_h_n + at_h, ld_h, 0, my_b, w);
     else zero_cols(dh.data() + at_h, ld_h, 0, my_b, w);
@@ -280,7 +285,7 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
       const Index at_t = t * B * H;
       S* dg_t = d_gates + t * B * GH;
-      S* dg_hh_t = dg_hh + t * B * GH;
+      S* d_hn_t = Cell::has_d_hn ? d_hn + at_t : nullptr;
       if (w > 0) {
         mat(dh.data() + at_h, n, w, ld_h) += cmat(d_out + t * B * ld_dout + my.at(ld_dout), n, w, my.stride(ld_dout));
         StepBackward<S> step_io{n, w, ld_h,
@@ -291,16 +296,16 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
                                 dh.data() + at_h,
                                 Cell::has_c ? dc.data() + at_h : nullptr,
                                 {dg_t + at_g, ld_g, H},
-                                {dg_hh_t + at_g, ld_g, H}};
+                                Cell::has_d_hn ? d_hn_t + at_h : nullptr};
         Cell::backward(step_io);
-        for (Index g = 0; g < G; ++g) {
-          zero_cols(dg_t + at_g + g * H, ld_g, n, my_b, w);
-          if constexpr (Cell::split_hh_grad) zero_cols(dg_hh_t + at_g + g * H, ld_g, n, my_b, w);
-        }
+        for (Index g = 0; g < G; ++g) zero_cols(dg_t + at_g + g * H, ld_g, n, my_b, w);
+        if constexpr (Cell::has_d_hn) zero_cols(d_hn_t + at_h, ld_h, n, my_b, w);
       }
       if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
-        packed_gemm(n, dg_hh_t + my.row0 * GH, ld_g, w_cols, dh_hh.data(), wp, false);
+        packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_cols, dh_hh.data(), wp, false);
+        if constexpr (Cell::has_d_hn)
+          packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_cols_n, dh_hh.data(), wp, true);
         auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);
         const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);
         if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
@@ -312,27 +317,32 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   });
 }
 
-// Weight gradients summed over all steps, as two large GEMMs after the loop:
-// dW_ih = d_gates^T x, dW_hh = d_gates_hh^T h_prev (d_gates read transposed, in place), and the
-// biases as d_gates' column sums, taken as the GEMMs pack d_gates. Threads split the gate rows;
-// each sum over steps runs in one order. When both sides share d_gates (every cell but gru), one
-// pass over it feeds both products, and db_hh is db_ih.
+// Weight gradients summed over all steps, as large GEMMs after the loop: dW_ih = d_gates^T x and
+// dW_hh = d_gates^T h_prev (d_gates read transposed, in place; for gru's n rows of dW_hh, d_hn),
+// and the biases as their column sums, taken as the GEMMs pack d_gates. Threads split the gate
+// rows; each sum over steps runs in one order. Where both sides read d_gates, one pass over it
+// feeds both products.
 template <typename S>
-void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_gates_hh,
-                  const S* x, const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
+void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const S* x,
+                  const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
   PackedB<S> xb, hb;
   xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; }, threads);
   hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
-  const bool shared = d_gates == d_gates_hh;
+  const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
-    const GemmTarget<S> ih{&xb, dw_ih + g.begin * I, I}, hh{&hb, dw_hh + g.begin * H, H};
-    if (shared) {
-      const GemmTarget<S> both[] = {ih, hh};
-      packed_gemm_targets<S>(g.size(), d_gates + g.begin, 1, GH, both, 2, false, nullptr, db_ih + g.begin);
-      std::copy_n(db_ih + g.begin, g.size(), db_hh + g.begin);
-    } else {
-      packed_gemm_targets<S>(g.size(), d_gates + g.begin, 1, GH, &ih, 1, false, nullptr, db_ih + g.begin);
-      packed_gemm_targets<S>(g.size(), d_gates_hh + g.begin, 1, GH, &hh, 1, false, nullptr, db_hh + g.begin);
+    auto ih = [&](Index r) { return GemmTarget<S>{&xb, dw_ih + r * I, I}; };
+    auto hh = [&](Index r) { return GemmTarget<S>{&hb, dw_hh + r * H, H}; };
+    const Index mid = std::clamp(rows_from_d_gates, g.begin, g.end);
+    if (mid > g.begin) {
+      const GemmTarget<S> both[] = {ih(g.begin), hh(g.begin)};
+      packed_gemm_targets<S>(mid - g.begin, d_gates + g.begin, 1, GH, both, 2, false, nullptr, db_ih + g.begin);
+      std::copy(db_ih + g.begin, db_ih + mid, db_hh + g.begin);
+    }
+    if (g.end > mid) {  // gru's n rows
+      const GemmTarget<S> n_ih = ih(mid), n_hh = hh(mid);
+      packed_gemm_targets<S>(g.end - mid, d_gates + mid, 1, GH, &n_ih, 1, false, nullptr, db_ih + mid);
+      packed_gemm_targets<S>(g.end - mid, d_hn + (mid - rows_from_d_gates), 1, H, &n_hh, 1, false, nullptr,
+                             db_hh + mid);
     }
   });
 }

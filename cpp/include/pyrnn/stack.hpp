@@ -246,9 +246,9 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   if (!d_c_n.empty()) gather_rows(d_c_n_in, d_c_n.data(), L * D, B, H, order);
   std::vector<S> dh0(L * D * B * H), dc0(Cell::has_c ? L * D * B * H : 0);
 
-  std::vector<Buffer<S>> d_gates(D), d_gates_hh(Cell::split_hh_grad ? D : 0);
+  std::vector<Buffer<S>> d_gates(D), d_hn(Cell::has_d_hn ? D : 0);
   for (auto& b : d_gates) b.allocate(T * B * GH);
-  for (auto& b : d_gates_hh) b.allocate(T * B * GH);
+  for (auto& b : d_hn) b.allocate(T * B * H);
   Buffer<S> dx_own;
   for (Index layer = L - 1; layer >= 0; --layer) {
     const Index Ik = dm.input_size(layer);
@@ -258,7 +258,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
       sequence_backward<Cell>(shape, tape.w_hh[k].data(), d == 1, tape.dirs[k], d_y + d * H, DH,
                               d_h_n.empty() ? nullptr : d_h_n.data() + state,
                               d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates[d].data(),
-                              Cell::split_hh_grad ? d_gates_hh[d].data() : nullptr, dh0.data() + state,
+                              Cell::has_d_hn ? d_hn[d].data() : nullptr, dh0.data() + state,
                               Cell::has_c ? dc0.data() + state : nullptr, dir_threads);
     });
     std::vector<const S*> dg(D), w_ih(D);
@@ -266,7 +266,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
       const Index k = layer * D + d;
       dg[d] = d_gates[d].data();
       w_ih[d] = tape.w_ih[k].data();
-      weight_grads(T * B, Ik, H, GH, dg[d], Cell::split_hh_grad ? d_gates_hh[d].data() : dg[d],
+      weight_grads(T * B, Ik, H, GH, dg[d], Cell::has_d_hn ? d_hn[d].data() : nullptr,
                    tape.layer_input[layer].data(), tape.dirs[k].h_prev.data(), grads.dw_ih[k],
                    grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], threads);
     }
