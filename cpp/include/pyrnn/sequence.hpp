@@ -119,16 +119,17 @@ void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, 
 // so that the cell reads them from cache, not from memory written long before.
 constexpr Index kProjectionBytes = Index(1) << 20;
 
-// This thread's x W_ih^T + b_ih, G gates of its units [j0, j0 + w), one packed B per gate so that
-// each gate's projection lands in that gate's own columns of the destination.
+// x W_ih^T + b_ih for G gates of units [j0, j0 + w), one packed B per gate so that each gate's
+// projection lands in that gate's own columns of the destination. Up to `threads` threads pack it.
 template <typename S>
 struct GateProjection {
   std::vector<PackedB<S>> w_ih;
   std::vector<Buffer<S>> b_ih;
 
-  GateProjection(const DirWeights<S>& wt, Index G, Index I, Index H, Index j0, Index w) : w_ih(G), b_ih(G) {
+  GateProjection(const DirWeights<S>& wt, Index G, Index I, Index H, Index j0, Index w, int threads = 1)
+      : w_ih(G), b_ih(G) {
     for (Index g = 0; g < G; ++g) {
-      w_ih[g].pack(I, w, 1, [&](Index j) { return wt.w_ih + (g * H + j0 + j) * I; });
+      w_ih[g].pack(I, w, 1, [&](Index j) { return wt.w_ih + (g * H + j0 + j) * I; }, threads);
       b_ih[g] = padded_row(wt.b_ih + g * H + j0, w, w_ih[g].padded_cols());
     }
   }
@@ -166,15 +167,27 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     }
     input_projection(T * B, I, GH, x, wt.w_ih, wt.b_ih, xp_full, threads);
   }
+  // The rows of W_hh for units [j0, j0 + w), gate g's units at columns [g * w, g * w + w). The
+  // gates sit side by side, not each padded to whole panels: for H = 100 on two threads that
+  // padding was 8-23 % more columns in every step's GEMM.
+  auto pack_w_hh = [&](PackedB<S>& packed, Index j0, Index w, int pack_threads) {
+    packed.pack(H, G * w, 1, [&](Index j) { return wt.w_hh + ((j / w) * H + j0 + j % w) * H; }, pack_threads);
+  };
+  // Sharing out rows, every thread multiplies by all of W_hh and W_ih: they are packed once, by
+  // all of them, not once by each. Sharing out units, each thread packs its own units' rows.
+  PackedB<S> w_hh_all;
+  std::unique_ptr<GateProjection<S>> projection_all;
+  if (plan.by_rows) {
+    pack_w_hh(w_hh_all, 0, H, threads);
+    if (!project_up_front) projection_all = std::make_unique<GateProjection<S>>(wt, G, I, H, 0, H, threads);
+  }
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
-    // This thread's rows of W_hh, packed once: gate g's units at columns [g * w, g * w + w). The
-    // gates sit side by side, not each padded to whole panels: for H = 100 on two threads that
-    // padding was 8-23 % more columns in every step's GEMM.
-    PackedB<S> w_hh;
-    w_hh.pack(H, G * w, 1, [&](Index j) { return wt.w_hh + ((j / w) * H + my.j0 + j % w) * H; });
+    PackedB<S> w_hh_mine;
+    if (!plan.by_rows) pack_w_hh(w_hh_mine, my.j0, w, 1);
+    const PackedB<S>& w_hh = plan.by_rows ? w_hh_all : w_hh_mine;
     Buffer<S> hh(B * G * w);
     copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
@@ -195,8 +208,9 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     auto xp_at = [&](Index t) {
       return full_layout ? xp_full + t * B * GH + my.at(GH) : chunk.data() + (t - chunk_t0) * step_elems;
     };
-    std::unique_ptr<GateProjection<S>> projection;
-    if (in_chunks) projection = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
+    std::unique_ptr<GateProjection<S>> projection_mine;
+    if (in_chunks && !plan.by_rows) projection_mine = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
+    const GateProjection<S>* projection = plan.by_rows ? projection_all.get() : projection_mine.get();
     // Project times [t0, t0 + n): the rows of consecutive steps follow each other unless this
     // thread owns every team-th row.
     auto project = [&](Index t0, Index n) {
