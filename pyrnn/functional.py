@@ -228,20 +228,26 @@ def _check_weights(
     zeros = np.zeros(G * H, dtype)
     kernel_weights, bias_given = [], []
     for k, entry in enumerate(weights):
-        name = f"weights[{k}]"
         if not isinstance(entry, list | tuple) or len(entry) != 4:
-            raise ValueError(f"{name}: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {entry!r}")
+            raise ValueError(
+                f"weights[{k}]: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {entry!r}"
+            )
         I_k = I if k < D else D * H  # noqa: N806
         shapes = ((G * H, I_k), (G * H, H), (G * H,), (G * H,))
         arrays = []
         for j, array in enumerate(entry):
             if array is None and j >= 2:
                 arrays.append(zeros)
-                continue
-            array_name = f"{name} {WEIGHT_NAMES[j]}"
-            array = _checks.float_array(array_name, array, dtype)
-            _checks.shape(array_name, array, shapes[j], _WEIGHT_MEANINGS[j])
-            arrays.append(array)
+            elif (type(array) is np.ndarray and array.dtype == dtype and array.shape == shapes[j]
+                  and array.flags.c_contiguous):
+                # The usual case, taken without building names for messages: with a small model
+                # called a step at a time these checks cost a tenth of the call.
+                arrays.append(array)
+            else:
+                array_name = f"weights[{k}] {WEIGHT_NAMES[j]}"
+                array = _checks.float_array(array_name, array, dtype)
+                _checks.shape(array_name, array, shapes[j], _WEIGHT_MEANINGS[j])
+                arrays.append(array)
         kernel_weights.append(tuple(arrays))
         bias_given.append((entry[2] is not None, entry[3] is not None))
     return kernel_weights, tuple(bias_given), L, H

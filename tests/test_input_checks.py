@@ -271,6 +271,32 @@ def test_functional_rejects_a_weight_of_wrong_dtype(backend):
         functional.rnn_forward("rnn_tanh", inputs()[0], [entry], backend=backend)
 
 
+def test_functional_accepts_weights_in_any_layout_with_identical_results(backend):
+    # Contiguous native weights skip the conversions; every other layout must still be converted
+    # (and a subclass taken as its values), not passed to the kernels as it is.
+    x = inputs()[0]
+    rng = np.random.default_rng(4)
+    shapes = ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))
+    weights = [tuple(rng.standard_normal(shape) for shape in shapes)]
+    want = functional.rnn_forward("lstm", x, weights, backend=backend)[0]
+
+    def strided(a):
+        big = np.zeros((*a.shape[:-1], 2 * a.shape[-1]))
+        big[..., ::2] = a
+        return big[..., ::2]
+
+    variants = {
+        "strided": strided,
+        "fortran": lambda a: np.asfortranarray(a) if a.ndim == 2 else strided(a),
+        "byte-swapped": lambda a: a.astype(a.dtype.newbyteorder(">")),
+        "subclass": lambda a: a.view(np.ma.MaskedArray),
+    }
+    for label, make in variants.items():
+        entry = tuple(make(a) for a in weights[0])
+        got = functional.rnn_forward("lstm", x, [entry], backend=backend)[0]
+        np.testing.assert_array_equal(got, want, err_msg=label)
+
+
 def test_functional_rejects_a_rng_that_is_not_a_generator(backend):
     entry = (np.zeros((H, I)), np.zeros((H, H)), None, None)
     with pytest.raises(TypeError, match=r"rng: expected a numpy.random.Generator"):
