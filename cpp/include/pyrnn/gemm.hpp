@@ -10,6 +10,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "pyrnn/threads.hpp"
@@ -248,27 +249,24 @@ template <typename S>
 void pack_a_blocks(const S* a, Index lda, Index a_k, Index rows, Index kc, S* dst, S* row_sums) {
   const Index full = rows / kRowBlock * kRowBlock, tail = rows - full;
   // Depth outer, so that with lda == 1 (A read transposed) each k reads one contiguous run. That
-  // case has loops of its own, which the compiler makes vector moves and adds: the generic ones
-  // (a memmove call per block, scalar sums) made packing d_gates 6 % of a GRU training step.
-  // Its runs lie GH values apart, too far for the hardware prefetcher: they are asked for ahead.
-  for (Index k = 0; k < kc; ++k) {
-    const S* from = a + k * a_k;
-    if (lda == 1) {
-      if (k + kPackAhead < kc)
+  // case is compiled apart with a constant stride, which the compiler makes vector moves and
+  // adds: the generic loops (a memmove call per block, scalar sums) made packing d_gates 6 % of a
+  // GRU training step. Its runs lie GH values apart, too far for the hardware prefetcher: they
+  // are asked for ahead.
+  auto copy = [&](auto row_stride) {
+    for (Index k = 0; k < kc; ++k) {
+      const S* from = a + k * a_k;
+      if (row_stride == 1 && k + kPackAhead < kc)
         for (Index i = 0; i < rows; i += 64 / Index(sizeof(S))) __builtin_prefetch(from + kPackAhead * a_k + i, 0, 3);
       for (Index r = 0; r < full; r += kRowBlock)
-        for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[r + i];
-      for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[full + i];
+        for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[(r + i) * row_stride];
+      for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * row_stride];
       if (row_sums)
-        for (Index i = 0; i < rows; ++i) row_sums[i] += from[i];
-    } else {
-      for (Index r = 0; r < full; r += kRowBlock)
-        for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[(r + i) * lda];
-      for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * lda];
-      if (row_sums)
-        for (Index i = 0; i < rows; ++i) row_sums[i] += from[i * lda];
+        for (Index i = 0; i < rows; ++i) row_sums[i] += from[i * row_stride];
     }
-  }
+  };
+  if (lda == 1) copy(std::integral_constant<Index, 1>{});
+  else copy(lda);
 }
 
 // One product of packed_gemm_targets: C (n x b->N, row stride ldc) = A * B.
