@@ -275,18 +275,30 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   const Index rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kMinTeamMacsTraining);
+  // Columns [j0, j0 + w) of W_hh, packed (gru's n rows apart): dh_hh receives d_gates W_hh
+  // (+ d_hn W_hn). Sharing out rows, every thread needs all of them: they are packed once, by all
+  // the threads, as in sequence_forward; sharing out units, each thread packs its own.
+  struct WhhColumns {
+    PackedB<S> for_d_gates, for_d_hn;
+  };
+  auto pack_columns = [&](WhhColumns& cols, Index j0, Index w, int pack_threads) {
+    const Index wp = round_up(w, kPacket<S>);
+    cols.for_d_gates.pack_rows(rows_from_d_gates, w, wp, [&](Index k) { return w_hh + k * H + j0; }, pack_threads);
+    if constexpr (Cell::has_d_hn)
+      cols.for_d_hn.pack_rows(H, w, wp, [&](Index k) { return w_hh + (rows_from_d_gates + k) * H + j0; },
+                              pack_threads);
+  };
+  WhhColumns all_columns;
+  if (plan.by_rows) pack_columns(all_columns, 0, H, threads);
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
-    // The columns of W_hh for this thread's units, packed once (gru's n rows apart); dh_hh
-    // receives d_gates W_hh (+ d_hn W_hn).
+    WhhColumns my_columns;
+    if (!plan.by_rows) pack_columns(my_columns, my.j0, w, 1);
+    const WhhColumns& w_cols = plan.by_rows ? all_columns : my_columns;
     const Index wp = round_up(w, kPacket<S>);
-    PackedB<S> w_cols, w_cols_n;
-    w_cols.pack_rows(rows_from_d_gates, w, wp, [&](Index k) { return w_hh + k * H + my.j0; });
-    if constexpr (Cell::has_d_hn)
-      w_cols_n.pack_rows(H, w, wp, [&](Index k) { return w_hh + (rows_from_d_gates + k) * H + my.j0; });
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + at_h, ld_h, d_h_n + at_h, ld_h, 0, my_b, w);
     else zero_cols(dh.data() + at_h, ld_h, 0, my_b, w);
@@ -317,9 +329,9 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
       }
       if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
-        packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_cols, dh_hh.data(), wp, false);
+        packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_cols.for_d_gates, dh_hh.data(), wp, false);
         if constexpr (Cell::has_d_hn)
-          packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_cols_n, dh_hh.data(), wp, true);
+          packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_cols.for_d_hn, dh_hh.data(), wp, true);
         auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);
         const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);
         if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
