@@ -51,6 +51,14 @@ def float_array(name: str, a: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return native(a)
 
 
+def is_ready(a: Any, dtype: np.dtype, expected: tuple[int, ...]) -> bool:
+    """True when float_array and shape would pass `a` on unchanged (a plain C-contiguous ndarray
+    of the native `dtype` and the expected shape): a test for the hot path, which then need not
+    build the names its messages would use."""
+    return (type(a) is np.ndarray and a.dtype == dtype and a.shape == expected
+            and a.flags.c_contiguous)
+
+
 def shape(name: str, a: np.ndarray, expected: tuple[int, ...], meaning: str) -> None:
     """a.shape == expected; `meaning` spells the dimensions, e.g. "(L*D, B, H)"."""
     if a.shape != expected:

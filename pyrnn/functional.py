@@ -238,10 +238,9 @@ def _check_weights(
         for j, array in enumerate(entry):
             if array is None and j >= 2:
                 arrays.append(zeros)
-            elif (type(array) is np.ndarray and array.dtype == dtype and array.shape == shapes[j]
-                  and array.flags.c_contiguous):
-                # The usual case, taken without building names for messages: with a small model
-                # called a step at a time these checks cost a tenth of the call.
+            elif _checks.is_ready(array, dtype, shapes[j]):
+                # Without building names for messages: with a small model called a step at a
+                # time, the checks below cost a tenth of the call.
                 arrays.append(array)
             else:
                 array_name = f"weights[{k}] {WEIGHT_NAMES[j]}"

@@ -25,6 +25,13 @@ def gru(backend: str, **kwargs) -> pyrnn.GRU:
     return pyrnn.GRU(I, H, **kwargs)
 
 
+def strided(a: np.ndarray) -> np.ndarray:
+    """Same values, every other element of a bigger buffer (not contiguous)."""
+    big = np.zeros((*a.shape[:-1], 2 * a.shape[-1]), a.dtype)
+    big[..., ::2] = a
+    return big[..., ::2]
+
+
 def inputs(seed: int = 0, layers: int = 1, directions: int = 1):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, B, I))
@@ -279,12 +286,6 @@ def test_functional_accepts_weights_in_any_layout_with_identical_results(backend
     shapes = ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))
     weights = [tuple(rng.standard_normal(shape) for shape in shapes)]
     want = functional.rnn_forward("lstm", x, weights, backend=backend)[0]
-
-    def strided(a):
-        big = np.zeros((*a.shape[:-1], 2 * a.shape[-1]))
-        big[..., ::2] = a
-        return big[..., ::2]
-
     variants = {
         "strided": strided,
         "fortran": lambda a: np.asfortranarray(a) if a.ndim == 2 else strided(a),
@@ -402,12 +403,6 @@ def test_non_contiguous_and_byte_swapped_inputs_give_identical_results(backend):
     d_out, d_h_n = rng.standard_normal((T, B, 2 * H)), rng.standard_normal((4, B, H))
     lengths = np.array([5, 2, 4])
     want = run_lstm_step(backend, x, h0, c0, d_out, d_h_n, lengths)
-
-    def strided(a):  # same values, every other element of a bigger buffer
-        big = np.zeros((*a.shape[:-1], 2 * a.shape[-1]))
-        big[..., ::2] = a
-        return big[..., ::2]
-
     variants = {
         "strided": strided,
         "fortran": np.asfortranarray,
