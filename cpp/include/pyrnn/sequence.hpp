@@ -56,21 +56,28 @@ struct StepPlan {
   bool by_rows;
 };
 
-// Multiply-adds per step below which a time loop runs on one thread: a barrier would cost more.
-// Measured on the 2-core machine: inference steps of 30k-65k (GRU char-RNN, LSTM latency) ran
-// 20-30 % faster on two threads and 16k (RNN latency) 15 % slower; the steps of a training pass
-// (forward writing the tape, and BPTT) at 50k-65k came out within 10 % either way as the host's
-// noise changed, so those stay on one thread up to the old threshold.
-constexpr Index kMinTeamMacsInference = Index(24) << 10;
-constexpr Index kMinTeamMacsTraining = Index(1) << 17;
+// When a time loop is worth a team: from `min_macs` multiply-adds per step (below, a barrier
+// costs more than the step) and, sharing out units, from `min_w_hh_bytes` of W_hh (each thread
+// streams its part of W_hh from L2 every step; below, what that saves is less than what sharing
+// costs). Measured on the 2-core machine at batch 1-4: inference steps of 30k-65k multiply-adds
+// (GRU char-RNN, LSTM latency) ran 20-30 % faster on two threads and 16k (RNN latency) 15 % slower.
+// A training pass (forward writing the tape, and BPTT) ran 5-15 % faster on two threads with a
+// W_hh of 160-256 KB (LSTM H = 100 and 128, GRU H = 128, RNN H = 200) but 5-10 % slower with
+// 64-100 KB (LSTM H = 64 and 80), and within noise at 100-120 KB (GRU H = 100, RNN H = 160).
+struct TeamThresholds {
+  Index min_macs, min_w_hh_bytes;
+};
+constexpr TeamThresholds kInferenceTeam{Index(24) << 10, 0};
+constexpr TeamThresholds kTrainingTeam{Index(24) << 10, Index(128) << 10};
 
-inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads, Index min_team_macs) {
-  const Index macs = B * H * G * H;
-  if (threads <= 1 || macs < min_team_macs) return {1, false};
-  const bool w_hh_in_l2 = G * H * H * scalar_bytes <= static_cast<Index>(kL2Bytes);
+inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads, TeamThresholds min) {
+  const Index macs = B * H * G * H, w_hh_bytes = G * H * H * scalar_bytes;
+  if (threads <= 1 || macs < min.min_macs) return {1, false};
+  const bool w_hh_in_l2 = w_hh_bytes <= static_cast<Index>(kL2Bytes);
   if (w_hh_in_l2 && B >= kMinRowsPerThread * 2)
     return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true};
-  return {static_cast<int>(std::min<Index>(threads, (H + kUnitAlign - 1) / kUnitAlign)), false};
+  if (w_hh_bytes < min.min_w_hh_bytes) return {1, false};
+  return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
 }
 
 // One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
@@ -156,7 +163,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   const StepPlan plan =
-      plan_steps(B, H, G, sizeof(S), threads, tape ? kMinTeamMacsTraining : kMinTeamMacsInference);
+      plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
   const bool project_up_front = plan.team < threads;
   Buffer<S> xp_all;  // (T, B, G*H), the whole projection when made up front without a tape
   S* xp_full = tape ? tape->gates.data() : nullptr;
@@ -274,7 +281,7 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
   // rows taking d_hn (so that no copy of the r and z gradients is written for them).
   const Index rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
-  const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kMinTeamMacsTraining);
+  const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
   // Columns [j0, j0 + w) of W_hh, packed (gru's n rows apart): dh_hh receives d_gates W_hh
   // (+ d_hn W_hn). Sharing out rows, every thread needs all of them: they are packed once, by all
   // the threads, as in sequence_forward; sharing out units, each thread packs its own.
