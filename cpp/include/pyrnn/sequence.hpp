@@ -58,16 +58,17 @@ struct StepPlan {
 
 // When a time loop is worth a team: from `min_macs` multiply-adds per step (below, a barrier
 // costs more than the step) and, sharing out units, from `min_w_hh_bytes` of W_hh (each thread
-// streams its part of W_hh from L2 every step; below, what that saves is less than what sharing
-// costs). Measured on the 2-core machine at batch 1-4: inference steps of 30k-65k multiply-adds
-// (GRU char-RNN, LSTM latency) ran 20-30 % faster on two threads and 16k (RNN latency) 15 % slower.
-// A training pass (forward writing the tape, and BPTT) ran 5-15 % faster on two threads with a
-// W_hh of 160-256 KB (LSTM H = 100 and 128, GRU H = 128, RNN H = 200) but 5-10 % slower with
-// 64-100 KB (LSTM H = 64 and 80), and within noise at 100-120 KB (GRU H = 100, RNN H = 160).
+// streams its part of W_hh from L2 every step; below, what that saves is less than what meeting
+// costs). Measured on the 2-core machine at batch 1-8, two threads against one, paired rounds:
+// - inference: GRU char-RNN (W_hh 120 KB) 20 % faster on two when the host was quiet; LSTM H = 80
+//   (100 KB) and batch 8 with H = 48 (36 KB) 10 % slower, batch-4 LSTM H = 64 (64 KB) even;
+// - training (forward writing the tape, and BPTT): LSTM H = 128 (256 KB) 23 % faster, GRU H = 128
+//   15 %, RNN H = 200 and LSTM H = 100 (160 KB) 5 %; GRU H = 100 (120 KB) and RNN H = 160 even,
+//   LSTM H = 64-80 5-10 % slower.
 struct TeamThresholds {
   Index min_macs, min_w_hh_bytes;
 };
-constexpr TeamThresholds kInferenceTeam{Index(24) << 10, 0};
+constexpr TeamThresholds kInferenceTeam{Index(24) << 10, Index(112) << 10};
 constexpr TeamThresholds kTrainingTeam{Index(24) << 10, Index(128) << 10};
 
 inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads, TeamThresholds min) {
