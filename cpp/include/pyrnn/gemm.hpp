@@ -156,22 +156,36 @@ Buffer<S> padded_row(const S* row, Index n, Index padded) {
 enum class Start { zero, c, bias };
 
 // MR rows x NP panels of C, over depth [0, kc): C = start + A B. With a bias start, `bias` points
-// at the bias of these panels' first column. With `ahead`, also prefetches into L2, a line for
-// each line of B read, the NP * kc * kPacket<S> values from `ahead` on: the B that a later call
-// will read, which for a B streamed from memory would otherwise stall the kernel line by line.
+// at the bias of these panels' first column. Of the last panel only the first `last_cols` columns
+// of C are read and written (B's panels are zero-padded, a bias row padded like them). With
+// `ahead`, also prefetches into L2, a line for each line of B read, the NP * kc * kPacket<S>
+// values from `ahead` on: the B that a later call will read, which for a B streamed from memory
+// would otherwise stall the kernel line by line.
 template <typename S, int MR, int NP, Start start>
 EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* b, Index panel_stride,
-                                     Index kc, S* c, Index ldc, const S* bias, const S* ahead = nullptr) {
+                                     Index kc, S* c, Index ldc, const S* bias, const S* ahead = nullptr,
+                                     Index last_cols = kPacket<S>) {
   namespace ei = Eigen::internal;
   using P = Packet<S>;
   constexpr Index PS = kPacket<S>;
   constexpr Index kLineValues = 64 / sizeof(S);
+  const bool partial = last_cols < PS;
+  alignas(64) S tile[MR * PS];  // the partial panel's rows of C, whole packets wide
   P acc[MR][NP];
   for (int i = 0; i < MR; ++i)
     for (int p = 0; p < NP; ++p) {
-      if constexpr (start == Start::c) acc[i][p] = ei::ploadu<P>(c + i * ldc + p * PS);
-      else if constexpr (start == Start::bias) acc[i][p] = ei::ploadu<P>(bias + p * PS);
-      else acc[i][p] = ei::pset1<P>(S(0));
+      if constexpr (start == Start::c) {
+        const S* from = c + i * ldc + p * PS;
+        if (p == NP - 1 && partial) {
+          std::fill(std::copy_n(from, last_cols, tile + i * PS), tile + (i + 1) * PS, S(0));
+          from = tile + i * PS;
+        }
+        acc[i][p] = ei::ploadu<P>(from);
+      } else if constexpr (start == Start::bias) {
+        acc[i][p] = ei::ploadu<P>(bias + p * PS);
+      } else {
+        acc[i][p] = ei::pset1<P>(S(0));
+      }
     }
   auto step = [&](Index k) __attribute__((always_inline)) {
     P bk[NP];
@@ -190,22 +204,29 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
     for (Index k = 0; k < kc; ++k) step(k);
   }
   for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) ei::pstoreu(c + i * ldc + p * PS, acc[i][p]);
+    for (int p = 0; p < NP; ++p) {
+      if (p == NP - 1 && partial) {
+        ei::pstore(tile + i * PS, acc[i][p]);
+        std::copy_n(tile + i * PS, last_cols, c + i * ldc + p * PS);
+      } else {
+        ei::pstoreu(c + i * ldc + p * PS, acc[i][p]);
+      }
+    }
 }
 
 constexpr int panels_per_call(int rows) { return std::max(1, std::min(8, kAccumulators / rows)); }
 
-// The last, partial panel: computed into a local tile, of which the valid columns are kept.
-template <typename S, int MR, Start start>
-void gemm_edge(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
-               Index ldc, const S* bias, Index cols) {
-  constexpr Index PS = kPacket<S>;
-  alignas(64) S tile[MR * PS];
-  // With Start::c the kernel loads whole rows of the tile: the lanes past `cols` are zeroed.
-  if constexpr (start == Start::c)
-    for (int i = 0; i < MR; ++i) std::fill(std::copy_n(c + i * ldc, cols, tile + i * PS), tile + (i + 1) * PS, S(0));
-  gemm_kernel<S, MR, 1, start>(a, lda, a_k, b, panel_stride, kc, tile, PS, bias);
-  for (int i = 0; i < MR; ++i) std::copy_n(tile + i * PS, cols, c + i * ldc);
+// The kernel over the `panels` (1 to NP) panels left after the calls of NP panels each, in one
+// call: each panel is another sum in flight. Taken two and one at a time, a single row's sums
+// waited on the FMA's latency: an H = 100 step ran its last five panels at a quarter of the rate.
+template <typename S, int MR, int NP, Start start>
+void gemm_rest(Index panels, const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
+               Index ldc, const S* bias, const S* ahead, Index last_cols) {
+  if (panels == NP) {
+    gemm_kernel<S, MR, NP, start>(a, lda, a_k, b, panel_stride, kc, c, ldc, bias, ahead, last_cols);
+  } else if constexpr (NP > 1) {
+    gemm_rest<S, MR, NP - 1, start>(panels, a, lda, a_k, b, panel_stride, kc, c, ldc, bias, ahead, last_cols);
+  }
 }
 
 // MR rows of C over B's panels [q0, q1), for B's depth block [k0, k0 + kc). With `prefetch`, the
@@ -222,13 +243,11 @@ void gemm_rows(const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, 
   Index q = q0;
   for (; q + NP <= full; q += NP)
     gemm_kernel<S, MR, NP, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q));
-  if constexpr (NP > 2)
-    for (; q + 2 <= full; q += 2)
-      gemm_kernel<S, MR, 2, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q));
-  for (; q < full; ++q)
-    gemm_kernel<S, MR, 1, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q));
-  if (full < q1)
-    gemm_edge<S, MR, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), b.N - full * PS);
+  // The rest: fewer than NP whole panels, and B's last, partial panel if it is among these.
+  const Index last_cols = full < q1 ? b.N - full * PS : PS;
+  if (q < q1)
+    gemm_rest<S, MR, NP, start>(q1 - q, a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q),
+                                last_cols);
 }
 
 template <typename S, int MR>
