@@ -660,7 +660,7 @@ def test_weights_streamed_past_l2_match_torch(cell, dtype, threads_used, threads
 
 
 # Inference shares out the units of a smaller W_hh than training does (112 KB against 128): with a
-# batch of one and H = 176 (124 KB) the RNN's steps are shared only in inference.
+# batch of one and H = 176 (121 KB) the RNN's steps are shared only in inference.
 INFERENCE_SHAPES = {**TEAM_SHAPES, "rnn_inference_only": (1, 176)}
 
 

@@ -59,12 +59,13 @@ struct StepPlan {
 // When a time loop is worth a team: from `min_macs` multiply-adds per step (below, a barrier
 // costs more than the step) and, sharing out units, from `min_w_hh_bytes` of W_hh (each thread
 // streams its part of W_hh from L2 every step; below, what that saves is less than what meeting
-// costs). Measured on the 2-core machine at batch 1-8, two threads against one, paired rounds:
-// - inference: GRU char-RNN (W_hh 120 KB) 20 % faster on two when the host was quiet; LSTM H = 80
+// costs). Measured on the 2-core machine at batch 1-8, two threads against one, paired rounds
+// (float32; KB = 1024 bytes, as in the thresholds):
+// - inference: GRU char-RNN (W_hh 117 KB) 20 % faster on two when the host was quiet; LSTM H = 80
 //   (100 KB) and batch 8 with H = 48 (36 KB) 10 % slower, batch-4 LSTM H = 64 (64 KB) even;
 // - training (forward writing the tape, and BPTT): LSTM H = 128 (256 KB) 23 % faster, GRU H = 128
-//   15 %, RNN H = 200 and LSTM H = 100 (160 KB) 5 %; GRU H = 100 (120 KB) and RNN H = 160 even,
-//   LSTM H = 64-80 5-10 % slower.
+//   15 %, RNN H = 200 and LSTM H = 100 (156 KB) 5 %; GRU H = 100 (117 KB) and RNN H = 160 (100 KB)
+//   even, LSTM H = 64-80 5-10 % slower.
 struct TeamThresholds {
   Index min_macs, min_w_hh_bytes;
 };
