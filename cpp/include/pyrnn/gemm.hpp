@@ -46,6 +46,11 @@ template <typename S>
 struct PackedB {
   Index K = 0, N = 0, panels = 0;
   Buffer<S> data;
+  // Readers find the panels through these: where depth block 0 starts, the values a depth row of
+  // all its panels takes, and which of them is this B's first. They describe `data` once packed;
+  // a view (columns()) owns no data and points into another PackedB's panels.
+  const S* origin = nullptr;
+  Index row_values = 0, first_panel = 0;
 
   // Rows of the depth block holding row k: kKBlock, or fewer in the last block. A block's panels
   // lie this many packets apart, so every reader of a block must use it as the block's depth.
@@ -56,7 +61,20 @@ struct PackedB {
     return data.data() + k0 * padded_cols() + (q * block_depth(k0) + k - k0) * kPacket<S>;
   }
   // Depth block k0's first panel; the panels follow kc * kPacket<S> apart.
-  const S* block(Index k0) const { return data.data() + k0 * padded_cols(); }
+  const S* block(Index k0) const { return origin + k0 * row_values + first_panel * block_depth(k0) * kPacket<S>; }
+  Index bytes() const { return K * padded_cols() * Index(sizeof(S)); }
+
+  // Panels [q0, q1) as a B of n columns, reading this one's memory (valid while this lives).
+  PackedB columns(Index q0, Index q1, Index n) const {
+    PackedB view;
+    view.K = K;
+    view.N = n;
+    view.panels = q1 - q0;
+    view.origin = origin;
+    view.row_values = row_values;
+    view.first_panel = first_panel + q0;
+    return view;
+  }
 
   // Column j of B is column(j)[k * k_stride] for k in [0, K), or all zero when column(j) is null.
   // Up to `threads` threads share the panels.
@@ -66,7 +84,7 @@ struct PackedB {
     K = k_dim;
     N = n_dim;
     panels = (N + P - 1) / P;
-    data.allocate(panels * K * P);
+    allocate();
     const Index min_panels = std::max<Index>(1, kMinPackPerThread / std::max<Index>(1, K * P));
     parallel_for_blocks(panels, threads, min_panels, 1, [&](Range qs) {
       for (Index q = qs.begin; q < qs.end; ++q) pack_panel(q, k_stride, column);
@@ -121,7 +139,7 @@ struct PackedB {
     K = k_dim;
     N = n_dim;
     panels = (N + P - 1) / P;
-    data.allocate(panels * K * P);
+    allocate();
     const Index min_rows = std::max<Index>(1, kMinPackPerThread / std::max<Index>(1, panels * P));
     parallel_for_blocks(K, threads, min_rows, 1, [&](Range ks) {
       const Index full = std::min(panels, valid / P);
@@ -142,6 +160,14 @@ struct PackedB {
     });
   }
   Index padded_cols() const { return panels * kPacket<S>; }
+
+ private:
+  void allocate() {
+    data.allocate(panels * K * kPacket<S>);
+    origin = data.data();
+    row_values = padded_cols();
+    first_panel = 0;
+  }
 };
 
 // A (1 x N) row added to every row of C, padded like B's panels.
@@ -334,7 +360,7 @@ void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTa
         // hardware prefetcher alone fetched too late: a 1024-unit LSTM step (32 rows against a
         // 16 MB W_hh, streamed from L3 or memory) ran at 72-82 GF/s on one core and runs at 97-99
         // with it.
-        const bool b_in_l2 = b.data.size() * sizeof(S) <= kL2Bytes;
+        const bool b_in_l2 = b.bytes() <= static_cast<Index>(kL2Bytes);
         const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
         for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
           const Index q1 = std::min(b.panels, q0 + chunk);

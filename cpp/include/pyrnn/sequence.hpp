@@ -32,14 +32,31 @@ struct DirWeights {
   const S* b_hh;  // (G*H,)
 };
 
-// What BPTT needs from one direction's forward pass; everything indexed by time t, (T, B, ·).
+// What BPTT needs from one direction's forward pass; the sequences indexed by time t, (T, B, ·).
 template <typename S>
 struct DirTape {
   Buffer<S> gates;   // (T, B, G*H) activated gates
   Buffer<S> aux;     // (T, B, H) lstm: tanh(c); gru: W_hn h_prev + b_hn
   Buffer<S> h_prev;  // (T, B, H) the state each step started from
   Buffer<S> c_prev;  // (T, B, H) lstm
+  // The weights as backward multiplies by them, packed during forward: the tape's own copy of
+  // them and backward's packing in one. W_hh (G*H, H) right of d_gates in BPTT, gru's n rows
+  // apart (they take d_hn); W_ih (G*H, I) right of d_gates for dx.
+  PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
 };
+
+// Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
+template <class Cell, typename S>
+void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, int threads) {
+  const Index GH = Cell::G * H, rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
+  const Index padded_h = (H + kPacket<S> - 1) / kPacket<S> * kPacket<S>;
+  tape.w_hh_for_d_gates.pack_rows(rows_from_d_gates, H, padded_h, [&](Index k) { return wt.w_hh + k * H; },
+                                  threads);
+  if constexpr (Cell::has_d_hn)
+    tape.w_hh_for_d_hn.pack_rows(H, H, padded_h, [&](Index k) { return wt.w_hh + (rows_from_d_gates + k) * H; },
+                                 threads);
+  tape.w_ih_for_dx.pack_rows(GH, I, I, [&](Index k) { return wt.w_ih + k * I; }, threads);
+}
 
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
 constexpr Index kUnitAlign = 16;
@@ -274,40 +291,24 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
 // d_h_n/d_c_n (B, H) may be null (zero). Writes d_gates (T, B, G*H) (rows past a sequence's end
 // zero), d_hn (T, B, H) likewise for gru (else null), and dh0/dc0 (B, H).
 template <class Cell, typename S>
-void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const DirTape<S>& tape,
-                       const S* d_out, Index ld_dout, const S* d_h_n, const S* d_c_n, S* d_gates,
-                       S* d_hn, S* dh0, S* dc0, int threads) {
+void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, const S* d_out, Index ld_dout,
+                       const S* d_h_n, const S* d_c_n, S* d_gates, S* d_hn, S* dh0, S* dc0, int threads) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
-  // The rows of W_hh whose gradient on the h side is d_gates': all, or gru's r and z rows, its n
-  // rows taking d_hn (so that no copy of the r and z gradients is written for them).
-  const Index rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
-  // Columns [j0, j0 + w) of W_hh, packed (gru's n rows apart): dh_hh receives d_gates W_hh
-  // (+ d_hn W_hn). Sharing out rows, every thread needs all of them: they are packed once, by all
-  // the threads, as in sequence_forward; sharing out units, each thread packs its own.
-  struct WhhColumns {
-    PackedB<S> for_d_gates, for_d_hn;
-  };
-  auto pack_columns = [&](WhhColumns& cols, Index j0, Index w, int pack_threads) {
-    const Index wp = round_up(w, kPacket<S>);
-    cols.for_d_gates.pack_rows(rows_from_d_gates, w, wp, [&](Index k) { return w_hh + k * H + j0; }, pack_threads);
-    if constexpr (Cell::has_d_hn)
-      cols.for_d_hn.pack_rows(H, w, wp, [&](Index k) { return w_hh + (rows_from_d_gates + k) * H + j0; },
-                              pack_threads);
-  };
-  WhhColumns all_columns;
-  if (plan.by_rows) pack_columns(all_columns, 0, H, threads);
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
-    WhhColumns my_columns;
-    if (!plan.by_rows) pack_columns(my_columns, my.j0, w, 1);
-    const WhhColumns& w_cols = plan.by_rows ? all_columns : my_columns;
-    const Index wp = round_up(w, kPacket<S>);
+    // This share's columns [j0, j0 + w) of the tape's W_hh panels, whole panels (j0 falls on a
+    // panel's edge; past H they are zero): dh_hh receives d_gates W_hh (+ d_hn W_hn) for them.
+    constexpr Index P = kPacket<S>;
+    static_assert(kUnitAlign % P == 0, "a share of units must start on a panel's edge");
+    const Index wp = round_up(w, P), q0 = my.j0 / P, q1 = q0 + wp / P;
+    const PackedB<S> w_hh_for_d_gates = tape.w_hh_for_d_gates.columns(q0, q1, wp);
+    const PackedB<S> w_hh_for_d_hn = Cell::has_d_hn ? tape.w_hh_for_d_hn.columns(q0, q1, wp) : PackedB<S>();
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + at_h, ld_h, d_h_n + at_h, ld_h, 0, my_b, w);
     else zero_cols(dh.data() + at_h, ld_h, 0, my_b, w);
@@ -338,9 +339,9 @@ void sequence_backward(const SeqShape& s, const S* w_hh, bool reverse, const Dir
       }
       if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
-        packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_cols.for_d_gates, dh_hh.data(), wp, false);
+        packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_hh_for_d_gates, dh_hh.data(), wp, false);
         if constexpr (Cell::has_d_hn)
-          packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_cols.for_d_hn, dh_hh.data(), wp, true);
+          packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_hh_for_d_hn, dh_hh.data(), wp, true);
         auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);
         const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);
         if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
@@ -385,13 +386,10 @@ void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, cons
 // dx = sum over directions of d_gates W_ih: (T*B, G*H) x (G*H, I), rows split over threads.
 template <typename S>
 void input_grad(Index rows, Index I, Index GH, const std::vector<const S*>& d_gates,
-                const std::vector<const S*>& w_ih, S* dx, int threads) {
-  std::vector<PackedB<S>> w(d_gates.size());
-  for (size_t d = 0; d < w.size(); ++d)
-    w[d].pack_rows(GH, I, I, [&](Index k) { return w_ih[d] + k * I; }, threads);
+                const std::vector<const PackedB<S>*>& w_ih, S* dx, int threads) {
   parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
-    for (size_t d = 0; d < w.size(); ++d)
-      packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, w[d], dx + r.begin * I, I, d > 0);
+    for (size_t d = 0; d < w_ih.size(); ++d)
+      packed_gemm(r.size(), d_gates[d] + r.begin * GH, GH, *w_ih[d], dx + r.begin * I, I, d > 0);
   });
 }
 

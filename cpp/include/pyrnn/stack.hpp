@@ -87,7 +87,6 @@ struct Tape : TapeBase {
   bool sorted = true;                  // no lengths: rows are in the caller's order
   std::vector<Index> order;            // sorted row j is the caller's row order[j]
   std::vector<Index> batch_sizes;      // (T,)
-  std::vector<Buffer<S>> w_ih, w_hh;   // L*D copies
   std::vector<Buffer<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked)
   std::vector<Buffer<S>> masks;        // L-1 sorted dropout masks, or none
   std::vector<DirTape<S>> dirs;        // L*D
@@ -131,13 +130,6 @@ void for_each_direction(Index D, int threads, F&& f) {
   }
 }
 
-template <typename S>
-Buffer<S> copy_of(const S* p, Index n) {
-  Buffer<S> b(n);
-  std::copy_n(p, n, b.data());
-  return b;
-}
-
 template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
                                             bool keep_tape, int threads) {
@@ -158,9 +150,8 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
     tape->layer_input.resize(L);
     tape->dirs.resize(L * D);
     for (Index k = 0; k < L * D; ++k) {
-      tape->w_ih.push_back(copy_of(in.weights[k].w_ih, GH * dm.input_size(k / D)));
-      tape->w_hh.push_back(copy_of(in.weights[k].w_hh, GH * H));
       DirTape<S>& dt = tape->dirs[k];
+      keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / D), H, threads);
       dt.gates.allocate(T * B * GH);
       dt.h_prev.allocate(T * B * H);
       if (Cell::has_aux) dt.aux.allocate(T * B * H);
@@ -255,17 +246,18 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
     for_each_direction(D, threads, [&](int d, int dir_threads) {
       const Index k = layer * D + d;
       const Index state = k * B * H;
-      sequence_backward<Cell>(shape, tape.w_hh[k].data(), d == 1, tape.dirs[k], d_y + d * H, DH,
+      sequence_backward<Cell>(shape, d == 1, tape.dirs[k], d_y + d * H, DH,
                               d_h_n.empty() ? nullptr : d_h_n.data() + state,
                               d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates[d].data(),
                               Cell::has_d_hn ? d_hn[d].data() : nullptr, dh0.data() + state,
                               Cell::has_c ? dc0.data() + state : nullptr, dir_threads);
     });
-    std::vector<const S*> dg(D), w_ih(D);
+    std::vector<const S*> dg(D);
+    std::vector<const PackedB<S>*> w_ih(D);
     for (Index d = 0; d < D; ++d) {
       const Index k = layer * D + d;
       dg[d] = d_gates[d].data();
-      w_ih[d] = tape.w_ih[k].data();
+      w_ih[d] = &tape.dirs[k].w_ih_for_dx;
       weight_grads(T * B, Ik, H, GH, dg[d], Cell::has_d_hn ? d_hn[d].data() : nullptr,
                    tape.layer_input[layer].data(), tape.dirs[k].h_prev.data(), grads.dw_ih[k],
                    grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], threads);
