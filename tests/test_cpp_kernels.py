@@ -290,8 +290,10 @@ def test_cpp_outputs_past_each_length_are_zero(cell):
         assert not r["dx"][n:, b].any()
 
 
-def test_cpp_tape_survives_caller_changing_its_arrays():
-    p = Problem("lstm", 5, 3, 4, 6, L=2, D=2, lengths=True, seed=2)
+@pytest.mark.parametrize("lengths", [True, False], ids=["sorted_copy", "caller_order"])
+def test_cpp_tape_survives_caller_changing_its_arrays(lengths):
+    # Without lengths the tape keeps its own packed copy of x (no sorted copy exists).
+    p = Problem("lstm", 5, 3, 4, 6, L=2, D=2, lengths=lengths, seed=2)
     want = p.run(_core)
     out, h_n, c_n, tape = _core.stack_forward(p.cell, p.x, p.h0, p.c0, p.weights, True,
                                               p.lengths, None, True)

@@ -357,12 +357,11 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
 // dW_hh = d_gates^T h_prev (d_gates read transposed, in place; for gru's n rows of dW_hh, d_hn),
 // and the biases as their column sums, taken as the GEMMs pack d_gates. Threads split the gate
 // rows; each sum over steps runs in one order. Where both sides read d_gates, one pass over it
-// feeds both products.
+// feeds both products. xb is x (rows, I) packed by rows, as the layer's input is kept for it.
 template <typename S>
-void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const S* x,
+void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const PackedB<S>& xb,
                   const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
-  PackedB<S> xb, hb;
-  xb.pack_rows(rows, I, I, [&](Index k) { return x + k * I; }, threads);
+  PackedB<S> hb;
   hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
   const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {

@@ -87,7 +87,8 @@ struct Tape : TapeBase {
   bool sorted = true;                  // no lengths: rows are in the caller's order
   std::vector<Index> order;            // sorted row j is the caller's row order[j]
   std::vector<Index> batch_sizes;      // (T,)
-  std::vector<Buffer<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked)
+  std::vector<Buffer<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked); layer 0's may be
+  PackedB<S> x_packed;                 // instead the caller's x as weight_grads reads it
   std::vector<Buffer<S>> masks;        // L-1 sorted dropout masks, or none
   std::vector<DirTape<S>> dirs;        // L*D
 };
@@ -166,7 +167,11 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), L * D, B, H, order);
   Buffer<S> x_own;  // this layer's input, when it cannot be the caller's x
   const S* x = in.x;
-  if (!sorted || keep_tape) {
+  // The tape keeps the caller's x in the form weight_grads multiplies by: its copy and backward's
+  // packing in one pass, on every thread. Rows to sort are gathered first, as the layer needs.
+  if (sorted && keep_tape)
+    tape->x_packed.pack_rows(T * B, dm.I, dm.I, [&](Index k) { return in.x + k * dm.I; }, threads);
+  if (!sorted) {
     x_own.allocate(T * B * dm.I);
     gather_rows(in.x, x_own.data(), T, B, dm.I, order);
     for (Index t = 0; t < T; ++t)  // padding never reaches a gradient, even as 0 * NaN
@@ -252,6 +257,10 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
                               Cell::has_d_hn ? d_hn[d].data() : nullptr, dh0.data() + state,
                               Cell::has_c ? dc0.data() + state : nullptr, dir_threads);
     });
+    PackedB<S> input_packed;  // this layer's input, packed once for both directions
+    const bool input_raw = !tape.layer_input[layer].empty();
+    if (input_raw)
+      input_packed.pack_rows(T * B, Ik, Ik, [&](Index r) { return tape.layer_input[layer].data() + r * Ik; }, threads);
     std::vector<const S*> dg(D);
     std::vector<const PackedB<S>*> w_ih(D);
     for (Index d = 0; d < D; ++d) {
@@ -259,7 +268,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
       dg[d] = d_gates[d].data();
       w_ih[d] = &tape.dirs[k].w_ih_for_dx;
       weight_grads(T * B, Ik, H, GH, dg[d], Cell::has_d_hn ? d_hn[d].data() : nullptr,
-                   tape.layer_input[layer].data(), tape.dirs[k].h_prev.data(), grads.dw_ih[k],
+                   input_raw ? input_packed : tape.x_packed, tape.dirs[k].h_prev.data(), grads.dw_ih[k],
                    grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], threads);
     }
     if (layer == 0 && tape.sorted) {
