@@ -41,22 +41,10 @@ struct DirTape {
   Buffer<S> c_prev;  // (T, B, H) lstm
   // The weights as backward multiplies by them, packed during forward: the tape's own copy of
   // them and backward's packing in one. W_hh (G*H, H) right of d_gates in BPTT, gru's n rows
-  // apart (they take d_hn); W_ih (G*H, I) right of d_gates for dx.
+  // apart (they multiply d_hn, so that no copy of the r and z gradients is written for them);
+  // W_ih (G*H, I) right of d_gates for dx.
   PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
 };
-
-// Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
-template <class Cell, typename S>
-void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, int threads) {
-  const Index GH = Cell::G * H, rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
-  const Index padded_h = (H + kPacket<S> - 1) / kPacket<S> * kPacket<S>;
-  tape.w_hh_for_d_gates.pack_rows(rows_from_d_gates, H, padded_h, [&](Index k) { return wt.w_hh + k * H; },
-                                  threads);
-  if constexpr (Cell::has_d_hn)
-    tape.w_hh_for_d_hn.pack_rows(H, H, padded_h, [&](Index k) { return wt.w_hh + (rows_from_d_gates + k) * H; },
-                                 threads);
-  tape.w_ih_for_dx.pack_rows(GH, I, I, [&](Index k) { return wt.w_ih + k * I; }, threads);
-}
 
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
 constexpr Index kUnitAlign = 16;
@@ -285,6 +273,19 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
   });
+}
+
+// Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
+template <class Cell, typename S>
+void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, int threads) {
+  const Index GH = Cell::G * H, rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
+  const Index padded_h = round_up(H, kPacket<S>);
+  tape.w_hh_for_d_gates.pack_rows(rows_from_d_gates, H, padded_h, [&](Index k) { return wt.w_hh + k * H; },
+                                  threads);
+  if constexpr (Cell::has_d_hn)
+    tape.w_hh_for_d_hn.pack_rows(H, H, padded_h, [&](Index k) { return wt.w_hh + (rows_from_d_gates + k) * H; },
+                                 threads);
+  tape.w_ih_for_dx.pack_rows(GH, I, I, [&](Index k) { return wt.w_ih + k * I; }, threads);
 }
 
 // BPTT through one direction. d_out is this direction's slice of a (T, B, ld_dout) buffer;

@@ -87,8 +87,10 @@ struct Tape : TapeBase {
   bool sorted = true;                  // no lengths: rows are in the caller's order
   std::vector<Index> order;            // sorted row j is the caller's row order[j]
   std::vector<Index> batch_sizes;      // (T,)
-  std::vector<Buffer<S>> layer_input;  // L, each (T, B, I_k) sorted (and masked); layer 0's may be
-  PackedB<S> x_packed;                 // instead the caller's x as weight_grads reads it
+  // Each layer's input (T, B, I_k), sorted (and masked), for weight_grads: kept as it is (backward
+  // packs it), except layer 0's without lengths, the caller's x packed here (layer_input[0] empty).
+  std::vector<Buffer<S>> layer_input;  // L
+  PackedB<S> x_packed;
   std::vector<Buffer<S>> masks;        // L-1 sorted dropout masks, or none
   std::vector<DirTape<S>> dirs;        // L*D
 };
