@@ -648,6 +648,25 @@ def test_one_and_two_threads_agree_exactly(cell, shape, threads):
     assert_results_close(p.run(_core), one, 0.0)
 
 
+@pytest.mark.parametrize("shape", list(TEAM_SHAPES))
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_on_another_thread_count_than_its_forward_agrees_exactly(cell, shape, threads):
+    # The tape keeps W_hh packed whole and each backward thread reads its own columns of it,
+    # whatever team the forward pass had.
+    B, H = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, dtype=np.float32, seed=8)
+    threads(1)
+    want = p.run(_core)
+    for forward_threads, backward_threads in ((1, 2), (2, 1)):
+        threads(forward_threads)
+        out, h_n, c_n, tape = _core.stack_forward(p.cell, p.x, p.h0, p.c0, p.weights,
+                                                  p.bidirectional, p.lengths, p.masks, True)
+        threads(backward_threads)
+        dx, dh0, dc0, dw = _core.stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n)
+        got = {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0, "dw": dw}
+        assert_results_close(got, want, 0.0)
+
+
 # Weights larger than a core's L2 with 12+ batch rows are streamed a chunk of panels at a time,
 # the next chunk prefetched; depths of 300 and 530 run past one 256-deep block and end in a partial
 # one (not a multiple of the SIMD width), and 530 columns end in a partial panel. On two threads
