@@ -101,8 +101,8 @@ class _RNNBase(Module):
         return names
 
     def _weights(self) -> list[tuple[Array | None, ...]]:
-        # The kernel tapes copy the weights, so an optimizer may update these arrays in place
-        # between forward and backward without corrupting the gradients.
+        # The kernel tapes keep their own (packed) copy of the weights, so an optimizer may update
+        # these arrays in place between forward and backward without corrupting the gradients.
         return [tuple(self.params[n] if n else None for n in names) for names in self._names]
 
     # --------------------------------------------------------------------------- forward
