@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "pyrnn/build_info.hpp"
+#include "pyrnn/pack_cache.hpp"
 #include "pyrnn/stack.hpp"
 #include "pyrnn/threads.hpp"
 
@@ -119,10 +120,22 @@ py::sequence take_list(py::handle obj, const std::string& name, Index expected, 
   return seq;
 }
 
+// packs: None, or a PackCache (inference only, see pyrnn/pack_cache.hpp).
+pyrnn::PackCache* take_packs(const py::object& packs_obj, bool keep_tape) {
+  if (packs_obj.is_none()) return nullptr;
+  if (!py::isinstance<pyrnn::PackCache>(packs_obj))
+    throw py::type_error("packs: expected None or a PackCache of this module, got " +
+                         std::string(py::str(py::type::of(packs_obj))));
+  if (keep_tape) throw py::value_error("packs: only for inference (keep_tape=False); a tape packs its own");
+  return packs_obj.cast<pyrnn::PackCache*>();
+}
+
 template <typename S>
 py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::object& h0_obj,
                        const py::object& c0_obj, const py::object& weights_obj,
-                       bool bidirectional, const py::object& lengths_obj, const py::object& masks_obj, bool keep_tape) {
+                       bool bidirectional, const py::object& lengths_obj, const py::object& masks_obj, bool keep_tape,
+                       const py::object& packs_obj) {
+  pyrnn::PackCache* cache = take_packs(packs_obj, keep_tape);
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected 3 dimensions (T, B, I), got shape " + shape_str(shape_of(x_obj)));
   const Index T = x_obj.shape(0), B = x_obj.shape(1), I = x_obj.shape(2);
@@ -182,12 +195,29 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
                                  std::move(dir_weights), lengths.empty() ? nullptr : lengths.data(),
                                  std::move(masks)};
   const pyrnn::StackOutputs<S> res{out.mutable_data(), h_n.mutable_data(), is_lstm ? c_n.mutable_data() : nullptr};
+  pyrnn::PackSignature signature{cell, Index(sizeof(S)), I, H, L, D, {}};
+  if (cache)
+    for (Index k = 0; k < 4 * LD; ++k) signature.weights.push_back(keep[k].data());
   const int threads = pyrnn::get_num_threads();
   std::unique_ptr<pyrnn::Tape<S>> tape;
+  bool other_weights = false;
   {
-    py::gil_scoped_release release;
-    tape = pyrnn::stack_forward(in, res, keep_tape, threads);
+    py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
+    if (!cache) {
+      tape = pyrnn::stack_forward(in, res, keep_tape, threads);
+    } else if (auto lease = cache->lease<S>(signature, B, threads)) {
+      pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
+    } else {
+      other_weights = true;
+    }
   }
+  if (other_weights)
+    throw py::value_error("packs: this PackCache holds packs of other weight arrays or another stack; "
+                          "one PackCache serves one set of weights, passed as the same C-contiguous arrays "
+                          "of x's dtype every call");
+  // The cache knows its weights by address: holding them keeps that address from naming others.
+  if (cache && !py::hasattr(packs_obj, "weights"))
+    packs_obj.attr("weights") = py::list(py::cast(std::vector<Array<S>>(keep.begin(), keep.begin() + 4 * LD)));
   py::object c_n_obj = is_lstm ? py::object(c_n) : py::none();
   py::object tape_obj = tape ? py::cast(std::shared_ptr<pyrnn::TapeBase>(std::move(tape))) : py::none();
   return py::make_tuple(out, h_n, c_n_obj, tape_obj);
@@ -196,15 +226,15 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
 py::tuple stack_forward(const std::string& cell_name, const py::object& x, const py::object& h0,
                         const py::object& c0, const py::object& weights, bool bidirectional,
                         const py::object& lengths,
-                        const py::object& dropout_masks, bool keep_tape) {
+                        const py::object& dropout_masks, bool keep_tape, const py::object& packs) {
   const pyrnn::CellKind cell = parse_cell(cell_name);
   if (!py::isinstance<py::array>(x))
     throw py::type_error("x: expected a numpy array, got " + std::string(py::str(py::type::of(x))));
   auto xa = py::reinterpret_borrow<py::array>(x);
   if (float_size(xa) == sizeof(float))
-    return forward_impl<float>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
+    return forward_impl<float>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape, packs);
   if (float_size(xa) == sizeof(double))
-    return forward_impl<double>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape);
+    return forward_impl<double>(cell, xa, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape, packs);
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
@@ -296,8 +326,20 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
                " H=" + std::to_string(d.H) + " L=" + std::to_string(d.L) + " D=" + std::to_string(d.D) + ">";
       });
 
+  py::class_<pyrnn::PackCache>(
+      m, "PackCache",
+      "Weights packed for inference, kept between stack_forward calls (packs=) on the same, unchanged\n"
+      "weight arrays: one set per batch size and thread count, the 4 most recent kept.",
+      py::module_local(), py::dynamic_attr())
+      .def(py::init<>())
+      .def_property_readonly("entries", &pyrnn::PackCache::entries, "Sets of packs held now.")
+      .def("__repr__", [](const pyrnn::PackCache& c) {
+        return "<pyrnn._core.PackCache entries=" + std::to_string(c.entries()) + ">";
+      });
+
   m.def("stack_forward", &stack_forward, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("weights"), py::arg("bidirectional"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),
+        py::arg("packs") = py::none(),
         "Run a stack of layers and directions over (T, B, I) x; see pyrnn/_backend.py for the contract.\n"
         "Returns (out, h_n, c_n or None, tape or None).");
   m.def("stack_backward", &stack_backward, py::arg("tape"), py::arg("d_out"), py::arg("d_h_n"), py::arg("d_c_n"),

@@ -9,7 +9,7 @@ import importlib as _importlib
 from . import functional
 from ._backend import backend_info, get_num_threads, set_num_threads
 from .module import Module, is_grad_enabled, no_grad
-from .modules import GRU, LSTM, RNN
+from .modules import GRU, LSTM, RNN, FrozenRNN
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ _LAZY_MODULES = ("layers", "losses", "optim", "checkpoint")
 _LAZY_NAMES = {"Linear": "layers", "Embedding": "layers", "one_hot": "layers"}
 
 __all__ = [
+    "FrozenRNN",
     "GRU",
     "LSTM",
     "Module",

@@ -5,7 +5,8 @@ The kernel contract
 Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same two
 functions, which work on one whole stack of layers and directions, time-major:
 
-``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape)``
+``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
+packs=None)``
     cell           "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
     x              (T, B, I) C-contiguous, float32 or float64 (every array below has x's dtype)
     h0             (L*D, B, H) C-contiguous, ordered l0-fwd, l0-bwd, l1-fwd, ...
@@ -18,6 +19,10 @@ functions, which work on one whole stack of layers and directions, time-major:
     dropout_masks  None, or a list of L-1 arrays (T, B, D*H), multiplied into the output of
                    layer k before layer k+1 reads it (already scaled by 1/(1-p))
     keep_tape      False: inference, tape is None
+    packs          None, or (C++ only, inference only) a ``PackCache()`` of the backend (see
+                   ``new_pack_cache``) to keep the weights packed between calls: it serves one
+                   set of weight arrays, passed as the same C-contiguous arrays every call and
+                   never changed (it would go on running the values it packed first)
     returns (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H) or None, tape)
 
     Lengths follow PyTorch's packed sequences: out[t, b] = 0 for t >= lengths[b]; the forward
@@ -88,6 +93,11 @@ def resolve(backend: str) -> str:
 def kernels(backend: str) -> ModuleType:
     """The module implementing the kernel contract for a resolved backend name."""
     return _core if backend == "cpp" else reference  # type: ignore[return-value]
+
+
+def new_pack_cache(backend: str) -> Any:
+    """A PackCache for stack_forward's `packs` (C++), or None (NumPy has nothing to pack)."""
+    return _core.PackCache() if backend == "cpp" else None
 
 
 def set_num_threads(n: int) -> None:

@@ -104,11 +104,36 @@ def _for_input(x: object) -> ModuleType:
     return _impl
 
 
+class PackCache:
+    """Weights packed for inference, kept between ``stack_forward`` calls on the same weights
+    (see pyrnn/_backend.py): a cache of the build that runs each call, as a batch of one may run
+    another build than larger batches."""
+
+    def __init__(self) -> None:
+        self._by_module: dict[ModuleType, Any] = {}
+
+    def of(self, module: ModuleType) -> Any:
+        cache = self._by_module.get(module)
+        if cache is None:  # setdefault: two threads making one at once keep the same
+            cache = self._by_module.setdefault(module, module.PackCache())
+        return cache
+
+    def __repr__(self) -> str:
+        held = sum(cache.entries for cache in self._by_module.values())
+        return f"<pyrnn._core.PackCache entries={held}>"
+
+
 def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
-                  lengths: Any, dropout_masks: Any, keep_tape: Any) -> Any:
+                  lengths: Any, dropout_masks: Any, keep_tape: Any, packs: Any = None) -> Any:
     """``stack_forward`` of the module chosen for x's batch size; see pyrnn/_backend.py."""
-    return _for_input(x).stack_forward(cell, x, h0, c0, weights, bidirectional, lengths,
-                                       dropout_masks, keep_tape)
+    module = _for_input(x)
+    if packs is not None:
+        if not isinstance(packs, PackCache):
+            raise TypeError(f"packs: expected None or a pyrnn._core.PackCache, got "
+                            f"{type(packs).__name__}")
+        packs = packs.of(module)
+    return module.stack_forward(cell, x, h0, c0, weights, bidirectional, lengths,
+                                dropout_masks, keep_tape, packs)
 
 
 def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any) -> Any:

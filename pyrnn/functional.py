@@ -97,21 +97,36 @@ def rnn_forward(
     T, B, I = x.shape  # noqa: E741
     D = 2 if bidirectional else 1
     kernel_weights, bias_given, L, H = _check_weights(cell, weights, D, I, x.dtype)
-    state_shape = (L * D, B, H)
-    h0 = _state("h0", h0, state_shape, x.dtype)
-    c0 = _cell_state("c0", c0, cell, state_shape, x.dtype)
-    lengths = _checks.lengths(lengths, T, B)
     masks = None
     if training and p > 0 and L > 1:
         masks = dropout_masks(_checks.generator(rng), L, (T, B, D * H), p, x.dtype)
-    out, h_n, c_n, kernel_tape = _backend.kernels(backend).stack_forward(
-        cell, x, h0, c0, kernel_weights, bidirectional, lengths, masks, keep_tape
+    out, h_n, c_n, kernel_tape = _run_stack(
+        backend, cell, x, kernel_weights, h0, c0, lengths, bidirectional, masks, keep_tape
     )
     tape = None
     if keep_tape:
         tape = Tape(backend, cell, kernel_tape, batch_first, x.dtype, T, B, I, H, L, D,
                     bias_given)
     return _user_layout(out, batch_first), h_n, c_n, tape
+
+
+def _run_stack(
+    backend: str, cell: str, x: Array, kernel_weights: list[tuple[Array, ...]],
+    h0: Any, c0: Any, lengths: Any, bidirectional: bool, masks: list[Array] | None,
+    keep_tape: bool, packs: Any = None,
+) -> tuple[Array, Array, Array | None, Any]:
+    """The kernel call under rnn_forward, for callers whose weights are already in kernel form
+    (checked, zero arrays for missing biases) and whose x is time-major: checks the states and
+    lengths, then runs the backend's stack_forward. Returns its (out, h_n, c_n, kernel tape)."""
+    T, B, _ = x.shape  # noqa: N806
+    H = kernel_weights[0][1].shape[1]  # noqa: N806
+    state_shape = (len(kernel_weights), B, H)
+    h0 = _state("h0", h0, state_shape, x.dtype)
+    c0 = _cell_state("c0", c0, cell, state_shape, x.dtype)
+    lengths = _checks.lengths(lengths, T, B)
+    return _backend.kernels(backend).stack_forward(
+        cell, x, h0, c0, kernel_weights, bidirectional, lengths, masks, keep_tape, packs
+    )
 
 
 def rnn_backward(

@@ -15,10 +15,18 @@ from typing import Any
 import numpy as np
 
 from . import _backend, _checks
-from .functional import Tape, rnn_backward, rnn_forward
+from .functional import (
+    Tape,
+    _check_weights,
+    _run_stack,
+    _time_major_input,
+    _user_layout,
+    rnn_backward,
+    rnn_forward,
+)
 from .module import Module, is_grad_enabled
 
-__all__ = ["RNN", "LSTM", "GRU"]
+__all__ = ["RNN", "LSTM", "GRU", "FrozenRNN"]
 
 Array = np.ndarray
 
@@ -116,7 +124,7 @@ class _RNNBase(Module):
     def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
         """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as PyTorch."""
         h0, c0 = self._split_hx(hx)
-        self._check_input(x)
+        _check_input(x, self.dtype, self.input_size)
         keep_tape = self.training and is_grad_enabled()
         out, h_n, c_n, tape = rnn_forward(
             self.cell, x, self._weights(), h0, c0,
@@ -130,19 +138,9 @@ class _RNNBase(Module):
 
     forward = __call__
 
-    def _check_input(self, x: Any) -> None:
-        # The functional layer would blame the weights; the user's mistake is x's.
-        if not isinstance(x, np.ndarray):
-            return
-        dtype = x.dtype.newbyteorder("=")
-        if dtype in _checks.FLOAT_DTYPES and dtype != self.dtype:
-            raise TypeError(
-                f"x: expected dtype {self.dtype} (the module's dtype), got {x.dtype}"
-            )
-        if x.ndim == 3 and x.shape[2] != self.input_size:
-            raise ValueError(
-                f"x: expected input size {self.input_size} (last dimension), got shape {x.shape}"
-            )
+    def frozen(self) -> FrozenRNN:
+        """An inference-only snapshot of this module, faster on small models: see FrozenRNN."""
+        return FrozenRNN(self)
 
     # --------------------------------------------------------------------------- backward
 
@@ -289,6 +287,83 @@ class LSTM(_RNNBase):
 
     def _pack_state(self, h: Array, c: Array | None) -> Any:
         return h, c
+
+
+class FrozenRNN:
+    """An inference-only snapshot of an RNN, LSTM or GRU: ``fast = lstm.frozen()``.
+
+    ``fast(x, hx=None, lengths=None)`` returns what the module returns in eval mode, bit for
+    bit, from copies of the weights taken by ``frozen()``: later changes to the module do not
+    reach it (call ``frozen()`` again). On the C++ backend it keeps the weights packed as the
+    kernels multiply by them, where the module packs them on every call: on the standard small
+    configurations (batch 1, H = 100-128) a call is 5-15 % faster. One set of packs is kept per
+    batch size and thread count, the 4 most recently used, each about the size of the weights.
+    Calls from several Python threads at once are safe. No tape, backward or dropout.
+    """
+
+    def __init__(self, module: _RNNBase) -> None:
+        self.cell = module.cell
+        self.input_size, self.hidden_size = module.input_size, module.hidden_size
+        self.num_layers, self.bidirectional = module.num_layers, module.bidirectional
+        self.batch_first, self.dtype = module.batch_first, module.dtype
+        self.backend = module.backend
+        self._name = type(module).__name__
+        self._split_hx = _state_pair_hx if self.cell == "lstm" else _single_hx
+        # Checked once here (the module's arrays may have been replaced by anything), then
+        # private and read-only: the packs stay true to them.
+        weights, _, _, _ = _check_weights(
+            self.cell, module._weights(), module.num_directions, self.input_size, self.dtype
+        )
+        self._weights = [tuple(_frozen_copy(a) for a in entry) for entry in weights]
+        self._packs = _backend.new_pack_cache(self.backend)
+
+    def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
+        """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as the module."""
+        h0, c0 = self._split_hx(hx)
+        _check_input(x, self.dtype, self.input_size)
+        x = _time_major_input(x, self.batch_first)
+        out, h_n, c_n, _ = _run_stack(
+            self.backend, self.cell, x, self._weights, h0, c0, lengths, self.bidirectional,
+            None, False, self._packs,
+        )
+        out = _user_layout(out, self.batch_first)
+        return (out, (h_n, c_n)) if self.cell == "lstm" else (out, h_n)
+
+    forward = __call__
+
+    def __repr__(self) -> str:
+        layers = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
+        bi = ", bidirectional=True" if self.bidirectional else ""
+        return (f"FrozenRNN({self._name}({self.input_size}, {self.hidden_size}{layers}{bi}), "
+                f"cell={self.cell!r}, dtype={self.dtype.name}, backend={self.backend!r})")
+
+
+def _frozen_copy(a: Array) -> Array:
+    copy = np.array(a, order="C", copy=True)
+    copy.flags.writeable = False
+    return copy
+
+
+def _check_input(x: Any, dtype: np.dtype, input_size: int) -> None:
+    """x's dtype and input size against the module's: the functional layer would blame the
+    weights, but the user's mistake is x's."""
+    if not isinstance(x, np.ndarray):
+        return
+    x_dtype = x.dtype.newbyteorder("=")
+    if x_dtype in _checks.FLOAT_DTYPES and x_dtype != dtype:
+        raise TypeError(f"x: expected dtype {dtype} (the module's dtype), got {x.dtype}")
+    if x.ndim == 3 and x.shape[2] != input_size:
+        raise ValueError(
+            f"x: expected input size {input_size} (last dimension), got shape {x.shape}"
+        )
+
+
+def _single_hx(hx: Any) -> tuple[Array | None, Array | None]:
+    return _single_state("hx", hx), None
+
+
+def _state_pair_hx(hx: Any) -> tuple[Array | None, Array | None]:
+    return _state_pair("hx", "(h0, c0)", hx)
 
 
 def _single_state(name: str, value: Any) -> Array | None:

@@ -253,14 +253,18 @@ def stack_forward(
     lengths: Array | None,
     dropout_masks: Sequence[Array] | None,
     keep_tape: bool,
+    packs: None = None,
 ) -> tuple[Array, Array, Array | None, Tape | None]:
     """Run a stack of L layers and D directions over x (T, B, I).
 
-    Returns (out (T, B, D*H), h_n (L*D, B, H), c_n or None, tape or None).
+    Returns (out (T, B, D*H), h_n (L*D, B, H), c_n or None, tape or None). `packs` must be None:
+    NumPy multiplies by the weights as they are, so there is nothing to keep packed.
     """
     args = _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks)
     T, B, L, D, active = args
     _check_flag("keep_tape", keep_tape)
+    if packs is not None:
+        raise TypeError(f"packs: the NumPy reference keeps no packs; expected None, got {packs!r}")
     x, h0, c0 = native(x), native(h0), native(c0)
     weights = [tuple(native(w) for w in entry) for entry in weights]
     # owned copies: the tape outlives the call

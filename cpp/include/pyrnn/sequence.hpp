@@ -119,15 +119,20 @@ void zero_cols(S* dst, Index ld, Index r0, Index r1, Index w) {
 
 // xp = x W_ih^T + b_ih for all T*B rows at once: (T*B, I) x (I, G*H), rows split over threads.
 template <typename S>
-void input_projection(Index rows, Index I, Index GH, const S* x, const S* w_ih, const S* b_ih, S* xp,
-                      int threads) {
-  PackedB<S> w;
-  w.pack(I, GH, 1, [&](Index j) { return w_ih + j * I; }, threads);
-  const Buffer<S> bias = padded_row(b_ih, GH, w.padded_cols());
-  parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
-    packed_gemm(r.size(), x + r.begin * I, I, w, xp + r.begin * GH, GH, false, bias.data());
-  });
-}
+struct InputProjection {
+  PackedB<S> w_ih;
+  Buffer<S> b_ih;
+
+  InputProjection(const DirWeights<S>& wt, Index I, Index GH, int threads) {
+    w_ih.pack(I, GH, 1, [&](Index j) { return wt.w_ih + j * I; }, threads);
+    b_ih = padded_row(wt.b_ih, GH, w_ih.padded_cols());
+  }
+  void run(Index rows, Index I, Index GH, const S* x, S* xp, int threads) const {
+    parallel_for_blocks(rows, threads, 32, kRowBlock, [&](Range r) {
+      packed_gemm(r.size(), x + r.begin * I, I, w_ih, xp + r.begin * GH, GH, false, b_ih.data());
+    });
+  }
+};
 
 // Bytes of one thread's input projection computed ahead of its time loop: a few steps' worth,
 // so that the cell reads them from cache, not from memory written long before.
@@ -154,6 +159,21 @@ struct GateProjection {
   }
 };
 
+// One direction's weights packed as its forward pass multiplies by them, for one step plan:
+// made by the pass, or kept by the caller from an earlier inference pass on the same weights,
+// batch size and thread count (see PackCache), as packing was 5-15 % of a small model's call.
+// Which members are used depends on the plan; sharing out units, thread tid packs its own.
+template <typename S>
+struct ForwardPacks {
+  bool filled = false;
+  int team = 0;  // the team that packed the per-thread members (OpenMP may give fewer than planned)
+  std::unique_ptr<InputProjection<S>> projection_up_front;
+  PackedB<S> w_hh_all;
+  std::unique_ptr<GateProjection<S>> projection_all;
+  std::vector<PackedB<S>> w_hh_mine;
+  std::vector<std::unique_ptr<GateProjection<S>>> projection_mine;
+};
+
 // Forward through time. x is this direction's (T, B, I) input. out is this direction's (T, B, H)
 // slice of a (T, B, ld_out) buffer; rows past a sequence's end are zero. h0/c0 (B, H) in, h_n/c_n
 // (B, H) out; c0/c_n only for lstm. With a tape, its gates receive the activated gates.
@@ -161,10 +181,13 @@ struct GateProjection {
 // The input projection is computed by the thread that uses it, a chunk of steps at a time, into
 // the tape's gates or a small per-thread buffer; only a time loop too small for every thread
 // projects the whole sequence up front, with all of them.
+//
+// kept: packs of these weights to use, or to fill when empty, for calls to come with the same
+// batch size and threads (null: packed for this call only).
 template <class Cell, typename S>
 void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, const S* x, const S* h0,
                       const S* c0, S* out, Index ld_out, S* h_n, S* c_n, DirTape<S>* tape,
-                      int threads) {
+                      ForwardPacks<S>* kept, int threads) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, I = s.I, H = s.H, GH = G * H;
   std::vector<S> h_buf(2 * B * H);
@@ -172,6 +195,14 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   const StepPlan plan =
       plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
   const bool project_up_front = plan.team < threads;
+  ForwardPacks<S> made;
+  ForwardPacks<S>& packs = kept ? *kept : made;
+  const bool fill = !packs.filled;
+  if (fill) {
+    packs = ForwardPacks<S>();
+    packs.w_hh_mine.resize(plan.team);
+    packs.projection_mine.resize(plan.team);
+  }
   Buffer<S> xp_all;  // (T, B, G*H), the whole projection when made up front without a tape
   S* xp_full = tape ? tape->gates.data() : nullptr;
   if (project_up_front) {
@@ -179,7 +210,8 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       xp_all.allocate(T * B * GH);
       xp_full = xp_all.data();
     }
-    input_projection(T * B, I, GH, x, wt.w_ih, wt.b_ih, xp_full, threads);
+    if (fill) packs.projection_up_front = std::make_unique<InputProjection<S>>(wt, I, GH, threads);
+    packs.projection_up_front->run(T * B, I, GH, x, xp_full, threads);
   }
   // The rows of W_hh for units [j0, j0 + w), gate g's units at columns [g * w, g * w + w). The
   // gates sit side by side, not each padded to whole panels: for H = 100 on two threads that
@@ -189,19 +221,21 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   };
   // Sharing out rows, every thread multiplies by all of W_hh and W_ih: they are packed once, by
   // all of them, not once by each. Sharing out units, each thread packs its own units' rows.
-  PackedB<S> w_hh_all;
-  std::unique_ptr<GateProjection<S>> projection_all;
-  if (plan.by_rows) {
-    pack_w_hh(w_hh_all, 0, H, threads);
-    if (!project_up_front) projection_all = std::make_unique<GateProjection<S>>(wt, G, I, H, 0, H, threads);
+  if (plan.by_rows && fill) {
+    pack_w_hh(packs.w_hh_all, 0, H, threads);
+    if (!project_up_front) packs.projection_all = std::make_unique<GateProjection<S>>(wt, G, I, H, 0, H, threads);
   }
 
   run_team(plan.team, [&](int tid, int team) {
     const Share my = Share::of(plan, tid, team, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
-    PackedB<S> w_hh_mine;
-    if (!plan.by_rows) pack_w_hh(w_hh_mine, my.j0, w, 1);
-    const PackedB<S>& w_hh = plan.by_rows ? w_hh_all : w_hh_mine;
+    // Sharing out units, a kept pack of my units serves only a team of the size that made it.
+    if (fill && tid == 0) packs.team = team;
+    const bool mine_kept = !fill && packs.team == team;
+    PackedB<S> w_hh_made;
+    PackedB<S>& w_hh_mine = mine_kept || fill ? packs.w_hh_mine[tid] : w_hh_made;
+    if (!plan.by_rows && !mine_kept) pack_w_hh(w_hh_mine, my.j0, w, 1);
+    const PackedB<S>& w_hh = plan.by_rows ? packs.w_hh_all : w_hh_mine;
     Buffer<S> hh(B * G * w);
     copy_cols(h_buf.data() + at_h, ld_h, h0 + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c.data() + at_h, ld_h, c0 + at_h, ld_h, 0, my_b, w);
@@ -222,9 +256,12 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     auto xp_at = [&](Index t) {
       return full_layout ? xp_full + t * B * GH + my.at(GH) : chunk.data() + (t - chunk_t0) * step_elems;
     };
-    std::unique_ptr<GateProjection<S>> projection_mine;
-    if (in_chunks && !plan.by_rows) projection_mine = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
-    const GateProjection<S>* projection = plan.by_rows ? projection_all.get() : projection_mine.get();
+    std::unique_ptr<GateProjection<S>> projection_made;
+    std::unique_ptr<GateProjection<S>>& projection_mine =
+        mine_kept || fill ? packs.projection_mine[tid] : projection_made;
+    if (in_chunks && !plan.by_rows && !mine_kept)
+      projection_mine = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
+    const GateProjection<S>* projection = plan.by_rows ? packs.projection_all.get() : projection_mine.get();
     // Project times [t0, t0 + n): the rows of consecutive steps follow each other unless this
     // thread owns every team-th row.
     auto project = [&](Index t0, Index n) {
@@ -273,6 +310,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
   });
+  if (fill) packs.filled = true;  // only the filling call writes: others may be reading these packs
 }
 
 // Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.

@@ -95,6 +95,17 @@ struct Tape : TapeBase {
   std::vector<DirTape<S>> dirs;        // L*D
 };
 
+// One stack's weights packed for its inference forward passes with one batch size and thread
+// count, a ForwardPacks per layer and direction (see PackCache).
+template <typename S>
+struct StackPacks {
+  std::vector<ForwardPacks<S>> dirs;  // L*D
+  explicit StackPacks(Index n_dirs) : dirs(n_dirs) {}
+  bool filled() const {
+    return std::all_of(dirs.begin(), dirs.end(), [](const ForwardPacks<S>& d) { return d.filled; });
+  }
+};
+
 // Sort rows by length, longest first, keeping ties in order; batch_sizes[t] = #{b: len_b > t}.
 inline void sort_by_length(const std::int64_t* lengths, Index B, Index T, std::vector<Index>& order,
                            std::vector<Index>& batch_sizes) {
@@ -135,7 +146,7 @@ void for_each_direction(Index D, int threads, F&& f) {
 
 template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
-                                            bool keep_tape, int threads) {
+                                            bool keep_tape, StackPacks<S>* packs, int threads) {
   const Dims& dm = in.dims;
   const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, GH = Cell::G * H, DH = D * H;
   // Without lengths the rows need no sorting and no padding: the caller's x and out are used as
@@ -198,7 +209,8 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
       sequence_forward<Cell>(shape, in.weights[k], d == 1, x, h0.data() + state,
                              Cell::has_c ? c0.data() + state : nullptr, y + d * H, DH,
                              h_n.data() + state, Cell::has_c ? c_n.data() + state : nullptr,
-                             keep_tape ? &tape->dirs[k] : nullptr, dir_threads);
+                             keep_tape ? &tape->dirs[k] : nullptr, packs ? &packs->dirs[k] : nullptr,
+                             dir_threads);
     });
     if (last) break;
     // The next layer's input: this layer's output through its dropout mask.
@@ -295,13 +307,14 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   if constexpr (Cell::has_c) scatter_rows(dc0.data(), grads.dc0, L * D, B, H, order);
 }
 
-// The entry points: inputs are assumed valid (the binding layer checks them).
+// The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
+// packs of these very weights for this batch size and thread count, filled or to be filled.
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out,
-                                       bool keep_tape, int threads) {
+                                       bool keep_tape, int threads, StackPacks<S>* packs = nullptr) {
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
-    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, threads);
+    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads);
   });
   return tape;
 }
