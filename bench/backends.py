@@ -125,6 +125,9 @@ class PyrnnModuleRunner(Runner):
                        dtype=np.float32, backend=backend, **kwargs)
         self.net.load_state_dict(data.weights)
         self.net.train(case.mode == "train")
+        # Inference runs the frozen module, the weights packed once as ONNX Runtime's session
+        # holds them; training runs the module, whose weights change between steps.
+        self.run = self.net.frozen() if case.mode == "infer" else self.net
         self.case, self.data = case, data
         self.d_state = (None, None) if case.cell == "lstm" else None
 
@@ -134,8 +137,8 @@ class PyrnnModuleRunner(Runner):
 
     def forward(self):
         if self.data.lengths is None:
-            return self.net(self.data.x)
-        return self.net(self.data.x, lengths=self.data.lengths)
+            return self.run(self.data.x)
+        return self.run(self.data.x, lengths=self.data.lengths)
 
     def call(self):
         if self.case.mode == "infer":

@@ -128,6 +128,12 @@ def batch_one_note(info: dict) -> str:
     return f" (batch-1 rows: {flags})" if flags else ""
 
 
+def frozen_note(results: dict) -> str:
+    if results.get("pyrnn_api") != "module" or not results.get("pyrnn_infer_frozen"):
+        return ""
+    return " (inference: `net.frozen()`, the weights packed once, not on every call)"
+
+
 def header(results: dict) -> str:
     m, v = results["machine"], results["versions"]
     gemm = ", ".join(f"{t} thr {g['gflops']:.0f} GFLOP/s" for t, g in results["gemm"].items())
@@ -140,7 +146,7 @@ def header(results: dict) -> str:
         f"- versions: {vers}",
         f"- pyrnn: {info.get('active')} backend, {info.get('codegen_flags', '')}, "
         f"{info.get('simd', '')}{batch_one_note(info)}; measured through the "
-        f"{results.get('pyrnn_api')} API",
+        f"{results.get('pyrnn_api')} API{frozen_note(results)}",
         f"- float32 GEMM rate (NumPy {next(iter(results['gemm'].values()))['size']}² matmul, "
         f"best of {sum(len(g.get('measurements', [1])) for g in results['gemm'].values())} "
         f"looks during the run): {gemm}",

@@ -348,7 +348,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, progress: bool = True) ->
                       "budget_s", "quiet_pct", "quiet_wait_s", "settle_s")},
         "tolerance": TOLERANCE, "machine": machine_info(), "versions": versions(),
         "git_commit": git_commit(), "pyrnn_backend_info": pyrnn.backend_info(),
-        "pyrnn_api": pyrnn_api(), "unavailable": missing, "gemm": {}, "rows": [],
+        "pyrnn_api": pyrnn_api(), "pyrnn_infer_frozen": True, "unavailable": missing,
+        "gemm": {}, "rows": [],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
