@@ -209,8 +209,8 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
       sequence_forward<Cell>(shape, in.weights[k], d == 1, x, h0.data() + state,
                              Cell::has_c ? c0.data() + state : nullptr, y + d * H, DH,
                              h_n.data() + state, Cell::has_c ? c_n.data() + state : nullptr,
-                             keep_tape ? &tape->dirs[k] : nullptr, packs ? &packs->dirs[k] : nullptr,
-                             dir_threads);
+                             keep_tape ? &tape->dirs[k] : nullptr,
+                             packs && !keep_tape ? &packs->dirs[k] : nullptr, dir_threads);
     });
     if (last) break;
     // The next layer's input: this layer's output through its dropout mask.
@@ -308,7 +308,8 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
-// packs of these very weights for this batch size and thread count, filled or to be filled.
+// packs of these very weights for this batch size and thread count, filled or to be filled; used
+// only without a tape (training plans its steps otherwise, and packs for the tape on its own).
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out,
                                        bool keep_tape, int threads, StackPacks<S>* packs = nullptr) {
