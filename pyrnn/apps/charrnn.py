@@ -101,8 +101,11 @@ class CharRNN(pyrnn.Module):
         self.rnn = CELLS[cell](embed, hidden, num_layers=layers, dropout=dropout, seed=seed + 1)
         self.head = Linear(hidden, vocab_size, seed=seed + 2)
 
-    def __call__(self, ids: np.ndarray, state: object = None) -> tuple[np.ndarray, object]:
-        out, state = self.rnn(self.embed(ids), state)
+    def __call__(self, ids: np.ndarray, state: object = None,
+                 rnn: pyrnn.FrozenRNN | None = None) -> tuple[np.ndarray, object]:
+        """Logits (T, B, vocab) and the final state; `rnn` runs in place of self.rnn (sampling
+        passes a frozen copy)."""
+        out, state = (self.rnn if rnn is None else rnn)(self.embed(ids), state)
         return self.head(out), state
 
     def backward(self, d_logits: np.ndarray) -> None:
@@ -135,12 +138,13 @@ def sample(model: CharRNN, vocab: str, prime: str, length: int, temperature: flo
     prime = "".join(ch for ch in prime if ch in char_id) or vocab[0]
     out = []
     with _common.evaluating(model):
-        logits, state = model(np.array([[char_id[ch]] for ch in prime]))
+        rnn = model.rnn.frozen()  # a call per character: its weights packed once, not per call
+        logits, state = model(np.array([[char_id[ch]] for ch in prime]), rnn=rnn)
         for _ in range(length):
             probs = softmax(logits[-1, 0].astype(np.float64) / temperature)
             token = int(rng.choice(len(vocab), p=probs / probs.sum()))
             out.append(vocab[token])
-            logits, state = model(np.array([[token]]), state)
+            logits, state = model(np.array([[token]]), state, rnn=rnn)
     return prime + "".join(out)
 
 
