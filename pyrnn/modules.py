@@ -212,7 +212,7 @@ class RNN(_RNNBase):
         self.nonlinearity = nonlinearity
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
-        return _single_state("hx", hx), None
+        return _single_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
         return _single_state("d_hx", d_hx), None
@@ -247,7 +247,7 @@ class GRU(_RNNBase):
         )
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
-        return _single_state("hx", hx), None
+        return _single_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
         return _single_state("d_hx", d_hx), None
@@ -280,7 +280,7 @@ class LSTM(_RNNBase):
         )
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
-        return _state_pair("hx", "(h0, c0)", hx)
+        return _state_pair_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
         return _state_pair("d_hx", "(d_h_n, d_c_n)", d_hx)
@@ -358,6 +358,7 @@ def _check_input(x: Any, dtype: np.dtype, input_size: int) -> None:
         )
 
 
+# How RNN/GRU and LSTM read hx, shared by the modules and FrozenRNN.
 def _single_hx(hx: Any) -> tuple[Array | None, Array | None]:
     return _single_state("hx", hx), None
 
