@@ -226,12 +226,13 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if (!project_up_front) packs.projection_all = std::make_unique<GateProjection<S>>(wt, G, I, H, 0, H, threads);
   }
 
-  run_team(plan.team, [&](int tid, int team) {
-    const Share my = Share::of(plan, tid, team, H);
+  run_team(plan.team, [&](const Team& team) {
+    const int tid = team.tid;
+    const Share my = Share::of(plan, tid, team.size, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     // Sharing out units, a kept pack of my units serves only a team of the size that made it.
-    if (fill && tid == 0) packs.team = team;
-    const bool mine_kept = !fill && packs.team == team;
+    if (fill && tid == 0) packs.team = team.size;
+    const bool mine_kept = !fill && packs.team == team.size;
     PackedB<S> w_hh_made;
     PackedB<S>& w_hh_mine = mine_kept || fill ? packs.w_hh_mine[tid] : w_hh_made;
     if (!plan.by_rows && !mine_kept) pack_w_hh(w_hh_mine, my.j0, w, 1);
@@ -273,7 +274,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
           projection->run(my_b, x + t * B * I + my.at(I), my.stride(I), xp_at(t), ld_xp, gate_stride);
       }
     };
-    if (!plan.by_rows) team_barrier();
+    if (!plan.by_rows) team.barrier();
 
     for (Index step = 0; step < T; ++step) {
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
@@ -305,7 +306,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       S* out_t = out + t * B * ld_out + my.at(ld_out);
       copy_cols(out_t, my.stride(ld_out), h + at_h, ld_h, 0, n, w);
       zero_cols(out_t, my.stride(ld_out), n, my_b, w);
-      if (!plan.by_rows) team_barrier();
+      if (!plan.by_rows) team.barrier();
     }
     copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
@@ -337,8 +338,8 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
 
-  run_team(plan.team, [&](int tid, int team) {
-    const Share my = Share::of(plan, tid, team, H);
+  run_team(plan.team, [&](const Team& team) {
+    const Share my = Share::of(plan, team.tid, team.size, H);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
     // This share's columns [j0, j0 + w) of the tape's W_hh panels, whole panels (j0 falls on a
@@ -376,7 +377,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
         for (Index g = 0; g < G; ++g) zero_cols(dg_t + at_g + g * H, ld_g, n, my_b, w);
         if constexpr (Cell::has_d_hn) zero_cols(d_hn_t + at_h, ld_h, n, my_b, w);
       }
-      if (!plan.by_rows) team_barrier();  // the recurrent GEMM below reads every thread's d_gates
+      if (!plan.by_rows) team.barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (w > 0 && n > 0) {
         packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_hh_for_d_gates, dh_hh.data(), wp, false);
         if constexpr (Cell::has_d_hn)
