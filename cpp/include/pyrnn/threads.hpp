@@ -9,7 +9,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <thread>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "pyrnn/types.hpp"
 
@@ -22,13 +29,14 @@ inline std::atomic<int>& num_threads_setting() {
 inline int get_num_threads() { return num_threads_setting().load(); }
 inline void set_num_threads(int n) { num_threads_setting().store(std::max(1, n)); }
 
-// A barrier for one team that waits by spinning. libgomp's `omp barrier` makes a futex system
-// call at every crossing, sleeper or not: 0.25-0.5 us against 35 ns for this one (two threads,
-// measured here), paid at every step of a time loop that shares out units; batch-one inference
-// ran 4-12 % faster with this one. A waiter still waiting after kSpinPauses pauses (about 1.6 us)
-// yields its core at each look instead, in case the thread it waits for needs that core: with
-// four threads on two cores, a batch-one LSTM ran 2.5-4x faster than with libgomp's barrier or
-// after 1024 pauses; with a core each, 64 and 1024 pauses ran the same.
+// A barrier for one team. libgomp's `omp barrier` makes a futex system call at every crossing,
+// whether or not a thread sleeps: 0.25-0.5 us against 35 ns for a crossing without one (two
+// threads, measured here), paid at every step of a time loop that shares out units. As libgomp
+// does, a waiter here spins, then sleeps on a futex; unlike it, the last thread to arrive makes
+// the call only when somebody sleeps. A waiter does not yield while it spins (a first version
+// did): a yielded core may go to another library's spinning pool thread for a whole time slice,
+// while a sleeper that is woken gets its core back at once. With more threads than cores a
+// waiter sleeps after a short spin, since the thread it waits for may need its core.
 class TeamBarrier {
  public:
   // Every thread of a team of `team_size` calls this; none returns before all have called it,
@@ -38,24 +46,45 @@ class TeamBarrier {
     const unsigned generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team_size - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(generation + 1, std::memory_order_release);
+      // Sequentially consistent with the sleepers' count: either this sees a sleeper, or the
+      // sleeper sees the new generation and does not sleep.
+      generation_.store(generation + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
       return;
     }
-    for (int looks = 0; generation_.load(std::memory_order_acquire) == generation; ++looks) {
-      if (looks < kSpinPauses) pause();
-      else std::this_thread::yield();
+    const int spins = team_size > omp_get_num_procs() ? kShortSpin : kLongSpin;
+    for (int i = 0; i < spins; ++i) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      pause();
     }
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while(generation);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
-  static constexpr int kSpinPauses = 64;
+  static constexpr int kLongSpin = 1 << 14;  // pauses, about 400 us (a pause is ~25 ns here)
+  static constexpr int kShortSpin = 64;      // about 1.6 us
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
   }
+#if defined(__linux__)
+  // The futex reads the generation's value; std::atomic<unsigned> holds just that value.
+  unsigned* futex_word() { return reinterpret_cast<unsigned*>(&generation_); }
+  void sleep_while(unsigned generation) {
+    syscall(SYS_futex, futex_word(), FUTEX_WAIT_PRIVATE, generation, nullptr, nullptr, 0);
+  }
+  void wake_all() { syscall(SYS_futex, futex_word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0); }
+#else
+  void sleep_while(unsigned) { std::this_thread::yield(); }
+  void wake_all() {}
+#endif
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<unsigned> generation_{0};  // a line of its own: the waiters read it
+  std::atomic<int> sleepers_{0};
+  static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned), "the futex word is the atomic's value");
 };
 
 // One thread of a team: its index, the team's size, and the team's barrier.
