@@ -52,7 +52,7 @@ class TeamBarrier {
       if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
       return;
     }
-    const int spins = team_size > omp_get_num_procs() ? kShortSpin : kLongSpin;
+    const int spins = team_size > processors() ? kShortSpin : kLongSpin;
     for (int i = 0; i < spins; ++i) {
       if (generation_.load(std::memory_order_acquire) != generation) return;
       pause();
@@ -65,6 +65,11 @@ class TeamBarrier {
  private:
   static constexpr int kLongSpin = 1 << 14;  // pauses, about 400 us (a pause is ~25 ns here)
   static constexpr int kShortSpin = 64;      // about 1.6 us
+  // Read once: omp_get_num_procs() asks the kernel for the thread's affinity at every call.
+  static int processors() {
+    static const int count = omp_get_num_procs();
+    return count;
+  }
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
