@@ -293,6 +293,9 @@ std::string tape_dtype(const pyrnn::TapeBase& t) {
   return dynamic_cast<const pyrnn::Tape<float>*>(&t) ? "float32" : "float64";
 }
 
+// A key of TeamChoice that only `loop` tells apart.
+pyrnn::TeamChoice::Key test_key(int loop) { return {loop, 0, 0, 0, 0, 0, 2}; }
+
 }  // namespace
 
 // The module name comes from CMake: one module per code-generation target (_core_avx2, ...).
@@ -336,6 +339,20 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
       .def("__repr__", [](const pyrnn::PackCache& c) {
         return "<pyrnn._core.PackCache entries=" + std::to_string(c.entries()) + ">";
       });
+
+  // For the tests: a TeamChoice of its own, fed made-up times (the core's own one learns from the
+  // time loops' calls). Options are "team" and "alone".
+  py::class_<pyrnn::TeamChoice>(m, "_TeamChoice", py::module_local())
+      .def(py::init<>())
+      .def("pick", [](pyrnn::TeamChoice& c, int loop) {
+        return c.pick(test_key(loop)) == pyrnn::TeamChoice::team ? "team" : "alone";
+      }, py::arg("loop"))
+      .def("record", [](pyrnn::TeamChoice& c, int loop, const std::string& option, double ns_per_step) {
+        if (option != "team" && option != "alone")
+          throw py::value_error("option: expected 'team' or 'alone', got '" + option + "'");
+        if (!(ns_per_step >= 0)) throw py::value_error("ns_per_step: expected a time >= 0");
+        c.record(test_key(loop), option == "team" ? pyrnn::TeamChoice::team : pyrnn::TeamChoice::alone, ns_per_step);
+      }, py::arg("loop"), py::arg("option"), py::arg("ns_per_step"));
 
   m.def("stack_forward", &stack_forward, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("weights"), py::arg("bidirectional"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),

@@ -667,6 +667,73 @@ def test_backward_on_another_thread_count_than_its_forward_agrees_exactly(cell, 
         assert_results_close(got, want, 0.0)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_two_threads_agree_exactly_call_after_call(cell, threads):
+    # A loop shared out by units runs on its team or, when that has been slower lately, on one
+    # thread (threads.hpp, TeamChoice): its fifth call already tries one thread. Every call must
+    # give the one-thread bits whichever it ran on.
+    B, H = TEAM_SHAPES["batch_of_one"]
+    p = Problem(cell, 6, B, 8, H, lengths=False, dtype=np.float32, seed=9)
+    threads(1)
+    one, one_infer = p.run(_core), p.infer(_core)
+    threads(2)
+    for _ in range(12):
+        assert_results_close(p.run(_core), one, 0.0)
+        for got, want in zip(p.infer(_core), one_infer, strict=True):
+            if want is not None:
+                np.testing.assert_array_equal(got, want)
+
+
+def replay_team_choice(choice, team_ns, alone_ns, calls, loop=0):
+    """The options a TeamChoice picks for `calls` calls that take these times per step."""
+    picks = []
+    for _ in range(calls):
+        option = choice.pick(loop)
+        choice.record(loop, option, team_ns if option == "team" else alone_ns)
+        picks.append(option)
+    return picks
+
+
+def test_team_choice_keeps_a_team_that_is_faster():
+    picks = replay_team_choice(_core._impl._TeamChoice(), team_ns=60.0, alone_ns=100.0, calls=600)
+    assert picks[:4] == ["team"] * 4 and picks[4] == "alone"  # the first try
+    # later tries ever more rarely: 8, 16, ... 256 calls apart (at calls 13, 30, 63, 128, 257, 514)
+    assert picks.count("alone") == 7
+    assert picks[-200:].count("alone") <= 1
+
+
+def test_team_choice_runs_alone_while_the_team_is_slower_and_comes_back():
+    choice = _core._impl._TeamChoice()
+    slow_team = replay_team_choice(choice, team_ns=100.0, alone_ns=60.0, calls=300)
+    assert slow_team[4:6] == ["alone", "alone"]  # the first try wins and stays
+    assert slow_team[-100:].count("alone") >= 99
+    # the cores come near again: a later try of the team finds it faster and keeps it
+    fast_team = replay_team_choice(choice, team_ns=40.0, alone_ns=60.0, calls=300)
+    assert fast_team[-20:].count("team") >= 19
+    assert fast_team.index("team") <= 256
+
+
+def test_team_choice_needs_a_clear_win_to_switch():
+    # within 5 %, a try does not move the loop off its team
+    picks = replay_team_choice(_core._impl._TeamChoice(), team_ns=100.0, alone_ns=96.0, calls=300)
+    assert picks.count("alone") == 6
+
+
+def test_team_choice_learns_each_loop_apart():
+    choice = _core._impl._TeamChoice()
+    for _ in range(50):
+        for loop, (team_ns, alone_ns) in enumerate([(100.0, 60.0), (60.0, 100.0)]):
+            option = choice.pick(loop)
+            choice.record(loop, option, team_ns if option == "team" else alone_ns)
+    assert choice.pick(0) == "alone" and choice.pick(1) == "team"
+
+
+@pytest.mark.parametrize("option,ns", [("both", 1.0), ("team", -1.0), ("alone", float("nan"))])
+def test_team_choice_record_rejects_bad_arguments(option, ns):
+    with pytest.raises(ValueError):
+        _core._impl._TeamChoice().record(0, option, ns)
+
+
 # Weights larger than a core's L2 with 12+ batch rows are streamed a chunk of panels at a time,
 # the next chunk prefetched; depths of 300 and 530 run past one 256-deep block and end in a partial
 # one (not a multiple of the SIMD width), and 530 columns end in a partial panel. On two threads

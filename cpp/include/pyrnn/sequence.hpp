@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -45,6 +46,14 @@ struct DirTape {
   // W_ih (G*H, I) right of d_gates for dx.
   PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
 };
+
+// The kinds of time loop, for TeamChoice.
+enum LoopKind { kForwardInference, kForwardTraining, kBackward };
+
+// Steps small enough that where the host puts the cores decides whether a team sharing out units
+// pays (see TeamChoice): placed apart, two threads took about 3.5 us more per step (char-RNN LSTM
+// training, 0.18 ms over 50 steps), where 2^20 multiply-adds take each of them about 10 us.
+constexpr Index kChoiceMaxMacs = Index(1) << 20;
 
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
 constexpr Index kUnitAlign = 16;
@@ -86,6 +95,31 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
   if (w_hh_bytes < min.min_w_hh_bytes) return {1, false};
   return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
 }
+
+// A time loop's plan as it runs: the planned team, or one thread where TeamChoice finds that
+// faster now, which it may only for a team that shares out the units of small steps (see
+// kChoiceMaxMacs) and when the caller lets it. finished() tells TeamChoice what the call took.
+class RunPlan {
+ public:
+  RunPlan(const StepPlan& planned, bool may_choose, const TeamChoice::Key& key)
+      : choosing_(may_choose && planned.team > 1 && !planned.by_rows &&
+                  key.B * key.G * key.H * key.H < kChoiceMaxMacs),
+        key_(key),
+        option_(choosing_ ? team_choice().pick(key) : TeamChoice::team),
+        plan_(option_ == TeamChoice::alone ? StepPlan{1, false} : planned),
+        start_(std::chrono::steady_clock::now()) {}
+  const StepPlan& plan() const { return plan_; }
+  void finished(Index steps) const {
+    if (choosing_) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, steps)));
+  }
+
+ private:
+  bool choosing_;
+  TeamChoice::Key key_;
+  TeamChoice::Option option_;
+  StepPlan plan_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 // One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
 // `team` is the number of threads running, which OpenMP makes fewer than planned inside another
@@ -192,8 +226,12 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   const Index T = s.T, B = s.B, I = s.I, H = s.H, GH = G * H;
   std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
-  const StepPlan plan =
-      plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
+  const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
+  // Kept packs are laid out for the planned team: one thread would have to pack for itself, which
+  // for a char-RNN GRU cost what the team lost when its cores were placed apart.
+  const RunPlan run_plan(planned, !kept,
+                         {tape ? kForwardTraining : kForwardInference, B, I, H, G, Index(sizeof(S)), planned.team});
+  const StepPlan& plan = run_plan.plan();
   const bool project_up_front = plan.team < threads;
   ForwardPacks<S> made;
   ForwardPacks<S>& packs = kept ? *kept : made;
@@ -312,6 +350,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
   });
   if (fill) packs.filled = true;  // only the filling call writes: others may be reading these packs
+  run_plan.finished(T);
 }
 
 // Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
@@ -336,7 +375,9 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
-  const StepPlan plan = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
+  const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
+  const RunPlan run_plan(planned, true, {kBackward, B, 0, H, G, Index(sizeof(S)), planned.team});
+  const StepPlan& plan = run_plan.plan();
 
   run_team(plan.team, [&](const Team& team) {
     const Share my = Share::of(plan, team.tid, team.size, H);
@@ -391,6 +432,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
     copy_cols(dh0 + at_h, ld_h, dh.data() + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(dc0 + at_h, ld_h, dc.data() + at_h, ld_h, 0, my_b, w);
   });
+  run_plan.finished(T);
 }
 
 // Weight gradients summed over all steps, as large GEMMs after the loop: dW_ih = d_gates^T x and
