@@ -50,9 +50,9 @@ struct DirTape {
 // The kinds of time loop, for TeamChoice.
 enum LoopKind { kForwardInference, kForwardTraining, kBackward };
 
-// Steps small enough that where the host puts the cores decides whether a team sharing out units
-// pays (see TeamChoice): placed apart, two threads took about 3.5 us more per step (char-RNN LSTM
-// training, 0.18 ms over 50 steps), where 2^20 multiply-adds take each of them about 10 us.
+// Steps small enough that the host's slow periods decide whether a team sharing out units pays
+// (see TeamChoice): in them two threads took about 3.5 us more per step (char-RNN LSTM training,
+// 0.18 ms over 50 steps), where 2^20 multiply-adds take each of them about 10 us.
 constexpr Index kChoiceMaxMacs = Index(1) << 20;
 
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
