@@ -670,8 +670,8 @@ def test_backward_on_another_thread_count_than_its_forward_agrees_exactly(cell, 
 @pytest.mark.parametrize("cell", CELLS)
 def test_two_threads_agree_exactly_call_after_call(cell, threads):
     # A loop shared out by units runs on its team or, when that has been slower lately, on one
-    # thread (threads.hpp, TeamChoice): its fifth call already tries one thread. Every call must
-    # give the one-thread bits whichever it ran on.
+    # thread (threads.hpp, TeamChoice), and tries the other now and then: a new kind of loop at its
+    # fifth call, so a dozen calls pass through a try. Every call must give the one-thread bits.
     B, H = TEAM_SHAPES["batch_of_one"]
     p = Problem(cell, 6, B, 8, H, lengths=False, dtype=np.float32, seed=9)
     threads(1)

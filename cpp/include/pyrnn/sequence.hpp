@@ -228,7 +228,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
   // Kept packs are laid out for the planned team: one thread would have to pack for itself, which
-  // for a char-RNN GRU cost what the team lost when its cores were placed apart.
+  // for a char-RNN GRU cost what the team lost in the host's slow periods.
   const RunPlan run_plan(planned, !kept,
                          {tape ? kForwardTraining : kForwardInference, B, I, H, G, Index(sizeof(S)), planned.team});
   const StepPlan& plan = run_plan.plan();
