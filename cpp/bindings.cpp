@@ -6,9 +6,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pyrnn/build_info.hpp"
@@ -238,9 +240,78 @@ py::tuple stack_forward(const std::string& cell_name, const py::object& x, const
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
+// An array the core adds into: exactly `shape`, x's dtype, C-contiguous, aligned and writable
+// (no copy can stand in for it: the caller keeps reading the array it passed). `name` makes the
+// argument's name, only for a message: a module's step calls this for every weight.
+template <typename S, class Name>
+Array<S> take_target(py::handle obj, Name&& name, const std::vector<Index>& shape) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name() + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!py::isinstance<py::array_t<S>>(a))
+    throw py::type_error(name() + ": expected dtype " + dtype_name<S>() + " in native byte order (the tape's), got " +
+                         std::string(py::str(a.dtype())));
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
+    throw py::value_error(name() + ": expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
+  const int needed = py::array::c_style | py::detail::npy_api::NPY_ARRAY_ALIGNED_ |
+                     py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  if ((a.flags() & needed) != needed)
+    throw py::value_error(name() + ": expected a C-contiguous, aligned, writable array (the gradients are added "
+                          "into it in place)");
+  return py::reinterpret_borrow<Array<S>>(a);
+}
+
+// The bytes of an array's data.
+struct Span {
+  const char* begin;
+  const char* end;
+  bool overlaps(const Span& other) const { return begin < other.end && other.begin < end; }
+};
+
+template <typename S>
+Span span_of(const Array<S>& a) {
+  const char* begin = reinterpret_cast<const char*>(a.data());
+  return {begin, begin + a.nbytes()};
+}
+
+// accumulate_into: L*D tuples (dw_ih, dw_hh, db_ih, db_hh) the weight gradients are added into,
+// none sharing memory with another or with the arrays backward reads (`reads`, named).
+template <typename S>
+std::vector<Array<S>> take_targets(const py::object& obj, const pyrnn::Dims& dm, Index GH,
+                                   const std::vector<std::pair<Span, const char*>>& reads) {
+  const Index LD = dm.L * dm.D;
+  py::sequence entries = take_list(obj, "accumulate_into", LD, "one tuple per layer and direction, as weights");
+  const char* const parts[] = {"dw_ih", "dw_hh", "db_ih", "db_hh"};
+  auto name_of = [&](size_t i) {
+    return "accumulate_into[" + std::to_string(i / 4) + "] " + parts[i % 4];
+  };
+  std::vector<Array<S>> targets;
+  std::vector<Span> written;
+  for (Index k = 0; k < LD; ++k) {
+    py::sequence entry = take_list(entries[k], "accumulate_into[" + std::to_string(k) + "]", 4,
+                                   "dw_ih, dw_hh, db_ih, db_hh");
+    const std::vector<Index> shapes[] = {{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
+    for (int j = 0; j < 4; ++j) {
+      const size_t i = targets.size();
+      targets.push_back(take_target<S>(entry[j], [&] { return name_of(i); }, shapes[j]));
+      const Span span = span_of(targets.back());
+      auto shared = [&](const std::string& other) {
+        return py::value_error(name_of(i) + ": shares memory with " + other +
+                               "; every array of accumulate_into must be its own");
+      };
+      for (size_t w = 0; w < written.size(); ++w)
+        if (span.overlaps(written[w])) throw shared(name_of(w));
+      for (const auto& [read, read_name] : reads)
+        if (span.overlaps(read)) throw shared(read_name);
+      written.push_back(span);
+    }
+  }
+  return targets;
+}
+
 template <typename S>
 py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj, const py::object& d_h_n_obj,
-                        const py::object& d_c_n_obj) {
+                        const py::object& d_c_n_obj, const py::object& into_obj) {
   const pyrnn::Dims& dm = tape.dims;
   const Index LD = dm.L * dm.D, GH = pyrnn::gate_count(tape.cell) * dm.H;
   const bool is_lstm = tape.cell == pyrnn::CellKind::lstm;
@@ -255,15 +326,26 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
   Array<S> dx = new_array<S>({dm.T, dm.B, dm.I}), dh0 = new_array<S>({LD, dm.B, dm.H});
   Array<S> dc0 = is_lstm ? new_array<S>({LD, dm.B, dm.H}) : Array<S>();
   pyrnn::StackGrads<S> grads{dx.mutable_data(), dh0.mutable_data(), is_lstm ? dc0.mutable_data() : nullptr, {}, {}, {}, {}};
+  std::vector<Array<S>> weight_grads;  // dw_ih, dw_hh, db_ih, db_hh of each layer and direction
+  if (into_obj.is_none()) {
+    for (Index k = 0; k < LD; ++k)
+      for (const std::vector<Index>& shape : {std::vector<Index>{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}})
+        weight_grads.push_back(new_array<S>(shape));
+  } else {
+    std::vector<std::pair<Span, const char*>> reads{{span_of(d_out), "d_out"}};
+    if (has_d_h_n) reads.push_back({span_of(d_h_n), "d_h_n"});
+    if (has_d_c_n) reads.push_back({span_of(d_c_n), "d_c_n"});
+    weight_grads = take_targets<S>(into_obj, dm, GH, reads);
+    grads.accumulate = true;
+  }
   py::list d_weights;
   for (Index k = 0; k < LD; ++k) {
-    Array<S> dw_ih = new_array<S>({GH, dm.input_size(k / dm.D)}), dw_hh = new_array<S>({GH, dm.H});
-    Array<S> db_ih = new_array<S>({GH}), db_hh = new_array<S>({GH});
-    grads.dw_ih.push_back(dw_ih.mutable_data());
-    grads.dw_hh.push_back(dw_hh.mutable_data());
-    grads.db_ih.push_back(db_ih.mutable_data());
-    grads.db_hh.push_back(db_hh.mutable_data());
-    d_weights.append(py::make_tuple(dw_ih, dw_hh, db_ih, db_hh));
+    Array<S>* entry = &weight_grads[4 * k];
+    grads.dw_ih.push_back(entry[0].mutable_data());
+    grads.dw_hh.push_back(entry[1].mutable_data());
+    grads.db_ih.push_back(entry[2].mutable_data());
+    grads.db_hh.push_back(entry[3].mutable_data());
+    d_weights.append(py::make_tuple(entry[0], entry[1], entry[2], entry[3]));
   }
   const int threads = pyrnn::get_num_threads();
   {
@@ -277,15 +359,17 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
 }
 
 py::tuple stack_backward(const py::object& tape_obj, const py::object& d_out, const py::object& d_h_n,
-                         const py::object& d_c_n) {
+                         const py::object& d_c_n, const py::object& accumulate_into) {
   if (tape_obj.is_none())
     throw py::value_error("tape: got None; run stack_forward with keep_tape=True to get one");
   if (!py::isinstance<pyrnn::TapeBase>(tape_obj))
     throw py::type_error("tape: expected the Tape returned by pyrnn._core.stack_forward, got " +
                          std::string(py::str(py::type::of(tape_obj))));
   const auto tape = tape_obj.cast<std::shared_ptr<pyrnn::TapeBase>>();
-  if (auto t32 = std::dynamic_pointer_cast<pyrnn::Tape<float>>(tape)) return backward_impl(*t32, d_out, d_h_n, d_c_n);
-  if (auto t64 = std::dynamic_pointer_cast<pyrnn::Tape<double>>(tape)) return backward_impl(*t64, d_out, d_h_n, d_c_n);
+  if (auto t32 = std::dynamic_pointer_cast<pyrnn::Tape<float>>(tape))
+    return backward_impl(*t32, d_out, d_h_n, d_c_n, accumulate_into);
+  if (auto t64 = std::dynamic_pointer_cast<pyrnn::Tape<double>>(tape))
+    return backward_impl(*t64, d_out, d_h_n, d_c_n, accumulate_into);
   throw py::type_error("tape: unknown tape type");
 }
 
@@ -360,7 +444,9 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         "Run a stack of layers and directions over (T, B, I) x; see pyrnn/_backend.py for the contract.\n"
         "Returns (out, h_n, c_n or None, tape or None).");
   m.def("stack_backward", &stack_backward, py::arg("tape"), py::arg("d_out"), py::arg("d_h_n"), py::arg("d_c_n"),
-        "BPTT through the stack recorded on tape. Returns (dx, dh0, dc0 or None, d_weights).");
+        py::arg("accumulate_into") = py::none(),
+        "BPTT through the stack recorded on tape. Returns (dx, dh0, dc0 or None, d_weights); with\n"
+        "accumulate_into, the weight gradients are added into those arrays, which d_weights returns.");
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
     pyrnn::set_num_threads(n);

@@ -29,10 +29,15 @@ packs=None)``
     direction's final state is its state after step lengths[b]-1; the reverse direction starts
     from h0 at step lengths[b]-1 and ends at step 0.
 
-``stack_backward(tape, d_out, d_h_n, d_c_n)``
+``stack_backward(tape, d_out, d_h_n, d_c_n, accumulate_into=None)``
     d_out (T, B, D*H); d_h_n (L*D, B, H); d_c_n (L*D, B, H) for "lstm", else None
+    accumulate_into  None, or L*D tuples of 4 arrays shaped like weights, of the tape's dtype,
+                   C-contiguous and writable, none sharing memory with another or with d_out,
+                   d_h_n or d_c_n: the weight gradients are added into them in place (as a
+                   module's gradients accumulate), with no arrays of their own
     returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights), d_weights shaped like
-    weights (a list of L*D tuples of 4 arrays); gradients are summed over time steps.
+    weights (a list of L*D tuples of 4 arrays; with accumulate_into, those arrays); gradients
+    are summed over time steps.
 
 The tape is opaque to callers and stays valid after the caller changes or drops its arrays.
 """

@@ -136,9 +136,11 @@ def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirection
                                 dropout_masks, keep_tape, packs)
 
 
-def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any) -> Any:
+def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
+                   accumulate_into: Any = None) -> Any:
     """``stack_backward`` of the module whose forward pass recorded the tape."""
-    return _by_tape.get(type(tape), _impl).stack_backward(tape, d_out, d_h_n, d_c_n)
+    return _by_tape.get(type(tape), _impl).stack_backward(tape, d_out, d_h_n, d_c_n,
+                                                          accumulate_into)
 
 
 def set_num_threads(n: int) -> None:

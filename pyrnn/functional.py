@@ -130,13 +130,18 @@ def _run_stack(
 
 
 def rnn_backward(
-    tape: Tape, d_out: Array | None, d_h_n: Array | None = None, d_c_n: Array | None = None
+    tape: Tape, d_out: Array | None, d_h_n: Array | None = None, d_c_n: Array | None = None,
+    *, accumulate_into: Sequence[Sequence[Array | None]] | None = None,
 ) -> tuple[Array, Array, Array | None, list[tuple[Array | None, ...]]]:
     """Back-propagate through the forward call recorded on tape.
 
     d_out has out's shape (batch_first as in the forward); d_out, d_h_n and d_c_n may be None
     (zero). Returns (dx shaped like x, dh0 (L*D, B, H), dc0 or None, d_weights), d_weights
     shaped like the forward's weights, with None where a bias was None. The tape stays valid.
+
+    accumulate_into: None, or arrays laid out as d_weights (None where a bias was None), of the
+    tape's dtype, C-contiguous and writable, each its own memory. The weight gradients are then
+    added into them in place, as gradients accumulate in a module, and d_weights is them.
     """
     if tape is None:
         raise ValueError("tape: got None; call rnn_forward with keep_tape=True to get one")
@@ -157,8 +162,9 @@ def rnn_backward(
     state_shape = (tape.L * tape.D, tape.B, tape.H)
     d_h_n = _state("d_h_n", d_h_n, state_shape, tape.dtype)
     d_c_n = _cell_state("d_c_n", d_c_n, tape.cell, state_shape, tape.dtype)
+    targets = None if accumulate_into is None else _kernel_targets(accumulate_into, tape)
     dx, dh0, dc0, kernel_d_weights = _backend.kernels(tape.backend).stack_backward(
-        tape.kernel_tape, d_out, d_h_n, d_c_n
+        tape.kernel_tape, d_out, d_h_n, d_c_n, targets
     )
     d_weights = [
         (dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None)
@@ -167,6 +173,37 @@ def rnn_backward(
         )
     ]
     return _user_layout(dx, tape.batch_first), dh0, dc0, d_weights
+
+
+def _kernel_targets(
+    accumulate_into: Any, tape: Tape
+) -> list[tuple[Array, Array, Array, Array]]:
+    """accumulate_into in kernel form: a zero array (whose sum is dropped) where a bias was None.
+    The kernel checks the arrays themselves, and the layout when every bias was given."""
+    if all(all(given) for given in tape.bias_given):
+        return accumulate_into
+    n = tape.L * tape.D
+    if not isinstance(accumulate_into, list | tuple):
+        raise TypeError(f"accumulate_into: expected a list of {n} tuples (one per layer and "
+                        f"direction, as d_weights), got {type(accumulate_into).__name__}")
+    if len(accumulate_into) != n:
+        raise ValueError(f"accumulate_into: expected {n} tuples (one per layer and direction, "
+                         f"as d_weights), got {len(accumulate_into)}")
+    targets = []
+    for k, (entry, given) in enumerate(zip(accumulate_into, tape.bias_given, strict=True)):
+        name = f"accumulate_into[{k}]"
+        if not isinstance(entry, list | tuple) or len(entry) != 4:
+            raise ValueError(f"{name}: expected a tuple (dw_ih, dw_hh, db_ih, db_hh)")
+        biases = []
+        for part, bias, has_bias in zip(("db_ih", "db_hh"), entry[2:], given, strict=True):
+            if has_bias:
+                biases.append(bias)
+            elif bias is None:
+                biases.append(np.zeros(GATES[tape.cell] * tape.H, tape.dtype))
+            else:
+                raise ValueError(f"{name} {part}: expected None, as the forward pass had no bias")
+        targets.append((entry[0], entry[1], *biases))
+    return targets
 
 
 def dropout_masks(

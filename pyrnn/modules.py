@@ -82,6 +82,9 @@ class _RNNBase(Module):
         self._names = self._init_params()
         self._tape: Tape | None = None
         self._no_tape_reason = _NO_FORWARD
+        # (name, array) pairs of self.grads last found usable by the kernel, and their layout
+        self._known_targets: tuple[list[tuple[str, Array]], list[tuple[Array | None, ...]]] | None
+        self._known_targets = None
 
     @property
     def num_directions(self) -> int:
@@ -153,14 +156,46 @@ class _RNNBase(Module):
         if self._tape is None:
             raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
         d_h_n, d_c_n = self._split_d_hx(d_hx)
-        dx, dh0, dc0, d_weights = rnn_backward(self._tape, d_out, d_h_n, d_c_n)
-        for names, grads in zip(self._names, d_weights, strict=True):
-            for name, grad in zip(names, grads, strict=True):
-                if name is not None:
-                    self.grads[name] += grad  # in place: optimizers hold these arrays
+        targets = self._grad_targets()
+        dx, dh0, dc0, d_weights = rnn_backward(self._tape, d_out, d_h_n, d_c_n,
+                                               accumulate_into=targets)
+        if targets is None:
+            for names, grads in zip(self._names, d_weights, strict=True):
+                for name, grad in zip(names, grads, strict=True):
+                    if name is not None:
+                        self.grads[name] += grad  # in place: optimizers hold these arrays
         self._tape = None
         self._no_tape_reason = _USED
         return dx, self._pack_state(dh0, dc0)
+
+    def _grad_targets(self) -> list[tuple[Array | None, ...]] | None:
+        """self.grads laid out as the weights, for the kernel to add into in place (saving a
+        pass over every gradient and the arrays holding it); None when some array cannot
+        take it (replaced by a strided view, say), and backward adds them itself. Checked
+        once per set of arrays: a step of a small model is a few tens of microseconds."""
+        grads, known = self.grads, self._known_targets
+        if known is not None and all(grads[n] is a for n, a in known[0]):
+            return known[1]
+        targets = self._usable_grad_targets()
+        self._known_targets = None if targets is None else (
+            [(n, grads[n]) for names in self._names for n in names if n], targets)
+        return targets
+
+    def _usable_grad_targets(self) -> list[tuple[Array | None, ...]] | None:
+        targets, seen = [], set()
+        for names in self._names:
+            entry = tuple(self.grads[n] if n else None for n in names)
+            for grad, name in zip(entry, names, strict=True):
+                usable = name is None or (
+                    isinstance(grad, np.ndarray) and grad.dtype == self.dtype
+                    and grad.shape == self.params[name].shape and grad.flags.c_contiguous
+                    and grad.flags.aligned and grad.flags.writeable and id(grad) not in seen
+                )
+                if not usable:
+                    return None
+                seen.add(id(grad))
+            targets.append(entry)
+        return targets
 
     # --------------------------------------------------------------------------- repr
 

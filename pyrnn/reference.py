@@ -303,16 +303,29 @@ def _stack_forward(cell, x, h0, c0, weights, active, masks, L, D, keep_tape):
 
 
 def stack_backward(
-    tape: Tape, d_out: Array, d_h_n: Array | None, d_c_n: Array | None
+    tape: Tape, d_out: Array, d_h_n: Array | None, d_c_n: Array | None,
+    accumulate_into: Sequence[Weights] | None = None,
 ) -> tuple[Array, Array, Array | None, list[Weights]]:
     """BPTT through the stack recorded on tape; d_h_n and d_c_n may be None (zero).
 
-    Returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights shaped like weights).
+    Returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights shaped like weights). With
+    accumulate_into (arrays shaped like weights), the weight gradients are added into those
+    arrays in place, and d_weights is them.
     """
+    d_h_n_given, d_c_n_given = d_h_n, d_c_n
     d_h_n, d_c_n = _check_backward(tape, d_out, d_h_n, d_c_n)
+    if accumulate_into is not None:
+        reads = {"d_out": d_out, "d_h_n": d_h_n_given, "d_c_n": d_c_n_given}
+        _check_targets(accumulate_into, tape, {k: a for k, a in reads.items() if a is not None})
     d_out, d_h_n, d_c_n = native(d_out), native(d_h_n), native(d_c_n)
     with np.errstate(**IEEE_ERRORS):
-        return _stack_backward(tape, d_out, d_h_n, d_c_n)
+        dx, dh0, dc0, d_weights = _stack_backward(tape, d_out, d_h_n, d_c_n)
+    if accumulate_into is None:
+        return dx, dh0, dc0, d_weights
+    for targets, grads in zip(accumulate_into, d_weights, strict=True):
+        for target, grad in zip(targets, grads, strict=True):
+            target += grad
+    return dx, dh0, dc0, [tuple(entry) for entry in accumulate_into]
 
 
 def _stack_backward(tape, d_out, d_h_n, d_c_n):
@@ -445,6 +458,43 @@ def _check_weights(weights, cell, LD, D, I, H, dtype):  # noqa: E741
         _check_array(f"{name} w_hh", entry[1], (GH, H), dtype)
         _check_array(f"{name} b_ih", entry[2], (GH,), dtype)
         _check_array(f"{name} b_hh", entry[3], (GH,), dtype)
+
+
+def _check_targets(targets, tape, reads):
+    """accumulate_into: L*D tuples of writable C-contiguous arrays shaped like the weights, in
+    the tape's dtype, none sharing memory with another or with the arrays in `reads`."""
+    _check_list("accumulate_into", targets, tape.L * tape.D,
+                "one tuple per layer and direction, as weights")
+    GH = CELLS[tape.cell].gates * tape.H
+    seen = dict(reads)
+    for k, entry in enumerate(targets):
+        name = f"accumulate_into[{k}]"
+        _check_list(name, entry, 4, "dw_ih, dw_hh, db_ih, db_hh")
+        I_k = tape.I if k < tape.D else tape.D * tape.H
+        shapes = ((GH, I_k), (GH, tape.H), (GH,), (GH,))
+        for part, a, shape in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), entry, shapes, strict=True):
+            label = f"{name} {part}"
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{label}: expected a numpy array, got {type(a).__name__}")
+            if a.dtype != tape.dtype:
+                raise TypeError(
+                    f"{label}: expected dtype {tape.dtype} in native byte order (the tape's), "
+                    f"got {a.dtype}"
+                )
+            if a.shape != shape:
+                raise ValueError(f"{label}: expected shape {shape}, got {a.shape}")
+            if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
+                raise ValueError(
+                    f"{label}: expected a C-contiguous, aligned, writable array (the gradients "
+                    "are added into it in place)"
+                )
+            for other_name, other in seen.items():
+                if np.may_share_memory(a, other):
+                    raise ValueError(
+                        f"{label}: shares memory with {other_name}; every array of "
+                        "accumulate_into must be its own"
+                    )
+            seen[label] = a
 
 
 def _check_backward(tape, d_out, d_h_n, d_c_n):

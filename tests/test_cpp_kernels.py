@@ -827,3 +827,150 @@ def test_a_batch_of_one_runs_on_the_batch_one_build_and_its_tape_returns_there()
         assert_results_close(p.run(_core), p.run(_core._impl), 0.0)
     with pytest.raises(TypeError, match="tape: expected the Tape"):
         _core._impl.stack_backward(tapes[0], one.d_out, None, one.d_c_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulate_into, on both backends: the weight gradients are added into the caller's arrays in
+# place (how a module's gradients accumulate), and bad targets are refused before any is written
+
+ACCUMULATE_CELLS = ("rnn_tanh", "lstm", "gru")
+ACCUMULATE_CONFIGS = {  # (T, B, I, H, Problem options)
+    "basic": (5, 3, 4, 6, {}),
+    "layers_bidirectional_lengths": (6, 4, 3, 5, {"L": 2, "D": 2, "lengths": True}),
+    "team_of_threads": (4, 9, 5, 130, {"lengths": True}),
+}
+
+
+def kernels_of(backend):
+    return _backend.kernels(backend)
+
+
+def forward_with_tape(p: Problem, backend):
+    return kernels_of(backend).stack_forward(p.cell, p.x, p.h0, p.c0, p.weights, p.bidirectional,
+                                             p.lengths, p.masks, True)[3]
+
+
+def like_weights(p: Problem, fill):
+    """Arrays shaped like p's weights, from fill(shape)."""
+    return [tuple(fill(a.shape).astype(p.dtype) for a in entry) for entry in p.weights]
+
+
+@pytest.mark.parametrize("config", list(ACCUMULATE_CONFIGS))
+@pytest.mark.parametrize("cell", ACCUMULATE_CELLS)
+def test_weight_grads_are_added_to_what_the_targets_held(backend, cell, config):
+    T, B, n_in, H, options = ACCUMULATE_CONFIGS[config]
+    p = Problem(cell, T, B, n_in, H, seed=3, **options)
+    tape = forward_with_tape(p, backend)
+    fresh = kernels_of(backend).stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n)
+    rng = np.random.default_rng(1)
+    start = like_weights(p, rng.standard_normal)
+    targets = [tuple(a.copy() for a in entry) for entry in start]
+    got = kernels_of(backend).stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n, targets)
+    for k, (returned, target, before, grads) in enumerate(
+            zip(got[3], targets, start, fresh[3], strict=True)):
+        for j, (r, t, b, g) in enumerate(zip(returned, target, before, grads, strict=True)):
+            assert r is t, f"d_weights[{k}][{j}] is not the target array"
+            assert_close(t, b + g, 1e-12, f"accumulate_into[{k}][{j}]")
+    for key, a, b in zip(("dx", "dh0", "dc0"), got[:3], fresh[:3], strict=True):
+        if b is None:
+            assert a is None
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+@pytest.mark.parametrize("cell", ACCUMULATE_CELLS)
+def test_adding_into_zeros_gives_the_bits_backward_returns(backend, cell):
+    p = Problem(cell, 6, 4, 3, 5, L=2, D=2, lengths=True, dtype=np.float32, seed=5)
+    tape = forward_with_tape(p, backend)
+    fresh = kernels_of(backend).stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n)[3]
+    targets = like_weights(p, np.zeros)
+    kernels_of(backend).stack_backward(tape, p.d_out, p.d_h_n, p.d_c_n, targets)
+    for target, grads in zip(targets, fresh, strict=True):
+        for t, g in zip(target, grads, strict=True):
+            np.testing.assert_array_equal(t, g)
+
+
+@pytest.mark.parametrize("shape", list(TEAM_SHAPES))
+@pytest.mark.parametrize("cell", ACCUMULATE_CELLS)
+def test_one_and_two_threads_add_the_same_bits(cell, shape, threads):
+    B, H = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=6)
+    start = like_weights(p, np.random.default_rng(2).standard_normal)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        targets = [tuple(a.copy() for a in entry) for entry in start]
+        _core.stack_backward(forward_with_tape(p, "cpp"), p.d_out, p.d_h_n, p.d_c_n, targets)
+        results.append(targets)
+    for one, two in zip(*results, strict=True):
+        for a, b in zip(one, two, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+@pytest.fixture
+def stack_problem():
+    return Problem("gru", 5, 3, 4, 6, L=2, D=2, seed=1)
+
+
+def zero_targets(p: Problem):
+    return [list(entry) for entry in like_weights(p, np.zeros)]
+
+
+def backward_into(p: Problem, backend, targets, d_h_n=None):
+    return kernels_of(backend).stack_backward(forward_with_tape(p, backend), p.d_out, d_h_n, None,
+                                              targets)
+
+
+def first_replaced(make):
+    """Zero targets whose first array, dw_ih of layer 0, is make(that array)."""
+    def targets(p: Problem):
+        t = zero_targets(p)
+        t[0][0] = make(t[0][0])
+        return t
+    return targets
+
+
+REFUSALS = {  # (G*H, I) = (18, 4); L*D = 4
+    "not a list": (lambda p: "targets", TypeError, "accumulate_into: expected a list"),
+    "too few": (lambda p: zero_targets(p)[:3], ValueError, "accumulate_into: expected 4 entries"),
+    "entry of three": (lambda p: [e[:3] for e in zero_targets(p)], ValueError,
+                       r"accumulate_into\[0\]: expected 4 entries"),
+    "not an array": (first_replaced(lambda a: a.tolist()), TypeError,
+                     r"accumulate_into\[0\] dw_ih: expected a numpy array"),
+    "other dtype": (first_replaced(lambda a: a.astype(np.float32)), TypeError,
+                    r"accumulate_into\[0\] dw_ih: expected dtype float64"),
+    "byte-swapped": (first_replaced(lambda a: a.astype(">f8")), TypeError,
+                     r"accumulate_into\[0\] dw_ih: expected dtype float64 in native byte order"),
+    "wrong shape": (first_replaced(lambda a: a[:, :-1].copy()), ValueError,
+                    r"accumulate_into\[0\] dw_ih: expected shape \(18, 4\)"),
+    "strided": (first_replaced(lambda a: np.zeros((18, 8))[:, ::2]), ValueError,
+                r"accumulate_into\[0\] dw_ih: expected a C-contiguous, aligned, writable"),
+    "read-only": (first_replaced(lambda a: np.broadcast_to(np.zeros(4), (18, 4))), ValueError,
+                  r"accumulate_into\[0\] dw_ih: expected a C-contiguous, aligned, writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refuses_bad_targets_naming_them(backend, stack_problem, case):
+    make, error, message = REFUSALS[case]
+    with pytest.raises(error, match=message):
+        backward_into(stack_problem, backend, make(stack_problem))
+
+
+def test_refuses_one_array_twice_and_writes_nothing(backend, stack_problem):
+    targets = zero_targets(stack_problem)
+    targets[3][3] = targets[2][2]  # the same shape (G*H,), one array
+    with pytest.raises(ValueError, match=r"accumulate_into\[3\] db_hh: shares memory with "
+                                         r"accumulate_into\[2\] db_ih"):
+        backward_into(stack_problem, backend, targets)
+    assert not any(a.any() for entry in targets for a in entry)
+
+
+def test_refuses_a_target_inside_the_upstream_gradient(backend, stack_problem):
+    memory = np.zeros(4 * 3 * 6)
+    targets = zero_targets(stack_problem)
+    targets[1][2] = memory[:18]  # b_ih's shape, inside d_h_n
+    with pytest.raises(ValueError, match=r"accumulate_into\[1\] db_ih: shares memory with d_h_n"):
+        backward_into(stack_problem, backend, targets, d_h_n=memory.reshape(4, 3, 6))

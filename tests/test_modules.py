@@ -340,3 +340,53 @@ def test_functional_without_keep_tape_returns_no_tape(backend):
     weights = [tuple(p for p in make("rnn", backend).params.values())]
     *_, tape = functional.rnn_forward("rnn_tanh", data(1), weights, backend=backend)
     assert tape is None
+
+
+def test_functional_adds_into_given_arrays_and_skips_biases_passed_as_none(backend):
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
+                rng.standard_normal(3 * H))]
+    out, _, _, tape = functional.rnn_forward("gru", data(1), weights, backend=backend,
+                                             keep_tape=True)
+    fresh = functional.rnn_backward(tape, np.ones_like(out))[3]
+    start = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
+              rng.standard_normal(3 * H))]
+    targets = [tuple(None if a is None else a.copy() for a in start[0])]
+    got = functional.rnn_backward(tape, np.ones_like(out), accumulate_into=targets)[3]
+    assert got[0][2] is None
+    for returned, target, before, grad in zip(got[0], targets[0], start[0], fresh[0],
+                                              strict=True):
+        assert returned is target
+        if target is not None:
+            np.testing.assert_allclose(target, before + grad, rtol=1e-12, atol=1e-12)
+
+
+def test_functional_refuses_a_target_for_a_bias_passed_as_none(backend):
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal((H, I)), rng.standard_normal((H, H)), None, None)]
+    out, _, _, tape = functional.rnn_forward("rnn_tanh", data(1), weights, backend=backend,
+                                             keep_tape=True)
+    targets = [(np.zeros((H, I)), np.zeros((H, H)), np.zeros(H), None)]
+    with pytest.raises(ValueError, match=r"accumulate_into\[0\] db_ih: expected None"):
+        functional.rnn_backward(tape, np.ones_like(out), accumulate_into=targets)
+    with pytest.raises(ValueError, match="accumulate_into: expected 1 tuples"):
+        functional.rnn_backward(tape, np.ones_like(out), accumulate_into=[])
+
+
+def test_grads_the_kernel_cannot_add_into_still_accumulate(kind, backend):
+    # A gradient array replaced by a strided one, or two names sharing one array, cannot be
+    # handed to the kernel; backward then adds the returned gradients itself.
+    x, d_out = data(1), data(2, (T, B, H))
+    plain = make(kind, backend)
+    step(plain, kind, x, d_out)
+    m = make(kind, backend)
+    m.grads["weight_hh_l0"] = np.asfortranarray(m.grads["weight_hh_l0"])
+    step(m, kind, x, d_out)
+    for name, grad in m.grads.items():
+        np.testing.assert_allclose(grad, plain.grads[name], rtol=1e-12, atol=1e-15)
+    m.zero_grad()
+    m.grads["bias_hh_l0"] = m.grads["bias_ih_l0"]
+    step(m, kind, x, d_out)
+    np.testing.assert_allclose(m.grads["bias_ih_l0"],
+                               plain.grads["bias_ih_l0"] + plain.grads["bias_hh_l0"],
+                               rtol=1e-12, atol=1e-15)

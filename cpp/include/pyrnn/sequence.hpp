@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -440,26 +441,39 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
 // and the biases as their column sums, taken as the GEMMs pack d_gates. Threads split the gate
 // rows; each sum over steps runs in one order. Where both sides read d_gates, one pass over it
 // feeds both products. xb is x (rows, I) packed by rows, as the layer's input is kept for it.
+// With `accumulate` the gradients are added to what dw_*/db_* hold; added to zeros, they are the
+// same bits as written.
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const PackedB<S>& xb,
-                  const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, int threads) {
+                  const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, bool accumulate, int threads) {
   PackedB<S> hb;
   hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
   const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
     auto ih = [&](Index r) { return GemmTarget<S>{&xb, dw_ih + r * I, I}; };
     auto hh = [&](Index r) { return GemmTarget<S>{&hb, dw_hh + r * H, H}; };
+    // Gate rows [r0, r0 + n) of the bias gradients in db, from `sums`: the column sums of d_gates
+    // (or d_hn) that the GEMM over those rows took.
+    std::vector<S> sums(g.size());
+    auto put_sums = [&](Index r0, Index n, std::initializer_list<S*> db) {
+      for (S* to : db) {
+        if (accumulate) arr(to + r0, n) += carr(sums.data(), n);
+        else std::copy_n(sums.data(), n, to + r0);
+      }
+    };
     const Index mid = std::clamp(rows_from_d_gates, g.begin, g.end);
     if (mid > g.begin) {
       const GemmTarget<S> both[] = {ih(g.begin), hh(g.begin)};
-      packed_gemm_targets<S>(mid - g.begin, d_gates + g.begin, 1, GH, both, 2, false, nullptr, db_ih + g.begin);
-      std::copy(db_ih + g.begin, db_ih + mid, db_hh + g.begin);
+      packed_gemm_targets<S>(mid - g.begin, d_gates + g.begin, 1, GH, both, 2, accumulate, nullptr, sums.data());
+      put_sums(g.begin, mid - g.begin, {db_ih, db_hh});
     }
     if (g.end > mid) {  // gru's n rows
       const GemmTarget<S> n_ih = ih(mid), n_hh = hh(mid);
-      packed_gemm_targets<S>(g.end - mid, d_gates + mid, 1, GH, &n_ih, 1, false, nullptr, db_ih + mid);
-      packed_gemm_targets<S>(g.end - mid, d_hn + (mid - rows_from_d_gates), 1, H, &n_hh, 1, false, nullptr,
-                             db_hh + mid);
+      packed_gemm_targets<S>(g.end - mid, d_gates + mid, 1, GH, &n_ih, 1, accumulate, nullptr, sums.data());
+      put_sums(mid, g.end - mid, {db_ih});
+      packed_gemm_targets<S>(g.end - mid, d_hn + (mid - rows_from_d_gates), 1, H, &n_hh, 1, accumulate, nullptr,
+                             sums.data());
+      put_sums(mid, g.end - mid, {db_hh});
     }
   });
 }

@@ -71,6 +71,9 @@ struct StackGrads {
   S* dh0;  // (L*D, B, H)
   S* dc0;  // (L*D, B, H), lstm only
   std::vector<S*> dw_ih, dw_hh, db_ih, db_hh;  // L*D each
+  // Add the weight gradients to what dw_*/db_* hold (as a module's gradients accumulate) instead
+  // of writing them: the product lands in place, with no array of its own and no second pass.
+  bool accumulate = false;
 };
 
 // What backward needs, owned: it stays valid whatever the caller does to its arrays.
@@ -283,7 +286,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
       w_ih[d] = &tape.dirs[k].w_ih_for_dx;
       weight_grads(T * B, Ik, H, GH, dg[d], Cell::has_d_hn ? d_hn[d].data() : nullptr,
                    input_raw ? input_packed : tape.x_packed, tape.dirs[k].h_prev.data(), grads.dw_ih[k],
-                   grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], threads);
+                   grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], grads.accumulate, threads);
     }
     if (layer == 0 && tape.sorted) {
       input_grad(T * B, Ik, GH, dg, w_ih, grads.dx, threads);
