@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -122,6 +123,12 @@ py::sequence take_list(py::handle obj, const std::string& name, Index expected, 
   return seq;
 }
 
+// The four arrays of a weights entry, and the shapes of entry k's (as of their gradients).
+const char* const kWeightParts[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
+std::array<std::vector<Index>, 4> weight_shapes(const pyrnn::Dims& dm, Index GH, Index k) {
+  return {{{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}}};
+}
+
 // packs: None, or a PackCache (inference only, see pyrnn/pack_cache.hpp).
 pyrnn::PackCache* take_packs(const py::object& packs_obj, bool keep_tape) {
   if (packs_obj.is_none()) return nullptr;
@@ -172,11 +179,8 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
   for (Index k = 0; k < LD; ++k) {
     const std::string name = "weights[" + std::to_string(k) + "]";
     py::sequence entry = take_list(weights[k], name, 4, "w_ih, w_hh, b_ih, b_hh");
-    const Index Ik = dims.input_size(k / D);
-    keep.push_back(take<S>(entry[0], name + " w_ih", {GH, Ik}));
-    keep.push_back(take<S>(entry[1], name + " w_hh", {GH, H}));
-    keep.push_back(take<S>(entry[2], name + " b_ih", {GH}));
-    keep.push_back(take<S>(entry[3], name + " b_hh", {GH}));
+    const auto shapes = weight_shapes(dims, GH, k);
+    for (int j = 0; j < 4; ++j) keep.push_back(take<S>(entry[j], name + " " + kWeightParts[j], shapes[j]));
     const size_t n = keep.size();
     dir_weights.push_back({keep[n - 4].data(), keep[n - 3].data(), keep[n - 2].data(), keep[n - 1].data()});
   }
@@ -290,7 +294,7 @@ std::vector<Array<S>> take_targets(const py::object& obj, const pyrnn::Dims& dm,
   for (Index k = 0; k < LD; ++k) {
     py::sequence entry = take_list(entries[k], "accumulate_into[" + std::to_string(k) + "]", 4,
                                    "dw_ih, dw_hh, db_ih, db_hh");
-    const std::vector<Index> shapes[] = {{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
+    const auto shapes = weight_shapes(dm, GH, k);
     for (int j = 0; j < 4; ++j) {
       const size_t i = targets.size();
       targets.push_back(take_target<S>(entry[j], [&] { return name_of(i); }, shapes[j]));
@@ -329,8 +333,7 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
   std::vector<Array<S>> weight_grads;  // dw_ih, dw_hh, db_ih, db_hh of each layer and direction
   if (into_obj.is_none()) {
     for (Index k = 0; k < LD; ++k)
-      for (const std::vector<Index>& shape : {std::vector<Index>{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}})
-        weight_grads.push_back(new_array<S>(shape));
+      for (const std::vector<Index>& shape : weight_shapes(dm, GH, k)) weight_grads.push_back(new_array<S>(shape));
   } else {
     std::vector<std::pair<Span, const char*>> reads{{span_of(d_out), "d_out"}};
     if (has_d_h_n) reads.push_back({span_of(d_h_n), "d_h_n"});

@@ -114,7 +114,12 @@ class _RNNBase(Module):
     def _weights(self) -> list[tuple[Array | None, ...]]:
         # The kernel tapes keep their own (packed) copy of the weights, so an optimizer may update
         # these arrays in place between forward and backward without corrupting the gradients.
-        return [tuple(self.params[n] if n else None for n in names) for names in self._names]
+        return self._laid_out(self.params)
+
+    def _laid_out(self, arrays: dict[str, Array]) -> list[tuple[Array | None, ...]]:
+        """arrays (params or grads) as the kernels take weights: a tuple per layer and
+        direction, None for a bias the module does not have."""
+        return [tuple(arrays[n] if n else None for n in names) for names in self._names]
 
     # --------------------------------------------------------------------------- forward
 
@@ -182,9 +187,8 @@ class _RNNBase(Module):
         return targets
 
     def _usable_grad_targets(self) -> list[tuple[Array | None, ...]] | None:
-        targets, seen = [], set()
-        for names in self._names:
-            entry = tuple(self.grads[n] if n else None for n in names)
+        targets, seen = self._laid_out(self.grads), set()
+        for names, entry in zip(self._names, targets, strict=True):
             for grad, name in zip(entry, names, strict=True):
                 usable = name is None or (
                     isinstance(grad, np.ndarray) and grad.dtype == self.dtype
@@ -194,7 +198,6 @@ class _RNNBase(Module):
                 if not usable:
                     return None
                 seen.add(id(grad))
-            targets.append(entry)
         return targets
 
     # --------------------------------------------------------------------------- repr

@@ -449,15 +449,18 @@ def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_mas
 
 def _check_weights(weights, cell, LD, D, I, H, dtype):  # noqa: E741
     _check_list("weights", weights, LD, "one tuple per layer and direction, as h0")
-    GH = CELLS[cell].gates * H
     for k, entry in enumerate(weights):
         name = f"weights[{k}]"
         _check_list(name, entry, 4, "w_ih, w_hh, b_ih, b_hh")
-        I_k = I if k < D else D * H
-        _check_array(f"{name} w_ih", entry[0], (GH, I_k), dtype)
-        _check_array(f"{name} w_hh", entry[1], (GH, H), dtype)
-        _check_array(f"{name} b_ih", entry[2], (GH,), dtype)
-        _check_array(f"{name} b_hh", entry[3], (GH,), dtype)
+        shapes = _weight_shapes(cell, k, D, I, H)
+        for part, a, shape in zip(("w_ih", "w_hh", "b_ih", "b_hh"), entry, shapes, strict=True):
+            _check_array(f"{name} {part}", a, shape, dtype)
+
+
+def _weight_shapes(cell, k, D, I, H):  # noqa: E741
+    """The shapes of weights[k] (w_ih, w_hh, b_ih, b_hh), and of their gradients."""
+    GH, I_k = CELLS[cell].gates * H, I if k < D else D * H
+    return (GH, I_k), (GH, H), (GH,), (GH,)
 
 
 def _check_targets(targets, tape, reads):
@@ -465,13 +468,11 @@ def _check_targets(targets, tape, reads):
     the tape's dtype, none sharing memory with another or with the arrays in `reads`."""
     _check_list("accumulate_into", targets, tape.L * tape.D,
                 "one tuple per layer and direction, as weights")
-    GH = CELLS[tape.cell].gates * tape.H
     seen = dict(reads)
     for k, entry in enumerate(targets):
         name = f"accumulate_into[{k}]"
         _check_list(name, entry, 4, "dw_ih, dw_hh, db_ih, db_hh")
-        I_k = tape.I if k < tape.D else tape.D * tape.H
-        shapes = ((GH, I_k), (GH, tape.H), (GH,), (GH,))
+        shapes = _weight_shapes(tape.cell, k, tape.D, tape.I, tape.H)
         for part, a, shape in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), entry, shapes, strict=True):
             label = f"{name} {part}"
             if not isinstance(a, np.ndarray):

@@ -313,10 +313,15 @@ def test_package_exports_modules_functional_and_training_blocks():
 # ------------------------------------------------------------------------------- functional
 
 
+def gru_weights_without_b_ih(rng: np.random.Generator) -> list[tuple]:
+    """One GRU layer's (w_ih, w_hh, None, b_hh): bias_ih passed as None."""
+    return [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
+             rng.standard_normal(3 * H))]
+
+
 def test_functional_gives_no_gradient_for_biases_passed_as_none(backend):
     rng = np.random.default_rng(0)
-    weights = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
-                rng.standard_normal(3 * H))]
+    weights = gru_weights_without_b_ih(rng)
     out, h_n, c_n, tape = functional.rnn_forward("gru", data(1), weights, backend=backend,
                                                  keep_tape=True)
     assert c_n is None and "gru" in repr(tape) and backend in repr(tape)
@@ -344,13 +349,11 @@ def test_functional_without_keep_tape_returns_no_tape(backend):
 
 def test_functional_adds_into_given_arrays_and_skips_biases_passed_as_none(backend):
     rng = np.random.default_rng(0)
-    weights = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
-                rng.standard_normal(3 * H))]
+    weights = gru_weights_without_b_ih(rng)
     out, _, _, tape = functional.rnn_forward("gru", data(1), weights, backend=backend,
                                              keep_tape=True)
     fresh = functional.rnn_backward(tape, np.ones_like(out))[3]
-    start = [(rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H)), None,
-              rng.standard_normal(3 * H))]
+    start = gru_weights_without_b_ih(rng)
     targets = [tuple(None if a is None else a.copy() for a in start[0])]
     got = functional.rnn_backward(tape, np.ones_like(out), accumulate_into=targets)[3]
     assert got[0][2] is None
