@@ -1,4 +1,6 @@
-"""The runner: ``python -m bench [--quick] [--configs ...] [--cells ...] ...``.
+"""The runner: ``pyrnn bench [--quick] [--configs ...] [--cells ...] ...``.
+
+Installed with pyrnn as ``pyrnn.bench``; from a checkout's root it also runs as ``python -m bench``.
 
 For each row (configuration, cell, mode, thread count) it builds every backend from the same
 weights, checks each backend's outputs (and, in training, input and weight gradients) against
@@ -38,13 +40,12 @@ REFERENCE_ORDER = ("torch", "pyrnn-numpy", "torch-nomkldnn", "onnxruntime", "pyr
                    "pyrnn-cpp-kernels")
 PYRNN = "pyrnn-cpp"
 PEERS = ("torch", "torch-nomkldnn", "onnxruntime")
+DESCRIPTION = ("Time pyrnn against PyTorch and ONNX Runtime on the standard suite, after checking "
+               "every backend's outputs agree; writes JSON, Markdown and a chart. The peers need "
+               "the bench extra: pip install \"pyrnn[bench]\" (from a checkout: \".[bench]\").")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Time pyrnn against PyTorch and ONNX Runtime on the standard suite, after "
-                    "checking every backend's outputs agree; writes JSON, Markdown and a chart.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a subset that finishes in under 2 minutes: {cfg.QUICK}")
     p.add_argument("--configs", nargs="+",
@@ -68,9 +69,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float,
                    help="pause before each backend's round, so that the previous backend's idle "
                         "threads have stopped spinning")
-    p.add_argument("--out", default="bench/results", help="output directory")
+    p.add_argument("--out", default="bench/results",
+                   help="output directory (default: bench/results)")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
+
+
+def parse_args(argv: list[str], prog: str = "python -m bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     args = p.parse_args(argv)
+    args.command = " ".join([prog, *argv])
+    return with_presets(args)
+
+
+def with_presets(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the command line left unset from the full-run defaults or --quick; check it."""
     preset = {**cfg.DEFAULTS, **(cfg.QUICK if args.quick else {})}
     for key in ("configs", "threads", "rounds", "round_s", "max_calls", "warmup_s", "gemm_size",
                 "budget_s", "quiet_pct", "quiet_wait_s", "settle_s"):
@@ -342,7 +355,7 @@ def run_suite(args: argparse.Namespace, out_dir: Path, progress: bool = True) ->
     results = {
         "schema": SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(args.argv or []),
+        "command": args.command,
         "settings": {k: getattr(args, k) for k in
                      ("threads", "rounds", "round_s", "max_calls", "warmup_s", "gemm_size",
                       "budget_s", "quiet_pct", "quiet_wait_s", "settle_s")},
@@ -414,14 +427,18 @@ def failed_rows(results: dict) -> list[str]:
             for r in results["rows"] for n, e in r["backends"].items() if e["status"] != "ok"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
     except ValueError as exc:
-        print(f"python -m bench: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    args.argv = argv
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite as the parsed arguments say, write the report; 1 if a backend failed."""
     out_dir = Path(args.out)
     results = run_suite(args, out_dir)
     print(f"wrote {out_dir / 'results.json'} ({results['wall_s']:.0f} s)", file=sys.stderr)
@@ -434,3 +451,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"!!! {len(bad)} backend row(s) FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 1
     return 0
+
+
+# ------------------------------------------------------------------------------ pyrnn bench
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """The ``pyrnn bench`` subcommand: this runner, installed with pyrnn as ``pyrnn.bench``."""
+    parser = commands.add_parser("bench", help="time pyrnn against PyTorch and ONNX Runtime",
+                                 description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(run=run_command, parser=parser)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        with_presets(args)
+    except ValueError as exc:
+        args.parser.error(str(exc))  # exits with status 2, as argparse's own errors do
+    args.command = " ".join(["pyrnn", *args.argv])
+    return run(args)

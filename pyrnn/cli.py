@@ -13,6 +13,17 @@ from .apps._common import AppError, restored_threads
 APPS = (charrnn, addition, classify, gradflow)
 
 
+def register_bench(commands: argparse._SubParsersAction) -> None:
+    """``pyrnn bench``: the repository's bench/ runner, which the wheel installs as pyrnn.bench."""
+    try:
+        from .bench import run as bench_run
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.bench":
+            raise
+        return  # pyrnn imported from a source tree, not installed: there it is `python -m bench`
+    bench_run.register(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyrnn",
@@ -22,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for app in APPS:
         app.register(commands)
+    register_bench(commands)
     return parser
 
 
@@ -32,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     file, a missing optional dependency) prints ``pyrnn: error: ...`` and returns 1.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for results that record how they were made
     try:
         with restored_threads():
             return int(args.run(args) or 0)

@@ -192,6 +192,38 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--settle-s" in capsys.readouterr().err
 
 
+TINY_CLI = ["--configs", "charrnn", "--cells", "rnn", "--modes", "infer", "--threads", "1",
+            "--backends", "pyrnn-cpp", "pyrnn-numpy", "--rounds", "1", "--max-calls", "1",
+            "--round-s", "0.001", "--quiet-wait-s", "0", "--settle-s", "0", "--no-report"]
+
+
+def test_pyrnn_bench_runs_the_installed_runner_and_records_its_command(tmp_path):
+    # The wheel ships bench/ as pyrnn.bench: failing to import it is a packaging bug.
+    from pyrnn import bench as installed_bench
+    from pyrnn import cli
+
+    assert cli.main(["bench", *TINY_CLI, "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"].startswith("pyrnn bench --configs charrnn")
+    [row] = saved["rows"]
+    assert (row["config"], row["cell"], row["mode"]) == ("charrnn", "rnn", "infer")
+    assert all(entry["status"] in ("ok", "unavailable") for entry in row["backends"].values())
+    assert row["backends"]["pyrnn-numpy"]["status"] == "ok"
+    assert "pyrnn bench" in installed_bench.__doc__
+
+
+def test_pyrnn_bench_rejects_bad_arguments_with_status_2(capsys):
+    from pyrnn import cli
+
+    for bad, named in ((["--threads", "0"], "--threads"), (["--configs", "nope"], "nope"),
+                       (["--rounds", "0"], "--rounds")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", *bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "pyrnn bench: error:" in err and named in err
+
+
 def test_round_plan_fills_round_s_and_cuts_rounds_to_the_budget():
     from types import SimpleNamespace
 
