@@ -42,9 +42,10 @@ def save(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
     The file is written exactly at ``path`` (no suffix is added).
     """
     path = _check_path(path)
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a pyrnn Module, got {type(model).__name__}")
-    params = dict((name, value) for name, value, _ in model.named_parameters())
+    if path == "" or os.path.isdir(path):
+        what = "a directory" if path else "an empty path"
+        raise ValueError(f"path must name a file, got {what}: {path!r}")
+    params = _parameters(model)
     arrays = {f"model/{name}": value for name, value in params.items()}
     optimizer_header = None
     if optimizer is not None:
@@ -71,10 +72,9 @@ def load(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
     error nothing is changed.
     """
     path = _check_path(path)
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a pyrnn Module, got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a pyrnn Optimizer, got {type(optimizer).__name__}")
+    params = _parameters(model)
+    if optimizer is not None:  # as save requires: restoring another model's optimizer is a mix-up
+        _check_optimizer_owns(optimizer, params)
     header, arrays = _read(path)
     try:
         model_state = _model_state(header, arrays, model)
@@ -103,6 +103,12 @@ def _check_path(path: object) -> str:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     return os.fspath(path)
+
+
+def _parameters(model: object) -> dict[str, np.ndarray]:
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a pyrnn Module, got {type(model).__name__}")
+    return {name: value for name, value, _ in model.named_parameters()}
 
 
 def _message(error: Exception) -> str:
@@ -170,8 +176,11 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-# Errors a damaged .npz can raise from np.load or while reading a member.
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+# Errors a damaged .npz can raise from np.load or while reading a member: besides broken data, a
+# zip entry may claim an unknown compression (NotImplementedError) or encryption (RuntimeError),
+# and an .npy header a shape too large to allocate (MemoryError).
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+                NotImplementedError, RuntimeError, MemoryError)
 
 
 def _open_npz(path: str):

@@ -309,3 +309,56 @@ def test_lstm_checkpoint_arrays_load_into_the_same_torch_model(tmp_path):
     checkpoint.load(path, restored, Adam(restored))
     np.testing.assert_array_equal(restored.rnn.params["weight_hh_l1_reverse"],
                                   model.rnn.params["weight_hh_l1_reverse"])
+
+
+def test_optimizer_of_another_model_is_refused_before_anything_is_read(saved):
+    path, _, _ = saved
+    model, _ = fresh_target()
+    foreign = Adam(TwoLayers(seed=9))
+    before = snapshot(model, foreign)
+    with pytest.raises(ValueError, match="build the optimizer on this model"):
+        checkpoint.load(path, model, foreign)
+    assert_unchanged(model, foreign, before)
+
+
+def zip_members(path):
+    with zipfile.ZipFile(path) as z:
+        return {name: z.read(name) for name in z.namelist()}
+
+
+def test_zip_entries_claiming_unknown_compression_or_encryption_raise_value_error(saved, tmp_path):
+    path, _, _ = saved
+    data = path.read_bytes()
+    # Each central-directory record ("PK\1\2") holds its flags at offset 8 and its method at 10.
+    for label, offset, value in (("method", 10, 99), ("encrypted", 8, 1)):
+        damaged = bytearray(data)
+        at = damaged.find(b"PK\x01\x02")
+        while at >= 0:
+            damaged[at + offset:at + offset + 2] = value.to_bytes(2, "little")
+            at = damaged.find(b"PK\x01\x02", at + 4)
+        broken = tmp_path / f"{label}.npz"
+        broken.write_bytes(bytes(damaged))
+        expect_load_error(broken, ValueError, "unreadable meta.json")
+        with pytest.raises(ValueError, match=str(broken)):
+            checkpoint.read_metadata(broken)
+
+
+def test_npy_header_with_an_impossible_shape_raises_value_error(saved, tmp_path):
+    path, _, _ = saved
+    members = zip_members(path)
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (1099511627776,), }"
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    members["model/head.bias.npy"] = (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                                      + header + bytes(64))
+    broken = tmp_path / "huge.npz"
+    with zipfile.ZipFile(broken, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    expect_load_error(broken, ValueError, "damaged array data")
+
+
+def test_save_refuses_a_directory_or_an_empty_path(tmp_path):
+    for bad, what in ((tmp_path, "a directory"), ("", "an empty path")):
+        with pytest.raises(ValueError, match=f"path must name a file, got {what}"):
+            checkpoint.save(bad, TwoLayers())
+    assert os.listdir(tmp_path) == []
