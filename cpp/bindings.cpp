@@ -450,9 +450,12 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("accumulate_into") = py::none(),
         "BPTT through the stack recorded on tape. Returns (dx, dh0, dc0 or None, d_weights); with\n"
         "accumulate_into, the weight gradients are added into those arrays, which d_weights returns.");
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
-    pyrnn::set_num_threads(n);
+  m.attr("max_threads") = pyrnn::kMaxThreads;
+  m.def("set_num_threads", [](long long n) {
+    if (n < 1 || n > pyrnn::kMaxThreads)
+      throw py::value_error("set_num_threads: n must be in [1, " + std::to_string(pyrnn::kMaxThreads) + "], got " +
+                            std::to_string(n));
+    pyrnn::set_num_threads(static_cast<int>(n));
   }, py::arg("n"), "Threads the kernels may use (default: OpenMP's max, i.e. OMP_NUM_THREADS).");
   m.def("get_num_threads", &pyrnn::get_num_threads, "Threads the kernels may use.");
 }

@@ -44,10 +44,13 @@ The tape is opaque to callers and stays valid after the caller changes or drops 
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from . import reference
 
@@ -106,11 +109,14 @@ def new_pack_cache(backend: str) -> Any:
 
 
 def set_num_threads(n: int) -> None:
-    """Set how many threads the C++ kernels use (the NumPy reference is unaffected)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    """Set how many threads the C++ kernels use (the NumPy reference is unaffected), from 1 to
+    the core's ``max_threads`` (1024)."""
+    if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
-    if _core is not None and hasattr(_core, "set_num_threads"):
-        _core.set_num_threads(n)
+    if _core is not None:
+        if n > _core.max_threads:
+            raise ValueError(f"set_num_threads: n must be at most {_core.max_threads}, got {n}")
+        _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -70,6 +70,8 @@ def lengths(value: Any, T: int, B: int) -> np.ndarray | None:  # noqa: N803 - co
     if value is None:
         return None
     a = np.asarray(value)
+    if a.size == 0:  # an empty list is float64 to NumPy: say what is missing, not the dtype
+        raise ValueError(f"lengths: expected B = {B} lengths (one per sequence), got none")
     if a.dtype.kind not in "iu":
         raise TypeError(
             f"lengths: expected integers (one per sequence), got dtype {a.dtype}"

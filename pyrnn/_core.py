@@ -94,6 +94,7 @@ _by_tape = {_impl.Tape: _impl} | ({_batch_one.Tape: _batch_one} if _batch_one el
 Tape = _impl.Tape
 build_info = _impl.build_info
 get_num_threads = _impl.get_num_threads
+max_threads: int = _impl.max_threads
 
 
 def _for_input(x: object) -> ModuleType:

@@ -99,7 +99,7 @@ def rnn_forward(
     kernel_weights, bias_given, L, H = _check_weights(cell, weights, D, I, x.dtype)
     masks = None
     if training and p > 0 and L > 1:
-        masks = dropout_masks(_checks.generator(rng), L, (T, B, D * H), p, x.dtype)
+        masks = dropout_masks(rng, L, (T, B, D * H), p, x.dtype)
     out, h_n, c_n, kernel_tape = _run_stack(
         backend, cell, x, kernel_weights, h0, c0, lengths, bidirectional, masks, keep_tape
     )
@@ -213,6 +213,13 @@ def dropout_masks(
     """The num_layers-1 inter-layer masks: each unit kept with probability 1-p and then
     scaled by 1/(1-p), so the expected value of every output is unchanged (as torch.nn.Dropout).
     Drawn layer by layer, each as rng.random(shape) < 1-p over the time-major (T, B, D*H)."""
+    rng = _checks.generator(rng)
+    num_layers = _checks.positive_int("num_layers", num_layers)
+    if not isinstance(shape, tuple | list) or len(shape) != 3:
+        raise TypeError(f"shape: expected 3 positive ints (T, B, D*H), got {shape!r}")
+    shape = tuple(_checks.positive_int(f"shape[{i}]", n) for i, n in enumerate(shape))
+    p = _checks.dropout(p, "p")
+    dtype = _checks.float_dtype(dtype)
     scale = np.asarray(1 / (1 - p), dtype)
     return [
         np.where(rng.random(shape) < 1 - p, scale, np.zeros((), dtype)).astype(dtype)
@@ -280,10 +287,7 @@ def _check_weights(
     zeros = np.zeros(G * H, dtype)
     kernel_weights, bias_given = [], []
     for k, entry in enumerate(weights):
-        if not isinstance(entry, list | tuple) or len(entry) != 4:
-            raise ValueError(
-                f"weights[{k}]: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {entry!r}"
-            )
+        _check_entry(k, entry)
         I_k = I if k < D else D * H  # noqa: N806
         shapes = ((G * H, I_k), (G * H, H), (G * H,), (G * H,))
         arrays = []
@@ -304,10 +308,16 @@ def _check_weights(
     return kernel_weights, tuple(bias_given), L, H
 
 
+def _check_entry(k: int, entry: Any) -> None:
+    """weights[k] must be four parts (w_ih, w_hh, b_ih, b_hh); the message names, not prints, it."""
+    if not isinstance(entry, list | tuple) or len(entry) != 4:
+        got = f"{len(entry)} items" if isinstance(entry, list | tuple) else type(entry).__name__
+        raise ValueError(f"weights[{k}]: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {got}")
+
+
 def _hidden_size(entry: Any) -> int:
     """H from the first entry's w_hh (G*H, H)."""
-    if not isinstance(entry, list | tuple) or len(entry) != 4:
-        raise ValueError(f"weights[0]: expected a tuple (w_ih, w_hh, b_ih, b_hh), got {entry!r}")
+    _check_entry(0, entry)
     w_hh = entry[1]
     if not isinstance(w_hh, np.ndarray) or w_hh.ndim != 2 or w_hh.shape[1] < 1:
         got = getattr(w_hh, "shape", type(w_hh).__name__)

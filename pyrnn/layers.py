@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _checks
 from .module import Module, is_grad_enabled
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -38,9 +39,7 @@ def _check_positive_int(name: str, value: object) -> int:
 
 
 def _check_seed(seed: object) -> np.random.Generator:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(_checks.seed(seed))
 
 
 def _check_indices(name: str, indices: object, upper: int) -> np.ndarray:

@@ -40,6 +40,8 @@ def log_softmax(x: object, axis: int = -1) -> np.ndarray:
     """``log(softmax(x))`` along ``axis``, computed without overflow (max subtracted first)."""
     x = _check_logits("x", x)
     axis = _check_axis(axis, x.ndim)
+    if x.shape[axis] == 0:  # nothing to normalise (and max has no identity to start from)
+        return np.empty_like(x)
     shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
@@ -48,6 +50,8 @@ def softmax(x: object, axis: int = -1) -> np.ndarray:
     """``exp(x) / sum(exp(x))`` along ``axis``, computed without overflow."""
     x = _check_logits("x", x)
     axis = _check_axis(axis, x.ndim)
+    if x.shape[axis] == 0:
+        return np.empty_like(x)
     exp = np.exp(x - x.max(axis=axis, keepdims=True))
     return exp / exp.sum(axis=axis, keepdims=True)
 
@@ -112,6 +116,10 @@ def cross_entropy(
     nan there): a fully padded batch then contributes nothing instead of poisoning training.
     """
     logits = _check_logits("logits", logits)
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits must have at least one class (last axis), got shape {logits.shape}"
+        )
     targets = _check_targets(targets, logits.shape)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -138,7 +146,7 @@ def cross_entropy(
     count = int(used.sum())
     if count == 0:
         return 0.0, d_logits
-    d_logits /= count
+    d_logits /= np.float64(count)  # the count in float64: in float16 past 65504 it is inf
     return total / count, d_logits
 
 
@@ -166,4 +174,5 @@ def mse(pred: object, target: object, reduction: str = "mean") -> tuple[
     if reduction == "sum":
         return total, d_pred
     count = max(pred.size, 1)
-    return total / count, d_pred / pred.dtype.type(count)
+    d_pred /= np.float64(count)  # as in cross_entropy
+    return total / count, d_pred

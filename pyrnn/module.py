@@ -11,27 +11,33 @@ Child modules assigned as attributes are registered by name, as in PyTorch, so a
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-_grad_enabled = True
+from . import _checks
+
+# Per thread, as torch's grad mode: one thread's no_grad block must not stop another thread's
+# training pass from keeping its tape, and blocks that overlap in two threads must not leave the
+# mode off when both have ended.
+_grad_mode = threading.local()
 
 
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Within this block, forward passes keep no tape (as ``torch.no_grad``)."""
-    global _grad_enabled
-    previous = _grad_enabled
-    _grad_enabled = False
+    """Within this block, forward passes of this thread keep no tape (as ``torch.no_grad``)."""
+    previous = is_grad_enabled()
+    _grad_mode.enabled = False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether forward passes of this thread keep a tape (False inside ``no_grad``)."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 class Module:
@@ -46,7 +52,13 @@ class Module:
     def __setattr__(self, name: str, value: object) -> None:
         if isinstance(value, Module):
             self._children[name] = value
+        else:  # a child replaced by anything else (None, say) takes its parameters with it
+            self._children.pop(name, None)
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        self._children.pop(name, None)
 
     def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
         """Register a parameter and its zeroed gradient; returns the parameter array."""
@@ -66,7 +78,8 @@ class Module:
             grad.fill(0)
 
     def train(self, mode: bool = True) -> Module:
-        object.__setattr__(self, "training", bool(mode))
+        mode = _checks.flag("mode", mode)
+        object.__setattr__(self, "training", mode)
         for child in self._children.values():
             child.train(mode)
         return self
@@ -95,7 +108,10 @@ class Module:
             )
         incoming = {}
         for name, target in own.items():
-            value = np.asarray(state_dict[name])
+            try:
+                value = np.asarray(state_dict[name])
+            except ValueError as error:  # ragged nested lists, say
+                raise ValueError(f"state_dict[{name!r}] is not an array: {error}") from error
             if value.shape != target.shape:
                 raise ValueError(
                     f"state_dict[{name!r}] has shape {value.shape}, expected {target.shape}"

@@ -403,13 +403,14 @@ def clip_grad_norm(model: object, max_norm: float, norm_type: float = 2.0,
     entries = _named_parameters(model)
     max_norm = _number("max_norm", max_norm)
     norm_type = _number("norm_type", norm_type)
+    error_if_nonfinite = _flag("error_if_nonfinite", error_if_nonfinite)
     if norm_type == 0:
         raise ValueError("norm_type must be > 0 (or inf), got 0.0")
     grads = [grad for _, _, grad in entries]
     norms = np.array([_vector_norm(grad.ravel(), norm_type) for grad in grads])
     total_norm = _vector_norm(norms, norm_type)
     if not math.isfinite(total_norm):
-        if _flag("error_if_nonfinite", error_if_nonfinite):
+        if error_if_nonfinite:
             raise RuntimeError(f"the total gradient norm is {total_norm}; cannot clip")
         return total_norm
     clip_coef = max_norm / (total_norm + 1e-6)

@@ -137,6 +137,11 @@ def test_rejects_lengths_with_the_wrong_count(backend, lengths):
         gru(backend)(inputs()[0], lengths=np.array(lengths))
 
 
+def test_rejects_empty_lengths_by_their_count(backend):
+    with pytest.raises(ValueError, match=r"lengths: expected B = 3 lengths .*got none"):
+        gru(backend)(inputs()[0], lengths=[])
+
+
 @pytest.mark.parametrize("lengths", [[5.0, 4.0, 3.0], [True, True, True]])
 def test_rejects_lengths_that_are_not_integers(backend, lengths):
     with pytest.raises(TypeError, match=r"lengths: expected integers"):
@@ -340,6 +345,14 @@ def test_load_state_dict_rejects_a_wrong_shape_and_changes_nothing(backend):
         np.testing.assert_array_equal(value, before[name])
 
 
+def test_load_state_dict_names_a_value_that_is_not_an_array(backend):
+    m = lstm(backend)
+    sd = m.state_dict()
+    sd["bias_ih_l0"] = [[0.0], [1.0, 2.0]]
+    with pytest.raises(ValueError, match=r"state_dict\['bias_ih_l0'\] is not an array"):
+        m.load_state_dict(sd)
+
+
 # ------------------------------------------------------------------------------- constructor
 
 
@@ -429,3 +442,105 @@ def test_nan_in_the_input_propagates_without_crashing(backend):
     dx, dh0 = m.backward(np.ones_like(out))
     assert np.isnan(dx[:3, 1]).any() and np.isnan(m.grads["weight_hh_l0"]).any()
     assert np.isfinite(dx[:, [0, 2]]).all()
+
+
+# ------------------------------------------------------------------- modes, threads, functional
+
+
+def test_no_grad_is_per_thread_and_overlapping_blocks_restore_it():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    seen_in_worker = []
+
+    def worker():
+        with pyrnn.no_grad():
+            seen_in_worker.append(pyrnn.is_grad_enabled())
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    try:
+        assert pyrnn.is_grad_enabled()  # the worker's block does not reach this thread
+        net = pyrnn.GRU(2, 3, seed=0)
+        out, _ = net(np.ones((2, 1, 2), np.float32))
+        net.backward(np.ones_like(out))  # this thread's forward kept its tape
+        with pyrnn.no_grad():            # overlaps the worker's block, ends first
+            assert not pyrnn.is_grad_enabled()
+    finally:
+        release.set()
+        thread.join(10)
+    assert seen_in_worker == [False] and pyrnn.is_grad_enabled()
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_train_rejects_a_mode_that_is_not_a_bool(bad):
+    with pytest.raises(TypeError, match="mode: expected a bool"):
+        pyrnn.GRU(2, 3).train(bad)
+
+
+def test_a_child_set_to_none_or_deleted_leaves_the_parameters():
+    class Model(pyrnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = pyrnn.GRU(2, 3, seed=0)
+            self.head = pyrnn.Linear(3, 1, seed=0)
+
+    model = Model()
+    model.head = None
+    assert not any(k.startswith("head.") for k in model.state_dict())
+    del model.rnn
+    assert model.state_dict() == {} and model.num_parameters() == 0
+    model.rnn = pyrnn.GRU(2, 3, seed=0)                   # registered again by assignment
+    assert "rnn.weight_hh_l0" in model.state_dict()
+
+
+def test_set_num_threads_takes_numpy_ints_and_refuses_counts_past_the_core_limit():
+    from pyrnn import _backend
+
+    before = pyrnn.get_num_threads()
+    try:
+        pyrnn.set_num_threads(np.int64(1))
+        if _backend.cpp_available():
+            assert pyrnn.get_num_threads() == 1
+            limit = _backend._core.max_threads
+            for bad in (limit + 1, 2**31, 2**70):
+                with pytest.raises(ValueError, match=f"n must be at most {limit}"):
+                    pyrnn.set_num_threads(bad)
+            assert pyrnn.get_num_threads() == 1
+    finally:
+        pyrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"rng": "seed"}, TypeError, "rng: expected a numpy.random.Generator"),
+    ({"num_layers": 2.5}, TypeError, "num_layers: expected a positive int"),
+    ({"num_layers": 0}, ValueError, "num_layers: expected a positive int"),
+    ({"shape": (4, 2)}, TypeError, "shape: expected 3 positive ints"),
+    ({"shape": (4, 0, 3)}, ValueError, r"shape\[1\]: expected a positive int"),
+    ({"p": -1.0}, ValueError, r"p: expected a float in \[0, 1\)"),
+    ({"p": 1.0}, ValueError, r"p: expected a float in \[0, 1\)"),
+    ({"p": float("nan")}, ValueError, r"p: expected a float in \[0, 1\)"),
+    ({"dtype": int}, TypeError, "dtype: expected float32 or float64"),
+])
+def test_dropout_masks_checks_its_arguments(change, error, match):
+    args = {"rng": np.random.default_rng(0), "num_layers": 2, "shape": (4, 2, 3), "p": 0.5,
+            "dtype": np.float32} | change
+    with pytest.raises(error, match=match):
+        functional.dropout_masks(**args)
+
+
+def test_dropout_masks_keep_units_with_probability_one_minus_p():
+    [mask] = functional.dropout_masks(None, 2, [200, 10, 10], 0.25, np.float64)
+    assert mask.dtype == np.float64 and set(np.unique(mask)) <= {0.0, 1 / 0.75}
+    assert abs((mask > 0).mean() - 0.75) < 0.02
+
+
+def test_rejects_a_weights_entry_of_three_arrays_without_printing_them(backend):
+    net = pyrnn.GRU(2, 3, seed=0)
+    w_ih, w_hh, b_ih, _ = net._weights()[0]
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected a tuple .*got 3 items$"):
+        functional.rnn_forward("gru", np.ones((2, 1, 2), np.float32), [(w_ih, w_hh, b_ih)],
+                               backend=backend)

@@ -216,3 +216,9 @@ def test_one_hot_rejects_out_of_range_and_bad_class_count():
         one_hot(np.array([0]), 0)
     with pytest.raises(TypeError, match="indices must hold integers"):
         one_hot(np.array([True]), 2)
+
+
+@pytest.mark.parametrize("make", [lambda: Linear(3, 2, seed=-1), lambda: Embedding(3, 2, seed=-1)])
+def test_layers_name_a_negative_seed(make):
+    with pytest.raises(ValueError, match="seed: expected None or a non-negative int"):
+        make()

@@ -170,3 +170,19 @@ def test_mse_rejects_mismatched_shapes_and_types():
         mse(np.zeros(3, int), np.zeros(3))
     with pytest.raises(ValueError, match="reduction"):
         mse(np.zeros(3), np.zeros(3), "max")
+
+
+def test_mean_gradients_stay_finite_in_float16_past_65504_positions():
+    n = 70_000  # more positions than float16's largest finite value: the count is kept in float64
+    _, d_logits = cross_entropy(np.zeros((n, 2), np.float16), np.zeros(n, np.int64))
+    assert d_logits.dtype == np.float16
+    np.testing.assert_allclose(d_logits[0].astype(np.float64), [-0.5 / n, 0.5 / n], rtol=1e-2)
+    _, d_pred = mse(np.ones(n, np.float16), np.zeros(n, np.float16))
+    np.testing.assert_allclose(d_pred[0].astype(np.float64), 2 / n, rtol=1e-2)
+
+
+def test_softmax_over_an_empty_axis_is_empty_and_cross_entropy_needs_a_class():
+    assert softmax(np.ones((2, 0))).shape == (2, 0)
+    assert log_softmax(np.ones((0, 3)), axis=0).shape == (0, 3)
+    with pytest.raises(ValueError, match="at least one class"):
+        cross_entropy(np.zeros((2, 0)), np.array([-100, -100]))

@@ -285,6 +285,8 @@ def test_clip_functions_reject_bad_arguments():
         clip_grad_norm(model, 1.0, 0)
     with pytest.raises(ValueError, match="clip_value must lie"):
         clip_grad_value(model, -0.1)
+    with pytest.raises(TypeError, match="error_if_nonfinite"):  # checked with finite norms too
+        clip_grad_norm(model, 1.0, error_if_nonfinite="yes")
     model.head.grads["bias"][0] = np.nan
     with pytest.raises(RuntimeError, match="nan"):
         clip_grad_norm(model, 1.0, error_if_nonfinite=True)

@@ -25,12 +25,16 @@
 
 namespace pyrnn {
 
+// Threads the kernels may be given. A team is created as asked, and when the system cannot make
+// that many threads libgomp ends the process: a count far past any machine's is refused instead.
+constexpr int kMaxThreads = 1024;
+
 inline std::atomic<int>& num_threads_setting() {
-  static std::atomic<int> n{std::max(1, omp_get_max_threads())};
+  static std::atomic<int> n{std::clamp(omp_get_max_threads(), 1, kMaxThreads)};
   return n;
 }
 inline int get_num_threads() { return num_threads_setting().load(); }
-inline void set_num_threads(int n) { num_threads_setting().store(std::max(1, n)); }
+inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1, kMaxThreads)); }
 
 // A barrier for one team. libgomp's `omp barrier` makes a futex system call at every crossing,
 // whether or not a thread sleeps: 0.25-0.5 us against 35 ns for a crossing without one (two
