@@ -80,6 +80,7 @@ class _RNNBase(Module):
             )
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._names = self._init_params()
+        self._w_hh_shape = self.params[self._names[0][1]].shape
         self._tape: Tape | None = None
         self._no_tape_reason = _NO_FORWARD
         # (name, array) pairs of self.grads last found usable by the kernel, and their layout
@@ -114,7 +115,17 @@ class _RNNBase(Module):
     def _weights(self) -> list[tuple[Array | None, ...]]:
         # The kernel tapes keep their own (packed) copy of the weights, so an optimizer may update
         # these arrays in place between forward and backward without corrupting the gradients.
-        return self._laid_out(self.params)
+        weights = self._laid_out(self.params)
+        # The kernels take H from the first w_hh and check every other array against it: arrays
+        # of another size put into params would otherwise run as a network of that size.
+        w_hh, name = weights[0][1], self._names[0][1]
+        if getattr(w_hh, "shape", None) != self._w_hh_shape:
+            raise ValueError(
+                f"params[{name!r}]: expected shape {self._w_hh_shape} (hidden_size "
+                f"{self.hidden_size}), got {getattr(w_hh, 'shape', type(w_hh).__name__)}; "
+                "load other weights with load_state_dict, which checks them"
+            )
+        return weights
 
     def _laid_out(self, arrays: dict[str, Array]) -> list[tuple[Array | None, ...]]:
         """arrays (params or grads) as the kernels take weights: a tuple per layer and

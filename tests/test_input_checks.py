@@ -353,6 +353,17 @@ def test_load_state_dict_names_a_value_that_is_not_an_array(backend):
         m.load_state_dict(sd)
 
 
+def test_rejects_params_replaced_by_arrays_of_another_hidden_size(backend):
+    m = gru(backend)
+    other = pyrnn.GRU(I, H + 2, dtype=np.float64, backend=backend)
+    m.params.update(other.params)   # consistent among themselves, another hidden size
+    expected = rf"params\['weight_hh_l0'\]: expected shape \({3 * H}, {H}\)"
+    with pytest.raises(ValueError, match=expected):
+        m(inputs()[0])
+    with pytest.raises(ValueError, match=expected):
+        m.frozen()
+
+
 # ------------------------------------------------------------------------------- constructor
 
 
