@@ -8,7 +8,8 @@ calls; on AMD (Zen 4 executes 512-bit vectors as two 256-bit halves) a batch of 
 AVX2 build instead. Measured on Zen 4 at 2 threads: AVX-512 2-15 % faster from batch 2 up
 (its wider register tile streams the weights with fewer instructions), AVX2 1-13 % faster at
 batch 1 (the narrower panels pad less and pack faster). Both builds sum in the same order, so
-they return bitwise identical results and the choice never changes a number.
+for finite inputs they return bitwise identical results and the choice never changes a number
+(with an infinite input, a gradient entry can be -inf in one build and nan in the other).
 ``PYRNN_ISA=avx2|avx512`` forces one build for every call.
 """
 
