@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -302,6 +303,17 @@ def available(names: set[str]) -> dict[str, str]:
     return {n: why for n in sorted(names) if (why := BACKENDS[n].unavailable())}
 
 
+def setup_notes(missing: dict[str, str]) -> list[str]:
+    """What a run will lack here, said before it starts rather than found in the JSON after."""
+    notes = [f"{name} will not be timed: {why}" for name, why in missing.items()]
+    if missing.keys() & set(PEERS):
+        notes.append('the peers come with the bench extra: pip install "pyrnn[bench]"')
+    if importlib.util.find_spec("threadpoolctl") is None:
+        notes.append("threadpoolctl is not installed: NumPy's GEMM rate (% GEMM) is measured on "
+                     "all cores whatever the thread count (pip install threadpoolctl)")
+    return notes
+
+
 def versions() -> dict:
     found = {"python": platform.python_version(), "numpy": np.__version__,
              "pyrnn": getattr(pyrnn, "__version__", "?")}
@@ -352,6 +364,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, progress: bool = True) ->
     started = time.time()
     cases = plan(args)
     missing = available({n for _, names in cases for n in names})
+    for note in setup_notes(missing):
+        print(f"note: {note}", file=sys.stderr)
     results = {
         "schema": SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

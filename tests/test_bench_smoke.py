@@ -235,3 +235,19 @@ def test_round_plan_fills_round_s_and_cuts_rounds_to_the_budget():
     assert timing.plan_rounds(2.0, args) == (1, 5)         # 10 s in all: within budget
     assert timing.plan_rounds(6.0, args) == (1, 2)         # 2 rounds fit in 15 s
     assert timing.plan_rounds(60.0, args) == (1, 1)        # always at least one round
+
+
+def test_setup_notes_name_what_a_run_will_lack(monkeypatch):
+    import importlib.util
+
+    notes = run.setup_notes({"torch": "torch is not installed"})
+    assert notes[0] == "torch will not be timed: torch is not installed"
+    assert any("pyrnn[bench]" in note for note in notes)
+    assert not any("pyrnn[bench]" in note for note in run.setup_notes({"pyrnn-numpy": "why"}))
+    real_find_spec = importlib.util.find_spec
+
+    def without_threadpoolctl(name, *args):
+        return None if name == "threadpoolctl" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_threadpoolctl)
+    assert any("threadpoolctl" in note for note in run.setup_notes({}))
