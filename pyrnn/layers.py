@@ -17,26 +17,6 @@ import numpy as np
 from . import _checks
 from .module import Module, is_grad_enabled
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _check_dtype(dtype: object) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
-    if resolved not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {resolved}")
-    return resolved
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
 
 def _check_seed(seed: object) -> np.random.Generator:
     return np.random.default_rng(_checks.seed(seed))
@@ -62,7 +42,7 @@ def _check_float_array(name: str, value: object) -> np.ndarray:
 
 def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np.ndarray:
     """``(...,)`` integer indices in ``[0, num_classes)`` -> ``(..., num_classes)`` one-hot rows."""
-    num_classes = _check_positive_int("num_classes", num_classes)
+    num_classes = _checks.positive_int("num_classes", num_classes)
     array = _check_indices("indices", indices, num_classes)
     resolved = np.dtype(dtype)
     if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
@@ -89,11 +69,11 @@ class Linear(Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.out_features = _checks.positive_int("out_features", out_features)
         if not isinstance(bias, bool | np.bool_):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        self.dtype = _check_dtype(dtype)
+        self.dtype = _checks.float_dtype(dtype)
         rng = _check_seed(seed)
         bound = 1.0 / np.sqrt(self.in_features)
         shape = (self.out_features, self.in_features)
@@ -164,9 +144,9 @@ class Embedding(Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.num_embeddings = _check_positive_int("num_embeddings", num_embeddings)
-        self.embedding_dim = _check_positive_int("embedding_dim", embedding_dim)
-        self.dtype = _check_dtype(dtype)
+        self.num_embeddings = _checks.positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
+        self.dtype = _checks.float_dtype(dtype)
         rng = _check_seed(seed)
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))

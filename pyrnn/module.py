@@ -116,10 +116,7 @@ class Module:
                 raise ValueError(
                     f"state_dict[{name!r}] has shape {value.shape}, expected {target.shape}"
                 )
-            is_real = np.issubdtype(value.dtype, np.floating) or np.issubdtype(
-                value.dtype, np.integer
-            )
-            if not is_real:
+            if value.dtype.kind not in "fiu":  # NumPy counts timedelta64 among its integers
                 raise TypeError(
                     f"state_dict[{name!r}] has dtype {value.dtype}, expected a real number type"
                 )

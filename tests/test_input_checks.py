@@ -345,6 +345,14 @@ def test_load_state_dict_rejects_a_wrong_shape_and_changes_nothing(backend):
         np.testing.assert_array_equal(value, before[name])
 
 
+def test_load_state_dict_rejects_timedelta_values(backend):
+    m = lstm(backend)
+    sd = m.state_dict()
+    sd["bias_hh_l0"] = sd["bias_hh_l0"].astype(np.int64).astype("timedelta64[s]")
+    with pytest.raises(TypeError, match=r"state_dict\['bias_hh_l0'\] has dtype timedelta64"):
+        m.load_state_dict(sd)
+
+
 def test_load_state_dict_names_a_value_that_is_not_an_array(backend):
     m = lstm(backend)
     sd = m.state_dict()

@@ -222,3 +222,11 @@ def test_one_hot_rejects_out_of_range_and_bad_class_count():
 def test_layers_name_a_negative_seed(make):
     with pytest.raises(ValueError, match="seed: expected None or a non-negative int"):
         make()
+
+
+@pytest.mark.parametrize("make", [lambda d: Linear(3, 2, dtype=d),
+                                  lambda d: Embedding(3, 2, dtype=d)])
+def test_layers_take_dtypes_as_the_recurrent_modules_do(make):
+    with pytest.raises(TypeError, match="dtype: expected float32 or float64, got None"):
+        make(None)                                  # not NumPy's float64 default
+    assert make(">f4").dtype == np.float32          # big-endian spelled, native stored
