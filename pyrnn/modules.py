@@ -9,6 +9,7 @@ weight gradients into ``grads`` in place (they accumulate until ``zero_grad``).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from . import _backend, _checks
 from .functional import (
+    GATES,
     Tape,
     _check_weights,
     _run_stack,
@@ -78,6 +80,7 @@ class _RNNBase(Module):
                 UserWarning,
                 stacklevel=3,
             )
+        self._check_parameter_memory()
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._names = self._init_params()
         self._w_hh_shape = self.params[self._names[0][1]].shape
@@ -91,10 +94,35 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    def _parameter_count(self) -> int:
+        """How many numbers _init_params will allocate (computed without allocating them)."""
+        G, H, D = GATES[self.cell], self.hidden_size, self.num_directions  # noqa: N806
+        first, later = (G * H * (fan_in + H + 2 * self.bias) for fan_in in (self.input_size, D * H))
+        return D * (first + (self.num_layers - 1) * later)
+
+    def _check_parameter_memory(self) -> None:
+        """Refuse sizes whose parameters and gradients exceed the machine's memory, up front:
+        NumPy would fail with a MemoryError naming no argument, and a huge num_layers would loop
+        for ever."""
+        count = self._parameter_count()
+        needed = 2 * count * self.dtype.itemsize
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):  # no sysconf (Windows): leave it to NumPy
+            return
+        if needed > memory:
+            raise ValueError(
+                f"{type(self).__name__}(input_size={self.input_size}, "
+                f"hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}) would hold {count:,} parameters, "
+                f"{needed / 2**30:,.1f} GiB with their gradients: more than this machine's "
+                f"{memory / 2**30:,.1f} GiB of memory"
+            )
+
     def _init_params(self) -> list[tuple[str | None, ...]]:
         """Create the parameters in PyTorch's order, uniform(-1/sqrt(H), 1/sqrt(H)) like
         PyTorch's default; return their names per layer and direction (None: no bias)."""
-        G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[self.cell]  # noqa: N806
+        G = GATES[self.cell]  # noqa: N806
         H, D = self.hidden_size, self.num_directions  # noqa: N806
         bound = 1 / math.sqrt(H)
         names = []

@@ -375,6 +375,20 @@ def test_rejects_params_replaced_by_arrays_of_another_hidden_size(backend):
 # ------------------------------------------------------------------------------- constructor
 
 
+def test_parameter_count_computed_before_allocating_is_the_allocated_one():
+    for net in (pyrnn.LSTM(3, 5, num_layers=3, bidirectional=True), pyrnn.GRU(4, 2, bias=False),
+                pyrnn.RNN(2, 7, num_layers=2)):
+        assert net._parameter_count() == net.num_parameters()
+
+
+@pytest.mark.parametrize("make", [lambda: pyrnn.LSTM(1, 2**31), lambda: pyrnn.RNN(2**62, 2**62),
+                                  lambda: pyrnn.GRU(1, 1, num_layers=2**40)])
+def test_rejects_sizes_whose_parameters_exceed_the_memory_before_allocating(make):
+    with pytest.raises(ValueError, match=r"would hold [\d,]+ parameters, .* GiB with their "
+                                         r"gradients: more than this machine's"):
+        make()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
