@@ -8,7 +8,9 @@ order and C-contiguous (copied only when it is not already so).
 
 from __future__ import annotations
 
+import functools
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -142,3 +144,24 @@ def generator(rng: Any) -> np.random.Generator:
             f"rng: expected a numpy.random.Generator or None, got {type(rng).__name__}"
         )
     return rng
+
+
+@functools.cache
+def _memory_bytes() -> int | None:
+    """The machine's physical memory, or None where os.sysconf cannot tell (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def fits_in_memory(what: str, count: int, itemsize: int) -> None:
+    """Refuse, naming `what`, an allocation of `count` numbers larger than the machine's memory:
+    NumPy's MemoryError would name no argument, and a loop allocating piece by piece (layer after
+    layer, say) might never end."""
+    memory = _memory_bytes()
+    if memory is not None and count * itemsize > memory:
+        raise ValueError(
+            f"{what} would hold {count:,} numbers, {count * itemsize / 2**30:,.1f} GiB: more than "
+            f"this machine's {memory / 2**30:,.1f} GiB of memory"
+        )

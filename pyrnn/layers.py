@@ -47,6 +47,8 @@ def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np
     resolved = np.dtype(dtype)
     if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
         raise TypeError(f"dtype must be a numeric dtype, got {resolved}")
+    _checks.fits_in_memory(f"one_hot(num_classes={num_classes}) of {array.size:,} indices",
+                           array.size * num_classes, resolved.itemsize)
     out = np.zeros(array.shape + (num_classes,), dtype=resolved)
     np.put_along_axis(out, array[..., None], 1, axis=-1)
     return out
@@ -74,6 +76,9 @@ class Linear(Module):
         if not isinstance(bias, bool | np.bool_):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         self.dtype = _checks.float_dtype(dtype)
+        _checks.fits_in_memory(
+            f"Linear({self.in_features}, {self.out_features}) with its gradients",
+            2 * self.out_features * (self.in_features + 1), self.dtype.itemsize)
         rng = _check_seed(seed)
         bound = 1.0 / np.sqrt(self.in_features)
         shape = (self.out_features, self.in_features)
@@ -147,6 +152,9 @@ class Embedding(Module):
         self.num_embeddings = _checks.positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         self.dtype = _checks.float_dtype(dtype)
+        _checks.fits_in_memory(
+            f"Embedding({self.num_embeddings}, {self.embedding_dim}) with its gradients",
+            2 * self.num_embeddings * self.embedding_dim, self.dtype.itemsize)
         rng = _check_seed(seed)
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))

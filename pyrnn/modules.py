@@ -9,7 +9,6 @@ weight gradients into ``grads`` in place (they accumulate until ``zero_grad``).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any
 
@@ -80,7 +79,10 @@ class _RNNBase(Module):
                 UserWarning,
                 stacklevel=3,
             )
-        self._check_parameter_memory()
+        _checks.fits_in_memory(  # the parameters and their gradients
+            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"num_layers={self.num_layers}) with its gradients", 2 * self._parameter_count(),
+            self.dtype.itemsize)
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._names = self._init_params()
         self._w_hh_shape = self.params[self._names[0][1]].shape
@@ -99,25 +101,6 @@ class _RNNBase(Module):
         G, H, D = GATES[self.cell], self.hidden_size, self.num_directions  # noqa: N806
         first, later = (G * H * (fan_in + H + 2 * self.bias) for fan_in in (self.input_size, D * H))
         return D * (first + (self.num_layers - 1) * later)
-
-    def _check_parameter_memory(self) -> None:
-        """Refuse sizes whose parameters and gradients exceed the machine's memory, up front:
-        NumPy would fail with a MemoryError naming no argument, and a huge num_layers would loop
-        for ever."""
-        count = self._parameter_count()
-        needed = 2 * count * self.dtype.itemsize
-        try:
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, OSError, ValueError):  # no sysconf (Windows): leave it to NumPy
-            return
-        if needed > memory:
-            raise ValueError(
-                f"{type(self).__name__}(input_size={self.input_size}, "
-                f"hidden_size={self.hidden_size}, "
-                f"num_layers={self.num_layers}) would hold {count:,} parameters, "
-                f"{needed / 2**30:,.1f} GiB with their gradients: more than this machine's "
-                f"{memory / 2**30:,.1f} GiB of memory"
-            )
 
     def _init_params(self) -> list[tuple[str | None, ...]]:
         """Create the parameters in PyTorch's order, uniform(-1/sqrt(H), 1/sqrt(H)) like

@@ -230,3 +230,11 @@ def test_layers_take_dtypes_as_the_recurrent_modules_do(make):
     with pytest.raises(TypeError, match="dtype: expected float32 or float64, got None"):
         make(None)                                  # not NumPy's float64 default
     assert make(">f4").dtype == np.float32          # big-endian spelled, native stored
+
+
+@pytest.mark.parametrize("make", [lambda: Linear(2**40, 2**40), lambda: Embedding(2**62, 2),
+                                  lambda: one_hot([0, 1], 2**62)])
+def test_layers_refuse_sizes_beyond_the_machines_memory_by_name(make):
+    with pytest.raises(ValueError, match=r"(Linear|Embedding|one_hot)\(.* would hold [\d,]+ "
+                                         r"numbers, .* GiB: more than this machine's"):
+        make()
