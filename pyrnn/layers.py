@@ -73,8 +73,7 @@ class Linear(Module):
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
-        if not isinstance(bias, bool | np.bool_):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        bias = _checks.flag("bias", bias)
         self.dtype = _checks.float_dtype(dtype)
         _checks.fits_in_memory(
             f"Linear({self.in_features}, {self.out_features}) with its gradients",

@@ -238,3 +238,8 @@ def test_layers_refuse_sizes_beyond_the_machines_memory_by_name(make):
     with pytest.raises(ValueError, match=r"(Linear|Embedding|one_hot)\(.* would hold [\d,]+ "
                                          r"numbers, .* GiB: more than this machine's"):
         make()
+
+
+def test_linear_names_a_bias_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="bias: expected a bool"):
+        Linear(3, 2, bias="yes")
