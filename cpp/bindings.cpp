@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "pyrnn/build_info.hpp"
+#include "pyrnn/dense.hpp"
 #include "pyrnn/pack_cache.hpp"
 #include "pyrnn/stack.hpp"
 #include "pyrnn/threads.hpp"
@@ -376,6 +377,104 @@ py::tuple stack_backward(const py::object& tape_obj, const py::object& d_out, co
   throw py::type_error("tape: unknown tape type");
 }
 
+// ---------------------------------------------------------------- the dense layer (Linear)
+
+// n, k, m of x (n, k) and weight (m, k), from arrays checked to be 2-D with k, m >= 1.
+struct DenseDims {
+  Index n, k, m;
+};
+
+DenseDims dense_dims(const py::object& x_obj, const py::object& weight_obj) {
+  for (const auto& [obj, name] : {std::pair{&x_obj, "x"}, std::pair{&weight_obj, "weight"}})
+    if (!py::isinstance<py::array>(*obj))
+      throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                           std::string(py::str(py::type::of(*obj))));
+  auto x = py::reinterpret_borrow<py::array>(x_obj), weight = py::reinterpret_borrow<py::array>(weight_obj);
+  if (x.ndim() != 2 || x.shape(1) < 1)
+    throw py::value_error("x: expected shape (N, K) with K >= 1, got " + shape_str(shape_of(x)));
+  if (weight.ndim() != 2 || weight.shape(0) < 1)
+    throw py::value_error("weight: expected shape (M, K) with M >= 1, got " + shape_str(shape_of(weight)));
+  return {x.shape(0), x.shape(1), weight.shape(0)};
+}
+
+// Call f(S{}) with x's float type.
+template <class F>
+auto with_dtype_of(const py::object& x_obj, F&& f) {
+  const size_t size = float_size(py::reinterpret_borrow<py::array>(x_obj));
+  if (size == sizeof(float)) return f(float{});
+  if (size == sizeof(double)) return f(double{});
+  throw py::type_error("x: expected dtype float32 or float64, got " +
+                       std::string(py::str(py::reinterpret_borrow<py::array>(x_obj).dtype())));
+}
+
+template <typename S>
+py::array linear_forward_impl(const DenseDims& d, const py::object& x_obj, const py::object& weight_obj,
+                              const py::object& bias_obj) {
+  Array<S> x = take<S>(x_obj, "x", {d.n, d.k}), weight = take<S>(weight_obj, "weight", {d.m, d.k});
+  const bool has_bias = !bias_obj.is_none();
+  Array<S> bias;
+  if (has_bias) bias = take<S>(bias_obj, "bias", {d.m});
+  Array<S> y = new_array<S>({d.n, d.m});
+  const int threads = pyrnn::get_num_threads();
+  {
+    py::gil_scoped_release release;
+    pyrnn::dense_forward(d.n, d.k, d.m, x.data(), weight.data(), has_bias ? bias.data() : nullptr, y.mutable_data(),
+                         threads);
+  }
+  return y;
+}
+
+py::array linear_forward(const py::object& x, const py::object& weight, const py::object& bias) {
+  const DenseDims d = dense_dims(x, weight);
+  return with_dtype_of(x, [&](auto s) { return linear_forward_impl<decltype(s)>(d, x, weight, bias); });
+}
+
+template <typename S>
+py::tuple linear_backward_impl(const DenseDims& d, const py::object& x_obj, const py::object& weight_obj,
+                               const py::object& d_y_obj, bool has_bias, const py::object& into_obj) {
+  Array<S> x = take<S>(x_obj, "x", {d.n, d.k}), weight = take<S>(weight_obj, "weight", {d.m, d.k});
+  Array<S> d_y = take<S>(d_y_obj, "d_y", {d.n, d.m});
+  Array<S> dx = new_array<S>({d.n, d.k}), d_weight, d_bias;
+  const bool accumulate = !into_obj.is_none();
+  if (!accumulate) {
+    d_weight = new_array<S>({d.m, d.k});
+    if (has_bias) d_bias = new_array<S>({d.m});
+  } else {
+    py::sequence into = take_list(into_obj, "accumulate_into", 2, "d_weight, d_bias");
+    // Each target is its own memory, apart from every array backward reads.
+    std::vector<std::pair<Span, std::string>> taken{{span_of(x), "x"}, {span_of(weight), "weight"}, {span_of(d_y), "d_y"}};
+    auto own = [&](const Array<S>& target, const std::string& name) {
+      for (const auto& [span, other] : taken)
+        if (span_of(target).overlaps(span))
+          throw py::value_error(name + ": shares memory with " + other + "; the gradients are added into it alone");
+      taken.push_back({span_of(target), name});
+    };
+    d_weight = take_target<S>(into[0], [] { return std::string("accumulate_into[0] d_weight"); }, {d.m, d.k});
+    own(d_weight, "accumulate_into[0] d_weight");
+    if (has_bias) {
+      d_bias = take_target<S>(into[1], [] { return std::string("accumulate_into[1] d_bias"); }, {d.m});
+      own(d_bias, "accumulate_into[1] d_bias");
+    } else if (!into[1].is_none()) {
+      throw py::value_error("accumulate_into[1] d_bias: expected None, as has_bias is False");
+    }
+  }
+  const int threads = pyrnn::get_num_threads();
+  {
+    py::gil_scoped_release release;
+    pyrnn::dense_backward(d.n, d.k, d.m, x.data(), weight.data(), d_y.data(), dx.mutable_data(),
+                          d_weight.mutable_data(), has_bias ? d_bias.mutable_data() : nullptr, accumulate, threads);
+  }
+  return py::make_tuple(dx, d_weight, has_bias ? py::object(d_bias) : py::none());
+}
+
+py::tuple linear_backward(const py::object& x, const py::object& weight, const py::object& d_y, bool has_bias,
+                          const py::object& accumulate_into) {
+  const DenseDims d = dense_dims(x, weight);
+  return with_dtype_of(x, [&](auto s) {
+    return linear_backward_impl<decltype(s)>(d, x, weight, d_y, has_bias, accumulate_into);
+  });
+}
+
 std::string tape_dtype(const pyrnn::TapeBase& t) {
   return dynamic_cast<const pyrnn::Tape<float>*>(&t) ? "float32" : "float64";
 }
@@ -450,6 +549,12 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("accumulate_into") = py::none(),
         "BPTT through the stack recorded on tape. Returns (dx, dh0, dc0 or None, d_weights); with\n"
         "accumulate_into, the weight gradients are added into those arrays, which d_weights returns.");
+  m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        "y (N, M) = x (N, K) weight^T + bias, weight (M, K), bias (M,) or None; see pyrnn/_backend.py.");
+  m.def("linear_backward", &linear_backward, py::arg("x"), py::arg("weight"), py::arg("d_y"), py::arg("has_bias"),
+        py::arg("accumulate_into") = py::none(),
+        "Gradients of linear_forward: returns (dx, d_weight, d_bias or None); with accumulate_into\n"
+        "(d_weight, d_bias or None), the weight gradients are added into those arrays.");
   m.attr("max_threads") = pyrnn::kMaxThreads;
   m.def("set_num_threads", [](long long n) {
     if (n < 1 || n > pyrnn::kMaxThreads)

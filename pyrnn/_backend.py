@@ -2,8 +2,8 @@
 
 The kernel contract
 -------------------
-Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same two
-functions, which work on one whole stack of layers and directions, time-major:
+Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same functions:
+two that work on one whole stack of layers and directions, time-major, and two for a dense layer.
 
 ``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
 packs=None)``
@@ -40,6 +40,19 @@ packs=None)``
     are summed over time steps.
 
 The tape is opaque to callers and stays valid after the caller changes or drops its arrays.
+
+The dense layer under ``pyrnn.Linear``, on rows:
+
+``linear_forward(x, weight, bias)``
+    x (N, K) float32 or float64, weight (M, K), bias (M,) or None, all of x's dtype
+    returns y (N, M) = x weight^T + bias
+
+``linear_backward(x, weight, d_y, has_bias, accumulate_into=None)``
+    x and weight as in the forward, d_y (N, M)
+    accumulate_into  None, or (d_weight (M, K), d_bias (M,) or None, None iff not has_bias),
+                   C-contiguous writable arrays of x's dtype, none sharing memory with another
+                   or with x, weight or d_y: the weight gradients are added into them in place
+    returns (dx (N, K), d_weight, d_bias or None), d_bias summed over the rows
 """
 
 from __future__ import annotations

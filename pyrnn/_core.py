@@ -96,6 +96,9 @@ Tape = _impl.Tape
 build_info = _impl.build_info
 get_num_threads = _impl.get_num_threads
 max_threads: int = _impl.max_threads
+# A dense layer's rows make a large GEMM whatever the batch: the primary build runs it.
+linear_forward = _impl.linear_forward
+linear_backward = _impl.linear_backward
 
 
 def _for_input(x: object) -> ModuleType:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _backend, _checks
 from .module import Module, is_grad_enabled
 
 
@@ -60,6 +60,10 @@ class Linear(Module):
     ``weight`` is ``(out_features, in_features)`` and ``bias`` ``(out_features,)``, both drawn
     from ``uniform(-1/sqrt(in_features), 1/sqrt(in_features))`` as PyTorch does. Inputs of
     another floating type are cast to the layer's dtype.
+
+    ``backend`` as the recurrent modules': on "cpp" the products run on the C++ core's threads,
+    the same team as the recurrent layers, rather than on NumPy's BLAS threads, which stay busy
+    for a while after each product and take the cores from the time loops that follow.
     """
 
     def __init__(
@@ -69,12 +73,14 @@ class Linear(Module):
         bias: bool = True,
         dtype: object = np.float32,
         seed: int | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
         bias = _checks.flag("bias", bias)
         self.dtype = _checks.float_dtype(dtype)
+        self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS))
         _checks.fits_in_memory(
             f"Linear({self.in_features}, {self.out_features}) with its gradients",
             2 * self.out_features * (self.in_features + 1), self.dtype.itemsize)
@@ -100,9 +106,8 @@ class Linear(Module):
         # The tape is only the input, copied so a caller reusing its buffer cannot change it.
         x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
         # One GEMM over all leading axes (numpy would loop over them for a stacked matmul).
-        y = x.reshape(-1, self.in_features) @ self.weight.T
-        if self.bias is not None:
-            y += self.bias
+        rows = np.ascontiguousarray(x.reshape(-1, self.in_features))
+        y = _backend.kernels(self.backend).linear_forward(rows, self.weight, self.bias)
         self._x = x if keep else None
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
@@ -117,18 +122,27 @@ class Linear(Module):
         expected = self._x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
-        d_y = d_y.astype(self.dtype, copy=False)
-        d_y_rows = d_y.reshape(-1, self.out_features)
+        d_y_rows = np.ascontiguousarray(d_y.reshape(-1, self.out_features), dtype=self.dtype)
         x_rows = self._x.reshape(-1, self.in_features)
-        self.grads["weight"] += d_y_rows.T @ x_rows
-        if self.bias is not None:
-            self.grads["bias"] += d_y_rows.sum(axis=0)
-        return (d_y_rows @ self.weight).reshape(self._x.shape)
+        has_bias = self.bias is not None
+        targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
+        usable = all(t is None or self._can_add_into(t) for t in targets)
+        dx, d_weight, d_bias = _backend.kernels(self.backend).linear_backward(
+            x_rows, self.weight, d_y_rows, has_bias, accumulate_into=targets if usable else None)
+        if not usable:  # grads replaced by arrays the kernel cannot add into: add here
+            self.grads["weight"] += d_weight
+            if has_bias:
+                self.grads["bias"] += d_bias
+        return dx.reshape(self._x.shape)
+
+    def _can_add_into(self, grad: object) -> bool:
+        return (isinstance(grad, np.ndarray) and grad.dtype == self.dtype
+                and grad.flags.c_contiguous and grad.flags.aligned and grad.flags.writeable)
 
     def __repr__(self) -> str:
         return (
             f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, dtype={self.dtype})"
+            f"bias={self.bias is not None}, dtype={self.dtype}, backend={self.backend!r})"
         )
 
 

@@ -353,6 +353,36 @@ def _stack_backward(tape, d_out, d_h_n, d_c_n):
     return dx, dh0, dc0, d_weights
 
 
+def linear_forward(x: Array, weight: Array, bias: Array | None) -> Array:
+    """y (N, M) = x (N, K) weight^T + bias, for weight (M, K) and bias (M,) or None."""
+    x, weight, bias = _check_linear(x, weight, {"bias": bias})
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(
+    x: Array, weight: Array, d_y: Array, has_bias: bool,
+    accumulate_into: Sequence[Array | None] | None = None,
+) -> tuple[Array, Array, Array | None]:
+    """Gradients of linear_forward for d_y (N, M): (dx (N, K), d_weight (M, K), d_bias (M,) or
+    None). With accumulate_into (d_weight, d_bias or None), they are added into those arrays."""
+    _check_flag("has_bias", has_bias)
+    x_given, weight_given, d_y_given = x, weight, d_y
+    x, weight, d_y = _check_linear(x, weight, {"d_y": d_y})
+    d_weight, d_bias = d_y.T @ x, (d_y.sum(axis=0) if has_bias else None)
+    dx = d_y @ weight
+    if accumulate_into is None:
+        return dx, d_weight, d_bias
+    reads = {"x": x_given, "weight": weight_given, "d_y": d_y_given}
+    targets = _check_linear_targets(accumulate_into, has_bias, d_weight, d_bias, reads)
+    for target, grad in zip(targets, (d_weight, d_bias), strict=True):
+        if target is not None:
+            target += grad
+    return dx, targets[0], targets[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks: every failure names the argument, what was expected and what it got.
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +526,57 @@ def _check_targets(targets, tape, reads):
                         "accumulate_into must be its own"
                     )
             seen[label] = a
+
+
+def _check_linear(x, weight, others):
+    """x (N, K) and weight (M, K) of one float dtype, and each of `others` (d_y (N, M) or bias
+    (M,), None allowed for bias): returns x, weight and the other in native byte order."""
+    for name, a in (("x", x), ("weight", weight)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    dtype = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape (N, K) with K >= 1, got {x.shape}")
+    if weight.ndim != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight: expected shape (M, K) with M >= 1, got {weight.shape}")
+    (n, k), m = x.shape, weight.shape[0]
+    _check_array("weight", weight, (m, k), dtype)
+    ((name, other),) = others.items()
+    if other is not None:
+        _check_array(name, other, (n, m) if name == "d_y" else (m,), dtype)
+    return native(x), native(weight), native(other)
+
+
+def _check_linear_targets(targets, has_bias, d_weight, d_bias, reads):
+    """accumulate_into of linear_backward: (d_weight, d_bias or None, None iff not has_bias),
+    writable C-contiguous arrays of the gradients' shapes and dtype, each its own memory."""
+    _check_list("accumulate_into", targets, 2, "d_weight, d_bias")
+    seen = dict(reads)
+    for k, (part, a, grad) in enumerate(zip(("d_weight", "d_bias"), targets, (d_weight, d_bias),
+                                            strict=True)):
+        label = f"accumulate_into[{k}] {part}"
+        if grad is None:
+            if a is not None:
+                raise ValueError(f"{label}: expected None, as has_bias is False")
+            continue
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{label}: expected a numpy array, got {type(a).__name__}")
+        if a.dtype != grad.dtype:
+            raise TypeError(f"{label}: expected dtype {grad.dtype} in native byte order, "
+                            f"got {a.dtype}")
+        if a.shape != grad.shape:
+            raise ValueError(f"{label}: expected shape {grad.shape}, got {a.shape}")
+        if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
+            raise ValueError(f"{label}: expected a C-contiguous, aligned, writable array (the "
+                             "gradients are added into it in place)")
+        for other_name, other in seen.items():
+            if np.may_share_memory(a, other):
+                raise ValueError(f"{label}: shares memory with {other_name}; the gradients are "
+                                 "added into it alone")
+        seen[label] = a
+    return tuple(targets)
 
 
 def _check_backward(tape, d_out, d_h_n, d_c_n):

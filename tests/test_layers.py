@@ -256,3 +256,41 @@ def test_layers_refuse_sizes_beyond_the_machines_memory_by_name(make):
 def test_linear_names_a_bias_that_is_not_a_bool():
     with pytest.raises(TypeError, match="bias: expected a bool"):
         Linear(3, 2, bias="yes")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_cpp_backend_matches_numpy_backend(bias):
+    from pyrnn import _backend
+
+    if not _backend.cpp_available():
+        pytest.skip("the C++ extension is not built")
+    layers = [Linear(7, 5, bias=bias, seed=3, backend=b) for b in ("cpp", "numpy")]
+    x = np.random.default_rng(0).standard_normal((6, 4, 7)).astype(np.float32)
+    d_y = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)
+    outs = [layer(x) for layer in layers]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    dxs = [layer.backward(d_y) for layer in layers]
+    np.testing.assert_allclose(dxs[0], dxs[1], rtol=1e-5, atol=1e-6)
+    for name in layers[0].grads:
+        np.testing.assert_allclose(layers[0].grads[name], layers[1].grads[name], rtol=1e-5,
+                                   atol=1e-5)
+    assert "backend='cpp'" in repr(layers[0]) and "backend='numpy'" in repr(layers[1])
+
+
+def test_linear_adds_into_grads_it_cannot_hand_to_the_kernel():
+    layer = Linear(3, 2, dtype=np.float64, seed=0)
+    strided = np.zeros((3, 2)).T  # the right shape, but not C-contiguous
+    layer.grads["weight"] = strided
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    d_y = np.random.default_rng(1).standard_normal((4, 2))
+    layer(x)
+    layer.backward(d_y)
+    layer(x)
+    layer.backward(d_y)
+    np.testing.assert_allclose(strided, 2 * d_y.T @ x, rtol=1e-12)
+    np.testing.assert_allclose(layer.grads["bias"], 2 * d_y.sum(axis=0), rtol=1e-12)
+
+
+def test_linear_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        Linear(3, 2, backend="gpu")
