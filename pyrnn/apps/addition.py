@@ -240,5 +240,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="distinct generated questions (default: 50000)")
     parser.add_argument("--held-out", type=_common.fraction, default=0.1,
                         help="fraction kept for validation (default: 0.1)")
-    _common.add_common_arguments(parser, threads_default=_common.SMALL_MODEL_THREADS)
+    _common.add_common_arguments(parser)
     parser.set_defaults(run=run, parser=parser)

@@ -330,7 +330,7 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from --checkpoint up to --steps total")
     _add_sampling(parser, "--sample-length", 500)
-    _common.add_common_arguments(parser, threads_default=_common.SMALL_MODEL_THREADS)
+    _common.add_common_arguments(parser)
     parser.set_defaults(run=run_train, parser=parser)
 
 

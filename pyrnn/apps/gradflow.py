@@ -210,6 +210,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="gate-bias initialisation for LSTM/GRU (default: chrono)")
     parser.add_argument("--cells", nargs="+", choices=tuple(CELLS), default=list(CELLS),
                         help="which cells to compare (default: rnn lstm gru)")
-    _common.add_common_arguments(parser, plot_default=DEFAULT_PLOT,
-                                threads_default=_common.SMALL_MODEL_THREADS)
+    _common.add_common_arguments(parser, plot_default=DEFAULT_PLOT)
     parser.set_defaults(run=run, parser=parser)
