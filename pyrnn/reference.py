@@ -355,7 +355,10 @@ def _stack_backward(tape, d_out, d_h_n, d_c_n):
 
 def linear_forward(x: Array, weight: Array, bias: Array | None) -> Array:
     """y (N, M) = x (N, K) weight^T + bias, for weight (M, K) and bias (M,) or None."""
-    x, weight, bias = _check_linear(x, weight, {"bias": bias})
+    dtype, _, m = _check_linear(x, weight)
+    if bias is not None:
+        _check_array("bias", bias, (m,), dtype)
+    x, weight, bias = native(x), native(weight), native(bias)
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -369,13 +372,14 @@ def linear_backward(
     """Gradients of linear_forward for d_y (N, M): (dx (N, K), d_weight (M, K), d_bias (M,) or
     None). With accumulate_into (d_weight, d_bias or None), they are added into those arrays."""
     _check_flag("has_bias", has_bias)
-    x_given, weight_given, d_y_given = x, weight, d_y
-    x, weight, d_y = _check_linear(x, weight, {"d_y": d_y})
+    dtype, n, m = _check_linear(x, weight)
+    _check_array("d_y", d_y, (n, m), dtype)
+    reads = {"x": x, "weight": weight, "d_y": d_y}
+    x, weight, d_y = native(x), native(weight), native(d_y)
     d_weight, d_bias = d_y.T @ x, (d_y.sum(axis=0) if has_bias else None)
     dx = d_y @ weight
     if accumulate_into is None:
         return dx, d_weight, d_bias
-    reads = {"x": x_given, "weight": weight_given, "d_y": d_y_given}
     targets = _check_linear_targets(accumulate_into, has_bias, d_weight, d_bias, reads)
     for target, grad in zip(targets, (d_weight, d_bias), strict=True):
         if target is not None:
@@ -528,9 +532,8 @@ def _check_targets(targets, tape, reads):
             seen[label] = a
 
 
-def _check_linear(x, weight, others):
-    """x (N, K) and weight (M, K) of one float dtype, and each of `others` (d_y (N, M) or bias
-    (M,), None allowed for bias): returns x, weight and the other in native byte order."""
+def _check_linear(x, weight):
+    """x (N, K) and weight (M, K) of one float dtype: returns that dtype, N and M."""
     for name, a in (("x", x), ("weight", weight)):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
@@ -543,10 +546,7 @@ def _check_linear(x, weight, others):
         raise ValueError(f"weight: expected shape (M, K) with M >= 1, got {weight.shape}")
     (n, k), m = x.shape, weight.shape[0]
     _check_array("weight", weight, (m, k), dtype)
-    ((name, other),) = others.items()
-    if other is not None:
-        _check_array(name, other, (n, m) if name == "d_y" else (m,), dtype)
-    return native(x), native(weight), native(other)
+    return dtype, n, m
 
 
 def _check_linear_targets(targets, has_bias, d_weight, d_bias, reads):
