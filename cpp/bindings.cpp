@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyrnn/adam.hpp"
 #include "pyrnn/build_info.hpp"
 #include "pyrnn/dense.hpp"
 #include "pyrnn/pack_cache.hpp"
@@ -61,12 +62,12 @@ std::string dtype_name() {
 // An array argument with x's dtype and exactly `shape`, as a C-contiguous aligned array
 // (the caller's own buffer when it already is one, else a copy).
 template <typename S>
-Array<S> take(py::handle obj, const std::string& name, const std::vector<Index>& shape) {
+Array<S> take(py::handle obj, const std::string& name, const std::vector<Index>& shape, const char* dtype_of = "x") {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(name + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
   auto a = py::reinterpret_borrow<py::array>(obj);
   if (float_size(a) != sizeof(S))
-    throw py::type_error(name + ": expected dtype " + dtype_name<S>() + " (the dtype of x), got " +
+    throw py::type_error(name + ": expected dtype " + dtype_name<S>() + " (the dtype of " + dtype_of + "), got " +
                          std::string(py::str(a.dtype())));
   if (shape_of(a) != shape)
     throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
@@ -249,12 +250,12 @@ py::tuple stack_forward(const std::string& cell_name, const py::object& x, const
 // (no copy can stand in for it: the caller keeps reading the array it passed). `name` makes the
 // argument's name, only for a message: a module's step calls this for every weight.
 template <typename S, class Name>
-Array<S> take_target(py::handle obj, Name&& name, const std::vector<Index>& shape) {
+Array<S> take_target(py::handle obj, Name&& name, const std::vector<Index>& shape, const char* dtype_of = "the tape's") {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(name() + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
   auto a = py::reinterpret_borrow<py::array>(obj);
   if (!py::isinstance<py::array_t<S>>(a))
-    throw py::type_error(name() + ": expected dtype " + dtype_name<S>() + " in native byte order (the tape's), got " +
+    throw py::type_error(name() + ": expected dtype " + dtype_name<S>() + " in native byte order (" + dtype_of + "), got " +
                          std::string(py::str(a.dtype())));
   if (a.ndim() != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()))
     throw py::value_error(name() + ": expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
@@ -449,10 +450,10 @@ py::tuple linear_backward_impl(const DenseDims& d, const py::object& x_obj, cons
           throw py::value_error(name + ": shares memory with " + other + "; the gradients are added into it alone");
       taken.push_back({span_of(target), name});
     };
-    d_weight = take_target<S>(into[0], [] { return std::string("accumulate_into[0] d_weight"); }, {d.m, d.k});
+    d_weight = take_target<S>(into[0], [] { return std::string("accumulate_into[0] d_weight"); }, {d.m, d.k}, "x's");
     own(d_weight, "accumulate_into[0] d_weight");
     if (has_bias) {
-      d_bias = take_target<S>(into[1], [] { return std::string("accumulate_into[1] d_bias"); }, {d.m});
+      d_bias = take_target<S>(into[1], [] { return std::string("accumulate_into[1] d_bias"); }, {d.m}, "x's");
       own(d_bias, "accumulate_into[1] d_bias");
     } else if (!into[1].is_none()) {
       throw py::value_error("accumulate_into[1] d_bias: expected None, as has_bias is False");
@@ -473,6 +474,55 @@ py::tuple linear_backward(const py::object& x, const py::object& weight, const p
   return with_dtype_of(x, [&](auto s) {
     return linear_backward_impl<decltype(s)>(d, x, weight, d_y, has_bias, accumulate_into);
   });
+}
+
+// ------------------------------------------------------------------------- Adam's update
+
+// param, exp_avg, exp_avg_sq and max_exp_avg_sq (or None) are written in place and grad read:
+// arrays of param's dtype and shape, the written ones C-contiguous, aligned and writable, each
+// its own memory.
+template <typename S>
+void adam_update_impl(const py::array& param_obj, const py::object& grad_obj, const py::object& exp_avg_obj,
+                      const py::object& exp_avg_sq_obj, const py::object& max_obj, const pyrnn::AdamScalars& a) {
+  const std::vector<Index> shape = shape_of(param_obj);
+  Index n = 1;
+  for (Index d : shape) n *= d;
+  auto written = [&](const py::handle& obj, const char* name) {
+    return take_target<S>(obj, [&] { return std::string(name); }, shape, "param's");
+  };
+  Array<S> param = written(param_obj, "param"), exp_avg = written(exp_avg_obj, "exp_avg");
+  Array<S> exp_avg_sq = written(exp_avg_sq_obj, "exp_avg_sq"), max_exp_avg_sq;
+  const bool amsgrad = !max_obj.is_none();
+  if (amsgrad) max_exp_avg_sq = written(max_obj, "max_exp_avg_sq");
+  Array<S> grad = take<S>(grad_obj, "grad", shape, "param");
+  std::vector<std::pair<Span, std::string>> taken{{span_of(grad), "grad"}};
+  for (const auto& [array, name] : {std::pair<const Array<S>*, const char*>{&param, "param"},
+                                    {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                    {amsgrad ? &max_exp_avg_sq : nullptr, "max_exp_avg_sq"}}) {
+    if (!array) continue;
+    for (const auto& [span, other] : taken)
+      if (span_of(*array).overlaps(span))
+        throw py::value_error(std::string(name) + ": shares memory with " + other + "; each array must be its own");
+    taken.push_back({span_of(*array), name});
+  }
+  const int threads = pyrnn::get_num_threads();
+  py::gil_scoped_release release;
+  pyrnn::adam_update(n, param.mutable_data(), grad.data(), exp_avg.mutable_data(), exp_avg_sq.mutable_data(),
+                     amsgrad ? max_exp_avg_sq.mutable_data() : nullptr, a, threads);
+}
+
+void adam_update(const py::object& param, const py::object& grad, const py::object& exp_avg,
+                 const py::object& exp_avg_sq, const py::object& max_exp_avg_sq, double neg_step_size,
+                 double lerp_weight, double beta2, double bias_correction2_sqrt, double eps, double weight_decay) {
+  if (!py::isinstance<py::array>(param))
+    throw py::type_error("param: expected a numpy array, got " + std::string(py::str(py::type::of(param))));
+  const auto param_array = py::reinterpret_borrow<py::array>(param);
+  const pyrnn::AdamScalars a{neg_step_size, lerp_weight, beta2, bias_correction2_sqrt, eps, weight_decay};
+  const size_t size = float_size(param_array);
+  if (size == sizeof(float)) return adam_update_impl<float>(param_array, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, a);
+  if (size == sizeof(double))
+    return adam_update_impl<double>(param_array, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, a);
+  throw py::type_error("param: expected dtype float32 or float64, got " + std::string(py::str(param_array.dtype())));
 }
 
 std::string tape_dtype(const pyrnn::TapeBase& t) {
@@ -555,6 +605,10 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("accumulate_into") = py::none(),
         "Gradients of linear_forward: returns (dx, d_weight, d_bias or None); with accumulate_into\n"
         "(d_weight, d_bias or None), the weight gradients are added into those arrays.");
+  m.def("adam_update", &adam_update, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("max_exp_avg_sq"), py::arg("neg_step_size"), py::arg("lerp_weight"), py::arg("beta2"),
+        py::arg("bias_correction2_sqrt"), py::arg("eps"), py::arg("weight_decay"),
+        "One Adam step in place (torch.optim.Adam's arithmetic); see pyrnn/_backend.py.");
   m.attr("max_threads") = pyrnn::kMaxThreads;
   m.def("set_num_threads", [](long long n) {
     if (n < 1 || n > pyrnn::kMaxThreads)

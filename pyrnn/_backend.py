@@ -3,7 +3,8 @@
 The kernel contract
 -------------------
 Both backends (``pyrnn.reference`` and the extension ``pyrnn._core``) expose the same functions:
-two that work on one whole stack of layers and directions, time-major, and two for a dense layer.
+two that work on one whole stack of layers and directions, time-major, two for a dense layer and
+one for an optimizer.
 
 ``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
 packs=None)``
@@ -53,6 +54,17 @@ The dense layer under ``pyrnn.Linear``, on rows:
                    C-contiguous writable arrays of x's dtype, none sharing memory with another
                    or with x, weight or d_y: the weight gradients are added into them in place
     returns (dx (N, K), d_weight, d_bias or None), d_bias summed over the rows
+
+Adam's update under ``pyrnn.optim.Adam``:
+
+``adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, neg_step_size, lerp_weight,
+beta2, bias_correction2_sqrt, eps, weight_decay)``
+    param, exp_avg, exp_avg_sq and max_exp_avg_sq (amsgrad, else None) are updated in place,
+    grad is read: float32 or float64 arrays of param's shape and dtype in native byte order, the
+    updated ones C-contiguous and writable, none sharing memory with another (the NumPy reference
+    also takes other float types and layouts). The scalars as
+    torch.optim.Adam derives them for the step: -lr / (1 - beta1^step), 1 - beta1, beta2,
+    sqrt(1 - beta2^step), eps, weight_decay. Both backends give the same bits. Returns None.
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ max_threads: int = _impl.max_threads
 # A dense layer's rows make a large GEMM whatever the batch: the primary build runs it.
 linear_forward = _impl.linear_forward
 linear_backward = _impl.linear_backward
+adam_update = _impl.adam_update
 
 
 def _for_input(x: object) -> ModuleType:

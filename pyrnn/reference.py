@@ -387,6 +387,32 @@ def linear_backward(
     return dx, targets[0], targets[1]
 
 
+def adam_update(
+    param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Array | None,
+    neg_step_size: float, lerp_weight: float, beta2: float, bias_correction2_sqrt: float,
+    eps: float, weight_decay: float,
+) -> None:
+    """One Adam step in place, as torch.optim.Adam computes it: the moments move towards the
+    gradient (plus weight_decay * param), and param by neg_step_size * exp_avg / denom, denom =
+    sqrt(exp_avg_sq, or its running maximum max_exp_avg_sq) / bias_correction2_sqrt + eps."""
+    _check_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    if weight_decay != 0:
+        grad = grad + weight_decay * param  # a new array: the stored gradient is untouched
+    if abs(lerp_weight) < 0.5:  # torch.lerp's two branches, for its rounding
+        exp_avg += lerp_weight * (grad - exp_avg)
+    else:
+        exp_avg[...] = grad - (grad - exp_avg) * (1 - lerp_weight)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * grad * grad
+    second_moment = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    denom = np.sqrt(second_moment) / bias_correction2_sqrt
+    denom += eps
+    param += neg_step_size * exp_avg / denom
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks: every failure names the argument, what was expected and what it got.
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +603,27 @@ def _check_linear_targets(targets, has_bias, d_weight, d_bias, reads):
                                  "added into it alone")
         seen[label] = a
     return tuple(targets)
+
+
+def _check_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    """Arrays of param's shape; those written (all but grad) writable and each its own."""
+    arrays = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if max_exp_avg_sq is not None:
+        arrays["max_exp_avg_sq"] = max_exp_avg_sq
+    seen = {}
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise TypeError(f"{name}: expected a floating-point numpy array, got {got}")
+        if a.shape != param.shape:
+            raise ValueError(f"{name}: expected shape {param.shape} (param's), got {a.shape}")
+        if name != "grad" and not a.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array (it is updated in place)")
+        for other_name, other in seen.items():
+            if np.may_share_memory(a, other):
+                raise ValueError(f"{name}: shares memory with {other_name}; each array must be "
+                                 "its own")
+        seen[name] = a
 
 
 def _check_backward(tape, d_out, d_h_n, d_c_n):
