@@ -398,14 +398,27 @@ DenseDims dense_dims(const py::object& x_obj, const py::object& weight_obj) {
   return {x.shape(0), x.shape(1), weight.shape(0)};
 }
 
-// Call f(S{}) with x's float type.
+// Call f(S{}) with the float type of the array `name` (checked to be an array).
 template <class F>
-auto with_dtype_of(const py::object& x_obj, F&& f) {
-  const size_t size = float_size(py::reinterpret_borrow<py::array>(x_obj));
+auto with_float_type(const py::object& obj, const char* name, F&& f) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " + std::string(py::str(py::type::of(obj))));
+  const auto array = py::reinterpret_borrow<py::array>(obj);
+  const size_t size = float_size(array);
   if (size == sizeof(float)) return f(float{});
   if (size == sizeof(double)) return f(double{});
-  throw py::type_error("x: expected dtype float32 or float64, got " +
-                       std::string(py::str(py::reinterpret_borrow<py::array>(x_obj).dtype())));
+  throw py::type_error(std::string(name) + ": expected dtype float32 or float64, got " +
+                       std::string(py::str(array.dtype())));
+}
+
+// Adds `target`'s memory to `taken` as `name`, refusing it when it overlaps an array already
+// there (what the core reads, and the other targets): each array it writes must be its own.
+template <typename S>
+void claim_own(std::vector<std::pair<Span, std::string>>& taken, const Array<S>& target, const std::string& name) {
+  for (const auto& [span, other] : taken)
+    if (span_of(target).overlaps(span))
+      throw py::value_error(name + ": shares memory with " + other + "; each array written must be its own");
+  taken.push_back({span_of(target), name});
 }
 
 template <typename S>
@@ -427,7 +440,7 @@ py::array linear_forward_impl(const DenseDims& d, const py::object& x_obj, const
 
 py::array linear_forward(const py::object& x, const py::object& weight, const py::object& bias) {
   const DenseDims d = dense_dims(x, weight);
-  return with_dtype_of(x, [&](auto s) { return linear_forward_impl<decltype(s)>(d, x, weight, bias); });
+  return with_float_type(x, "x", [&](auto s) { return linear_forward_impl<decltype(s)>(d, x, weight, bias); });
 }
 
 template <typename S>
@@ -442,19 +455,12 @@ py::tuple linear_backward_impl(const DenseDims& d, const py::object& x_obj, cons
     if (has_bias) d_bias = new_array<S>({d.m});
   } else {
     py::sequence into = take_list(into_obj, "accumulate_into", 2, "d_weight, d_bias");
-    // Each target is its own memory, apart from every array backward reads.
     std::vector<std::pair<Span, std::string>> taken{{span_of(x), "x"}, {span_of(weight), "weight"}, {span_of(d_y), "d_y"}};
-    auto own = [&](const Array<S>& target, const std::string& name) {
-      for (const auto& [span, other] : taken)
-        if (span_of(target).overlaps(span))
-          throw py::value_error(name + ": shares memory with " + other + "; the gradients are added into it alone");
-      taken.push_back({span_of(target), name});
-    };
     d_weight = take_target<S>(into[0], [] { return std::string("accumulate_into[0] d_weight"); }, {d.m, d.k}, "x's");
-    own(d_weight, "accumulate_into[0] d_weight");
+    claim_own(taken, d_weight, "accumulate_into[0] d_weight");
     if (has_bias) {
       d_bias = take_target<S>(into[1], [] { return std::string("accumulate_into[1] d_bias"); }, {d.m}, "x's");
-      own(d_bias, "accumulate_into[1] d_bias");
+      claim_own(taken, d_bias, "accumulate_into[1] d_bias");
     } else if (!into[1].is_none()) {
       throw py::value_error("accumulate_into[1] d_bias: expected None, as has_bias is False");
     }
@@ -471,7 +477,7 @@ py::tuple linear_backward_impl(const DenseDims& d, const py::object& x_obj, cons
 py::tuple linear_backward(const py::object& x, const py::object& weight, const py::object& d_y, bool has_bias,
                           const py::object& accumulate_into) {
   const DenseDims d = dense_dims(x, weight);
-  return with_dtype_of(x, [&](auto s) {
+  return with_float_type(x, "x", [&](auto s) {
     return linear_backward_impl<decltype(s)>(d, x, weight, d_y, has_bias, accumulate_into);
   });
 }
@@ -496,15 +502,10 @@ void adam_update_impl(const py::array& param_obj, const py::object& grad_obj, co
   if (amsgrad) max_exp_avg_sq = written(max_obj, "max_exp_avg_sq");
   Array<S> grad = take<S>(grad_obj, "grad", shape, "param");
   std::vector<std::pair<Span, std::string>> taken{{span_of(grad), "grad"}};
-  for (const auto& [array, name] : {std::pair<const Array<S>*, const char*>{&param, "param"},
-                                    {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
-                                    {amsgrad ? &max_exp_avg_sq : nullptr, "max_exp_avg_sq"}}) {
-    if (!array) continue;
-    for (const auto& [span, other] : taken)
-      if (span_of(*array).overlaps(span))
-        throw py::value_error(std::string(name) + ": shares memory with " + other + "; each array must be its own");
-    taken.push_back({span_of(*array), name});
-  }
+  claim_own(taken, param, "param");
+  claim_own(taken, exp_avg, "exp_avg");
+  claim_own(taken, exp_avg_sq, "exp_avg_sq");
+  if (amsgrad) claim_own(taken, max_exp_avg_sq, "max_exp_avg_sq");
   const int threads = pyrnn::get_num_threads();
   py::gil_scoped_release release;
   pyrnn::adam_update(n, param.mutable_data(), grad.data(), exp_avg.mutable_data(), exp_avg_sq.mutable_data(),
@@ -514,15 +515,11 @@ void adam_update_impl(const py::array& param_obj, const py::object& grad_obj, co
 void adam_update(const py::object& param, const py::object& grad, const py::object& exp_avg,
                  const py::object& exp_avg_sq, const py::object& max_exp_avg_sq, double neg_step_size,
                  double lerp_weight, double beta2, double bias_correction2_sqrt, double eps, double weight_decay) {
-  if (!py::isinstance<py::array>(param))
-    throw py::type_error("param: expected a numpy array, got " + std::string(py::str(py::type::of(param))));
-  const auto param_array = py::reinterpret_borrow<py::array>(param);
   const pyrnn::AdamScalars a{neg_step_size, lerp_weight, beta2, bias_correction2_sqrt, eps, weight_decay};
-  const size_t size = float_size(param_array);
-  if (size == sizeof(float)) return adam_update_impl<float>(param_array, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, a);
-  if (size == sizeof(double))
-    return adam_update_impl<double>(param_array, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, a);
-  throw py::type_error("param: expected dtype float32 or float64, got " + std::string(py::str(param_array.dtype())));
+  with_float_type(param, "param", [&](auto s) {
+    adam_update_impl<decltype(s)>(py::reinterpret_borrow<py::array>(param), grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                  a);
+  });
 }
 
 std::string tape_dtype(const pyrnn::TapeBase& t) {

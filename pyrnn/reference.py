@@ -599,8 +599,8 @@ def _check_linear_targets(targets, has_bias, d_weight, d_bias, reads):
                              "gradients are added into it in place)")
         for other_name, other in seen.items():
             if np.may_share_memory(a, other):
-                raise ValueError(f"{label}: shares memory with {other_name}; the gradients are "
-                                 "added into it alone")
+                raise ValueError(f"{label}: shares memory with {other_name}; each array written "
+                                 "must be its own")
         seen[label] = a
     return tuple(targets)
 
@@ -621,8 +621,8 @@ def _check_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
             raise ValueError(f"{name}: expected a writable array (it is updated in place)")
         for other_name, other in seen.items():
             if np.may_share_memory(a, other):
-                raise ValueError(f"{name}: shares memory with {other_name}; each array must be "
-                                 "its own")
+                raise ValueError(f"{name}: shares memory with {other_name}; each array written "
+                                 "must be its own")
         seen[name] = a
 
 
