@@ -61,6 +61,13 @@ def is_ready(a: Any, dtype: np.dtype, expected: tuple[int, ...]) -> bool:
             and a.flags.c_contiguous)
 
 
+def core_writable(a: Any, dtype: np.dtype) -> bool:
+    """True when the C++ core can write into `a` in place: an ndarray of `dtype` (native byte
+    order), C-contiguous, aligned and writable."""
+    return (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+            and a.flags.aligned and a.flags.writeable)
+
+
 def shape(name: str, a: np.ndarray, expected: tuple[int, ...], meaning: str) -> None:
     """a.shape == expected; `meaning` spells the dimensions, e.g. "(L*D, B, H)"."""
     if a.shape != expected:

@@ -126,7 +126,7 @@ class Linear(Module):
         x_rows = self._x.reshape(-1, self.in_features)
         has_bias = self.bias is not None
         targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
-        usable = all(t is None or self._can_add_into(t) for t in targets)
+        usable = all(t is None or _checks.core_writable(t, self.dtype) for t in targets)
         dx, d_weight, d_bias = _backend.kernels(self.backend).linear_backward(
             x_rows, self.weight, d_y_rows, has_bias, accumulate_into=targets if usable else None)
         if not usable:  # grads replaced by arrays the kernel cannot add into: add here
@@ -134,10 +134,6 @@ class Linear(Module):
             if has_bias:
                 self.grads["bias"] += d_bias
         return dx.reshape(self._x.shape)
-
-    def _can_add_into(self, grad: object) -> bool:
-        return (isinstance(grad, np.ndarray) and grad.dtype == self.dtype
-                and grad.flags.c_contiguous and grad.flags.aligned and grad.flags.writeable)
 
     def __repr__(self) -> str:
         return (

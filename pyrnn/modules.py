@@ -213,9 +213,8 @@ class _RNNBase(Module):
         for names, entry in zip(self._names, targets, strict=True):
             for grad, name in zip(entry, names, strict=True):
                 usable = name is None or (
-                    isinstance(grad, np.ndarray) and grad.dtype == self.dtype
-                    and grad.shape == self.params[name].shape and grad.flags.c_contiguous
-                    and grad.flags.aligned and grad.flags.writeable and id(grad) not in seen
+                    _checks.core_writable(grad, self.dtype)
+                    and grad.shape == self.params[name].shape and id(grad) not in seen
                 )
                 if not usable:
                     return None

@@ -19,10 +19,8 @@ from types import ModuleType
 
 import numpy as np
 
-from . import _backend, reference
+from . import _backend, _checks, reference
 from .module import Module
-
-_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 ParamEntry = tuple[str, np.ndarray, np.ndarray]
 
@@ -237,13 +235,11 @@ def _fused_kernels(arrays: tuple[np.ndarray | None, ...]) -> ModuleType:
     if not _backend.cpp_available():
         return reference
     dtype = arrays[0].dtype
-    for a in arrays:
-        if a is not None and not (
-            a.dtype == dtype and dtype in _FUSED_DTYPES and a.flags.c_contiguous
-            and a.flags.aligned and a.flags.writeable
-        ):
-            return reference
-    return _backend.kernels("cpp")
+    if dtype not in _checks.FLOAT_DTYPES:
+        return reference
+    if all(a is None or _checks.core_writable(a, dtype) for a in arrays):
+        return _backend.kernels("cpp")
+    return reference
 
 
 def _buffer(state: dict[str, np.ndarray], name: str, like: np.ndarray) -> np.ndarray:
