@@ -51,9 +51,7 @@ void dense_backward(Index n, Index k, Index m, const S* x, const S* w, const S* 
     std::vector<S> sums(g.size());
     packed_gemm_strided<S>(g.size(), d_y + g.begin, 1, m, x_rows, dw + g.begin * k, k, accumulate, nullptr,
                            sums.data());
-    if (!db) return;
-    if (accumulate) arr(db + g.begin, g.size()) += carr(sums.data(), g.size());
-    else std::copy_n(sums.data(), g.size(), db + g.begin);
+    if (db) store_sums(db + g.begin, sums.data(), g.size(), accumulate);
   });
 }
 

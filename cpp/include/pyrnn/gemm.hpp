@@ -405,6 +405,14 @@ void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTa
   }
 }
 
+// The row sums packed_gemm_targets took (a bias gradient) written to `to`, or added to what it
+// holds when `accumulate`.
+template <typename S>
+void store_sums(S* to, const S* sums, Index n, bool accumulate) {
+  if (accumulate) arr(to, n) += carr(sums, n);
+  else std::copy_n(sums, n, to);
+}
+
 // The same for one product: C (n x b.N, row stride ldc) = A * B (+ C, + bias).
 template <typename S>
 void packed_gemm_strided(Index n, const S* a, Index lda, Index a_k, const PackedB<S>& b, S* c, Index ldc,

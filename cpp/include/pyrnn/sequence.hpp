@@ -456,10 +456,7 @@ void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, cons
     // (or d_hn) that the GEMM over those rows took.
     std::vector<S> sums(g.size());
     auto put_sums = [&](Index r0, Index n, std::initializer_list<S*> db) {
-      for (S* to : db) {
-        if (accumulate) arr(to + r0, n) += carr(sums.data(), n);
-        else std::copy_n(sums.data(), n, to + r0);
-      }
+      for (S* to : db) store_sums(to + r0, sums.data(), n, accumulate);
     };
     const Index mid = std::clamp(rows_from_d_gates, g.begin, g.end);
     if (mid > g.begin) {
