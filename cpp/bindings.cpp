@@ -213,8 +213,9 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x_obj, const py::o
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
     if (!cache) {
       tape = pyrnn::stack_forward(in, res, keep_tape, threads);
-    } else if (auto lease = cache->lease<S>(signature, B, threads)) {
-      pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
+    } else if (const pyrnn::LayerPlan plan = pyrnn::forward_layer_plan(in, false, threads);
+               auto lease = cache->lease<S>(signature, B, threads, plan.lanes())) {
+      pyrnn::stack_forward(in, res, false, threads, lease->packs.get(), &plan);
     } else {
       other_weights = true;
     }

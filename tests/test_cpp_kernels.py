@@ -684,6 +684,61 @@ def test_two_threads_agree_exactly_call_after_call(cell, threads):
                 np.testing.assert_array_equal(got, want)
 
 
+# Unidirectional stacks whose layers may run at once, each on a thread of its own (stack.hpp,
+# LayerPlan): a TeamChoice learns per kind of pass whether that or one layer after another is
+# faster, trying the other now and then (at calls 5, 13 and 30 of a new kind of pass). Every call
+# must give the bits of one thread, whichever way it ran, in both directions of a training pass.
+# (T, B, H, L): batches of one and nine, a single step, a four-layer stack.
+LAYER_SHAPES = {"batch_of_one": (9, 1, 190, 2), "batch_of_nine": (7, 9, 40, 2),
+                "one_step": (1, 3, 24, 2), "four_layers": (6, 2, 24, 4)}
+
+
+@pytest.mark.parametrize("shape", list(LAYER_SHAPES))
+@pytest.mark.parametrize("cell", CELLS)
+def test_layers_at_once_give_the_bits_of_one_thread_call_after_call(cell, shape, threads):
+    T, B, H, L = LAYER_SHAPES[shape]  # noqa: N806
+    p = Problem(cell, T, B, 8, H, L=L, lengths=B > 1, dtype=np.float32, seed=10, masks=True)
+    cache_one, cache_two = _core.PackCache(), _core.PackCache()
+
+    def infer(cache):
+        return _core.stack_forward(p.cell, p.x, p.h0, p.c0, p.weights, False, p.lengths, p.masks,
+                                   False, cache)[:3]
+
+    threads(1)
+    one, one_infer, one_cached = p.run(_core), p.infer(_core), infer(cache_one)
+    threads(2)
+    for _ in range(32):
+        assert_results_close(p.run(_core), one, 0.0)
+        for got in (p.infer(_core), infer(cache_two)):
+            for a, b in zip(got, one_infer, strict=True):
+                if b is not None:
+                    np.testing.assert_array_equal(a, b)
+    for a, b in zip(one_cached, one_infer, strict=True):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layers_at_once_on_more_threads_than_cores_agree_exactly(cell, threads):
+    # four layers on four threads of this 2-core machine: a thread waiting for the layer below
+    # must give its core up, not spin it away
+    p = Problem(cell, 12, 3, 8, 32, L=4, lengths=True, dtype=np.float32, seed=11, masks=True)
+    threads(1)
+    one = p.run(_core)
+    threads(4)
+    for _ in range(8):
+        assert_results_close(p.run(_core), one, 0.0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layers_at_once_match_the_reference(cell, threads):
+    p = Problem(cell, 8, 4, 5, 20, L=2, lengths=True, seed=12, masks=True)
+    want = p.run(reference)
+    threads(2)
+    for _ in range(32):
+        assert_results_close(p.run(_core), want, 1e-9)
+
+
 def replay_team_choice(choice, team_ns, alone_ns, calls, loop=0):
     """The options a TeamChoice picks for `calls` calls that take these times per step."""
     picks = []

@@ -4,7 +4,8 @@
 // 5-15 % of the call. A caller that runs the same weights many times (a frozen module) keeps a
 // PackCache: the first call with a given batch size and thread count fills a set of packs, and
 // later calls with the same ones read it. The step plan, and so the layout of the packs, depends
-// on both, hence one set per pair, the few most recently used kept.
+// on both and on whether the layers run at once (see LayerPlan), hence one set per such triple,
+// the few most recently used kept.
 #pragma once
 
 #include <algorithm>
@@ -39,21 +40,22 @@ struct PackLease {
 
 class PackCache {
  public:
-  // Sets of packs kept: the batch sizes and thread counts a caller alternates between.
+  // Sets of packs kept: the batch sizes, thread counts and layer plans a caller alternates between.
   static constexpr size_t kKeep = 4;
 
-  // The packs for a call with these weights, batch size B and thread count; nothing when the
-  // cache was first used with other weights or another stack. Safe to call from many threads.
+  // The packs for a call with these weights, batch size B, thread count and layer lanes (see
+  // LayerPlan::lanes); nothing when the cache was first used with other weights or another stack.
+  // Safe to call from many threads.
   template <typename S>
-  std::optional<PackLease<S>> lease(const PackSignature& signature, Index B, int threads) {
+  std::optional<PackLease<S>> lease(const PackSignature& signature, Index B, int threads, int lanes) {
     std::unique_lock<std::mutex> lock(mutex_);
     if (!signature_) signature_ = signature;
     if (!(*signature_ == signature)) return std::nullopt;
     auto it = std::find_if(entries_.begin(), entries_.end(),
-                           [&](const Entry& e) { return e.B == B && e.threads == threads; });
+                           [&](const Entry& e) { return e.B == B && e.threads == threads && e.lanes == lanes; });
     if (it == entries_.end()) {
       if (entries_.size() == kKeep) entries_.erase(entries_.begin());  // a call using it keeps its own reference
-      entries_.push_back({B, threads, std::make_shared<StackPacks<S>>(signature.L * signature.D)});
+      entries_.push_back({B, threads, lanes, std::make_shared<StackPacks<S>>(signature.L * signature.D)});
     } else {
       std::rotate(it, it + 1, entries_.end());  // most recently used last
     }
@@ -71,7 +73,7 @@ class PackCache {
  private:
   struct Entry {
     Index B;
-    int threads;
+    int threads, lanes;
     std::shared_ptr<void> packs;  // StackPacks<S> of the signature's scalar type
   };
   mutable std::mutex mutex_;

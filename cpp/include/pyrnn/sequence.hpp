@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <vector>
@@ -48,8 +49,8 @@ struct DirTape {
   PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
 };
 
-// The kinds of time loop, for TeamChoice.
-enum LoopKind { kForwardInference, kForwardTraining, kBackward };
+// The kinds of time loop, and of a stack's passes over its layers, for TeamChoice.
+enum LoopKind { kForwardInference, kForwardTraining, kBackward, kLayersInference, kLayersTraining, kLayersBackward };
 
 // Steps small enough that the host's slow periods decide whether a team sharing out units pays
 // (see TeamChoice): in them two threads took about 3.5 us more per step (char-RNN LSTM training,
@@ -169,6 +170,9 @@ struct InputProjection {
   }
 };
 
+// Multiply-adds of a linked loop's chunk of input projection (see LayerLink): about 20 us.
+constexpr Index kLinkedChunkMacs = Index(1) << 20;
+
 // Bytes of one thread's input projection computed ahead of its time loop: a few steps' worth,
 // so that the cell reads them from cache, not from memory written long before.
 constexpr Index kProjectionBytes = Index(1) << 20;
@@ -192,6 +196,15 @@ struct GateProjection {
     for (size_t g = 0; g < w_ih.size(); ++g)
       packed_gemm(n, x, ld_x, w_ih[g], gates + g * gate_stride, ld, false, b_ih[g].data());
   }
+};
+
+// How a layer's time loop meets the layers next to it when the layers of a stack run at once,
+// each loop on one thread (see stack.hpp). Steps are counted in the loop's order (backward: from
+// the end). Either may be empty.
+struct LayerLink {
+  // Returns once the loop may read at least its first n steps of input, with how many it may.
+  std::function<Index(Index)> await_input;
+  std::function<void(Index)> wrote;  // the loop has written its first n steps (out, or d_gates)
 };
 
 // One direction's weights packed as its forward pass multiplies by them, for one step plan:
@@ -219,14 +232,18 @@ struct ForwardPacks {
 //
 // kept: packs of these weights to use, or to fill when empty, for calls to come with the same
 // batch size and threads (null: packed for this call only).
+// link: how to meet the other layers when they run at once (null: they do not); the loop then
+// runs on one thread.
 template <class Cell, typename S>
 void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, const S* x, const S* h0,
                       const S* c0, S* out, Index ld_out, S* h_n, S* c_n, DirTape<S>* tape,
-                      ForwardPacks<S>* kept, int threads) {
+                      ForwardPacks<S>* kept, int threads, const LayerLink* link = nullptr) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, I = s.I, H = s.H, GH = G * H;
   std::vector<S> h_buf(2 * B * H);
   std::vector<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
+  if (link) threads = 1;
+  const bool awaits = link && link->await_input;
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
   // Kept packs are laid out for the planned team: one thread would have to pack for itself, which
   // for a char-RNN GRU cost what the team lost in the host's slow periods.
@@ -250,6 +267,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       xp_full = xp_all.data();
     }
     if (fill) packs.projection_up_front = std::make_unique<InputProjection<S>>(wt, I, GH, threads);
+    if (awaits) link->await_input(T);
     packs.projection_up_front->run(T * B, I, GH, x, xp_full, threads);
   }
   // The rows of W_hh for units [j0, j0 + w), gate g's units at columns [g * w, g * w + w). The
@@ -315,11 +333,19 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     };
     if (!plan.by_rows) team.barrier();
 
+    Index projected = 0;  // steps, in the loop's order
     for (Index step = 0; step < T; ++step) {
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
-      if (in_chunks && step % chunk_steps == 0) {
-        const Index steps = std::min(chunk_steps, T - step);
+      if (in_chunks && step == projected) {
+        // Linked, chunks of little work: the layer above, keeping pace, would wait through each
+        // of this loop's chunks, and this one through each chunk of the layer below, which it
+        // takes as far as written.
+        Index steps = std::min(chunk_steps, T - step);
+        const Index step_macs = std::max<Index>(1, B * I * GH);
+        if (link) steps = std::min(steps, std::max<Index>(1, kLinkedChunkMacs / step_macs));
+        if (awaits) steps = std::min(steps, link->await_input(step + 1) - step);
         project(reverse ? T - step - steps : step, steps);
+        projected += steps;
       }
       const S* h_prev = h_buf.data() + (step % 2) * B * H;
       S* h = h_buf.data() + ((step + 1) % 2) * B * H;
@@ -346,6 +372,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       copy_cols(out_t, my.stride(ld_out), h + at_h, ld_h, 0, n, w);
       zero_cols(out_t, my.stride(ld_out), n, my_b, w);
       if (!plan.by_rows) team.barrier();
+      if (link && link->wrote) link->wrote(step + 1);
     }
     copy_cols(h_n + at_h, ld_h, h_buf.data() + (T % 2) * B * H + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
@@ -370,12 +397,15 @@ void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, i
 // BPTT through one direction. d_out is this direction's slice of a (T, B, ld_dout) buffer;
 // d_h_n/d_c_n (B, H) may be null (zero). Writes d_gates (T, B, G*H) (rows past a sequence's end
 // zero), d_hn (T, B, H) likewise for gru (else null), and dh0/dc0 (B, H).
+// link: as for sequence_forward (its input is d_out).
 template <class Cell, typename S>
 void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, const S* d_out, Index ld_dout,
-                       const S* d_h_n, const S* d_c_n, S* d_gates, S* d_hn, S* dh0, S* dc0, int threads) {
+                       const S* d_h_n, const S* d_c_n, S* d_gates, S* d_hn, S* dh0, S* dc0, int threads,
+                       const LayerLink* link = nullptr) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
   std::vector<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
+  if (link) threads = 1;
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
   const RunPlan run_plan(planned, true, {kBackward, B, 0, H, G, Index(sizeof(S)), planned.team});
   const StepPlan& plan = run_plan.plan();
@@ -404,6 +434,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
       const Index at_t = t * B * H;
       S* dg_t = d_gates + t * B * GH;
       S* d_hn_t = Cell::has_d_hn ? d_hn + at_t : nullptr;
+      if (link && link->await_input) link->await_input(T - step);
       if (w > 0) {
         mat(dh.data() + at_h, n, w, ld_h) += cmat(d_out + t * B * ld_dout + my.at(ld_dout), n, w, my.stride(ld_dout));
         StepBackward<S> step_io{n, w, ld_h,
@@ -420,6 +451,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
         if constexpr (Cell::has_d_hn) zero_cols(d_hn_t + at_h, ld_h, n, my_b, w);
       }
       if (!plan.by_rows) team.barrier();  // the recurrent GEMM below reads every thread's d_gates
+      if (link && link->wrote) link->wrote(T - step);
       if (w > 0 && n > 0) {
         packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_hh_for_d_gates, dh_hh.data(), wp, false);
         if constexpr (Cell::has_d_hn)

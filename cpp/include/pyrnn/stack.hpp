@@ -6,9 +6,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -147,9 +149,197 @@ void for_each_direction(Index D, int threads, F&& f) {
   }
 }
 
+// Threads that run the layers of a stack at once (1: layer after layer, each with all threads).
+// Layer l runs on thread l % lanes, its time loop on that thread alone, a few steps behind layer
+// l - 1 (see LayerLink): its steps need no meeting of threads, where a team that shares out the
+// units of a small step meets at every one. Only unidirectional stacks (a bidirectional layer's
+// first output needs its whole input), and only when every thread gets as many layers.
+inline int layer_lanes(const Dims& dm, int threads) {
+  return dm.D == 1 && threads > 1 && dm.L % threads == 0 ? threads : 1;
+}
+
+// How one pass of a stack runs its layers: at once where they may (layer_lanes) and TeamChoice
+// finds that faster now, as it does for a time loop's team ("team": one layer after another,
+// each with all threads; "alone": each layer on a thread of its own). Both give the same bits.
+// Measured on the 2-core machine against one layer after another (2 layers, paired rounds): at
+// once 5-35 % faster for batch 1-8 with H = 128 (most for GRU and RNN) and for T = 1000, batch 8,
+// H = 256; in training up to 8 % slower for batch 16 with H = 512 (GRU), where the layer above
+// also computes the gradient reaching the layer below while that one waits.
+class LayerPlan {
+ public:
+  LayerPlan(LoopKind kind, const Dims& dm, Index G, Index scalar_bytes, int threads)
+      : lanes_(layer_lanes(dm, threads)),
+        key_{kind, dm.B, dm.I, dm.H, G, scalar_bytes, threads, dm.L},
+        option_(lanes_ > 1 ? team_choice().pick(key_) : TeamChoice::team),
+        start_(std::chrono::steady_clock::now()) {}
+  // Threads that run the layers at once, or 1: one layer after another.
+  int lanes() const { return option_ == TeamChoice::alone ? lanes_ : 1; }
+  // Tells TeamChoice what the pass over T steps took.
+  void finished(Index T) const {
+    if (lanes_ > 1) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, T)));
+  }
+
+ private:
+  int lanes_;
+  TeamChoice::Key key_;
+  TeamChoice::Option option_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+// Initial and final states of every layer and direction, (L*D, B, H) each, in sorted row order.
+template <typename S>
+struct LayerStates {
+  const S* h0;
+  const S* c0;  // lstm only
+  S* h_n;
+  S* c_n;  // lstm only
+};
+
+// The forward pass layer after layer, each with all threads (a bidirectional layer's directions
+// at once when there are threads for both). The last layer writes y_last. The tape gets each
+// layer's input but the first, and the masks.
+template <class Cell, typename S>
+void forward_layer_by_layer(const StackInputs<S>& in, const Index* batch_sizes, const std::vector<Index>& order,
+                            const S* x, const LayerStates<S>& states, S* y_last, Tape<S>* tape,
+                            StackPacks<S>* packs, int threads) {
+  const Dims& dm = in.dims;
+  const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, DH = D * H;
+  Buffer<S> x_own;  // this layer's input, past the first
+  for (Index layer = 0; layer < L; ++layer) {
+    const SeqShape shape{T, B, dm.input_size(layer), H, batch_sizes};
+    const bool last = layer + 1 == L;
+    Buffer<S> y_own;
+    if (!last) y_own.allocate(T * B * DH);
+    S* y = last ? y_last : y_own.data();
+    for_each_direction(D, threads, [&](int d, int dir_threads) {
+      const Index k = layer * D + d;
+      const Index state = k * B * H;
+      sequence_forward<Cell>(shape, in.weights[k], d == 1, x, states.h0 + state,
+                             Cell::has_c ? states.c0 + state : nullptr, y + d * H, DH, states.h_n + state,
+                             Cell::has_c ? states.c_n + state : nullptr, tape ? &tape->dirs[k] : nullptr,
+                             packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
+    });
+    if (last) break;
+    // The next layer's input: this layer's output through its dropout mask.
+    Buffer<S> next;
+    if (in.masks.empty()) {
+      next = std::move(y_own);
+    } else {
+      Buffer<S> mask(T * B * DH);
+      gather_rows(in.masks[layer], mask.data(), T, B, DH, order);
+      next.allocate(T * B * DH);
+      arr(next.data(), T * B * DH) = carr(y, T * B * DH) * carr(mask.data(), T * B * DH);
+      if (tape) tape->masks.push_back(std::move(mask));
+    }
+    if (tape && layer > 0) tape->layer_input[layer] = std::move(x_own);
+    x_own = std::move(next);
+    x = x_own.data();
+  }
+  if (tape && L > 1) tape->layer_input[L - 1] = std::move(x_own);
+}
+
+// The forward pass of a unidirectional stack with its layers at once (see layer_lanes). Layer l
+// writes outs[l] (the last layer, y_last); layer l + 1 takes each chunk of it through its dropout
+// mask once written. The tape gets each layer's input and the masks as the layer-by-layer pass
+// leaves them.
+template <class Cell, typename S>
+void forward_layers_at_once(const StackInputs<S>& in, const Index* batch_sizes, const std::vector<Index>& order,
+                            const S* x, const LayerStates<S>& states, S* y_last, Tape<S>* tape,
+                            StackPacks<S>* packs, int lanes) {
+  const Dims& dm = in.dims;
+  const Index T = dm.T, B = dm.B, H = dm.H, L = dm.L;
+  const bool masked = !in.masks.empty();
+  std::vector<Buffer<S>> outs(L), inputs(L), masks(masked ? L - 1 : 0);
+  for (Index l = 0; l + 1 < L; ++l) {
+    outs[l].allocate(T * B * H);
+    if (!masked) continue;
+    masks[l].allocate(T * B * H);
+    gather_rows(in.masks[l], masks[l].data(), T, B, H, order);
+    inputs[l + 1].allocate(T * B * H);
+  }
+  auto input_of = [&](Index l) { return l == 0 ? x : masked ? inputs[l].data() : outs[l - 1].data(); };
+  std::vector<StepCount> written(L);  // steps of outs[l] written
+
+#pragma omp parallel num_threads(lanes)
+  {
+    const int team = omp_get_num_threads();
+    for (Index l = omp_get_thread_num(); l < L; l += team) {
+      Index ready = 0;  // steps of this layer's input taken through the mask
+      LayerLink link;
+      if (l > 0) {
+        link.await_input = [&](Index steps) {
+          const Index there = written[l - 1].await(steps);
+          if (masked && there > ready)
+            arr(inputs[l].data() + ready * B * H, (there - ready) * B * H) =
+                carr(outs[l - 1].data() + ready * B * H, (there - ready) * B * H) *
+                carr(masks[l - 1].data() + ready * B * H, (there - ready) * B * H);
+          ready = there;
+          return there;
+        };
+      }
+      if (l + 1 < L) link.wrote = [&](Index steps) { written[l].publish(steps); };
+      const SeqShape shape{T, B, dm.input_size(l), H, batch_sizes};
+      const Index state = l * B * H;
+      sequence_forward<Cell>(shape, in.weights[l], false, input_of(l), states.h0 + state,
+                             Cell::has_c ? states.c0 + state : nullptr, l + 1 == L ? y_last : outs[l].data(), H,
+                             states.h_n + state, Cell::has_c ? states.c_n + state : nullptr,
+                             tape ? &tape->dirs[l] : nullptr, packs && !tape ? &packs->dirs[l] : nullptr, 1,
+                             &link);
+    }
+  }
+  if (!tape) return;
+  for (Index l = 1; l < L; ++l) tape->layer_input[l] = masked ? std::move(inputs[l]) : std::move(outs[l - 1]);
+  tape->masks = std::move(masks);
+}
+
+// BPTT through a unidirectional stack with its layers at once (see layer_lanes), from d_y, the
+// gradient reaching the last layer's output. Layer l > 0 computes the gradient reaching layer
+// l - 1's output (its dx through the mask), which layer l - 1 follows: the steps it has done since
+// it last did so, whenever layer l - 1 has used up what it had (a step at a time while that one
+// keeps up), or a pass of rows. Writes each layer's d_gates (and gru's d_hn), dh0 and dc0.
+template <class Cell, typename S>
+void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, const S* d_c_n, S* dh0, S* dc0,
+                             std::vector<Buffer<S>>& d_gates, std::vector<Buffer<S>>& d_hn, int lanes) {
+  const Dims& dm = tape.dims;
+  const Index T = dm.T, B = dm.B, H = dm.H, L = dm.L, GH = Cell::G * H;
+  const SeqShape shape{T, B, 0, H, tape.batch_sizes.data()};
+  std::vector<Buffer<S>> d_outs(L - 1);  // d_outs[l]: the gradient reaching layer l's output
+  for (auto& b : d_outs) b.allocate(T * B * H);
+  std::vector<StepCount> sent(L), done(L);  // steps of d_outs[l - 1] written, and of layer l's loop
+  const Index pass_steps = std::max<Index>(1, kRowsPerPass / B);
+
+#pragma omp parallel num_threads(lanes)
+  {
+    const int lane = omp_get_thread_num(), team = omp_get_num_threads();
+    for (Index l = L - 1; l >= 0; --l) {
+      if (l % team != lane) continue;
+      Index sent_steps = 0;
+      LayerLink link;
+      if (l + 1 < L) link.await_input = [&](Index steps) { return sent[l + 1].await(steps); };
+      link.wrote = [&](Index steps) {
+        done[l].publish(steps);
+        if (l == 0) return;
+        const bool below_waits = done[l - 1].count() >= sent_steps;
+        if (steps < T && !below_waits && steps - sent_steps < pass_steps) return;
+        const Index r0 = (T - steps) * B, rows = (steps - sent_steps) * B;
+        S* d_out_below = d_outs[l - 1].data() + r0 * H;
+        packed_gemm(rows, d_gates[l].data() + r0 * GH, GH, tape.dirs[l].w_ih_for_dx, d_out_below, H, false);
+        if (!tape.masks.empty()) arr(d_out_below, rows * H) *= carr(tape.masks[l - 1].data() + r0 * H, rows * H);
+        sent[l].publish(steps);
+        sent_steps = steps;
+      };
+      const Index state = l * B * H;
+      sequence_backward<Cell>(shape, false, tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
+                              d_h_n ? d_h_n + state : nullptr, d_c_n ? d_c_n + state : nullptr, d_gates[l].data(),
+                              Cell::has_d_hn ? d_hn[l].data() : nullptr, dh0 + state,
+                              Cell::has_c ? dc0 + state : nullptr, 1, &link);
+    }
+  }
+}
+
 template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
-                                            bool keep_tape, StackPacks<S>* packs, int threads) {
+                                            bool keep_tape, StackPacks<S>* packs, int threads, int lanes) {
   const Dims& dm = in.dims;
   const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, GH = Cell::G * H, DH = D * H;
   // Without lengths the rows need no sorting and no padding: the caller's x and out are used as
@@ -181,7 +371,7 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   std::vector<S> h_n(h0.size()), c_n(c0.size());
   gather_rows(in.h0, h0.data(), L * D, B, H, order);
   if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), L * D, B, H, order);
-  Buffer<S> x_own;  // this layer's input, when it cannot be the caller's x
+  Buffer<S> x_own;  // the first layer's input, when it cannot be the caller's x
   const S* x = in.x;
   // The tape keeps the caller's x in the form weight_grads multiplies by: its copy and backward's
   // packing in one pass, on every thread. Rows to sort are gathered first, as the layer needs.
@@ -195,43 +385,14 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
     x = x_own.data();
   }
 
+  // The last layer's output: the caller's out, or in sorted rows, scattered into it at the end.
   Buffer<S> y_own;
-  S* y = nullptr;
-  for (Index layer = 0; layer < L; ++layer) {
-    const SeqShape shape{T, B, dm.input_size(layer), H, batch_sizes.data()};
-    const bool last = layer + 1 == L;
-    if (last && sorted) {
-      y = res.out;
-    } else {
-      y_own.allocate(T * B * DH);
-      y = y_own.data();
-    }
-    for_each_direction(D, threads, [&](int d, int dir_threads) {
-      const Index k = layer * D + d;
-      const Index state = k * B * H;
-      sequence_forward<Cell>(shape, in.weights[k], d == 1, x, h0.data() + state,
-                             Cell::has_c ? c0.data() + state : nullptr, y + d * H, DH,
-                             h_n.data() + state, Cell::has_c ? c_n.data() + state : nullptr,
-                             keep_tape ? &tape->dirs[k] : nullptr,
-                             packs && !keep_tape ? &packs->dirs[k] : nullptr, dir_threads);
-    });
-    if (last) break;
-    // The next layer's input: this layer's output through its dropout mask.
-    Buffer<S> next;
-    if (in.masks.empty()) {
-      next = std::move(y_own);
-    } else {
-      Buffer<S> mask(T * B * DH);
-      gather_rows(in.masks[layer], mask.data(), T, B, DH, order);
-      next.allocate(T * B * DH);
-      arr(next.data(), T * B * DH) = carr(y, T * B * DH) * carr(mask.data(), T * B * DH);
-      if (keep_tape) tape->masks.push_back(std::move(mask));
-    }
-    if (keep_tape) tape->layer_input[layer] = std::move(x_own);
-    x_own = std::move(next);
-    x = x_own.data();
-  }
-  if (keep_tape) tape->layer_input[L - 1] = std::move(x_own);
+  if (!sorted) y_own.allocate(T * B * DH);
+  S* y = sorted ? res.out : y_own.data();
+  const LayerStates<S> states{h0.data(), c0.data(), h_n.data(), c_n.data()};
+  if (lanes > 1) forward_layers_at_once<Cell>(in, batch_sizes.data(), order, x, states, y, tape.get(), packs, lanes);
+  else forward_layer_by_layer<Cell>(in, batch_sizes.data(), order, x, states, y, tape.get(), packs, threads);
+  if (keep_tape) tape->layer_input[0] = std::move(x_own);
 
   if (!sorted) scatter_rows(y, res.out, T, B, DH, order);
   scatter_rows(h_n.data(), res.h_n, L * D, B, H, order);
@@ -259,67 +420,97 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   if (!d_c_n.empty()) gather_rows(d_c_n_in, d_c_n.data(), L * D, B, H, order);
   std::vector<S> dh0(L * D * B * H), dc0(Cell::has_c ? L * D * B * H : 0);
 
-  std::vector<Buffer<S>> d_gates(D), d_hn(Cell::has_d_hn ? D : 0);
+  // d_gates (and gru's d_hn) of one layer's directions, or of every layer when they run at once.
+  const LayerPlan plan(kLayersBackward, dm, Cell::G, sizeof(S), threads);
+  const int lanes = plan.lanes();
+  const Index kept = lanes > 1 ? L : D;
+  std::vector<Buffer<S>> d_gates(kept), d_hn(Cell::has_d_hn ? kept : 0);
   for (auto& b : d_gates) b.allocate(T * B * GH);
   for (auto& b : d_hn) b.allocate(T * B * H);
-  Buffer<S> dx_own;
-  for (Index layer = L - 1; layer >= 0; --layer) {
+  auto d_gates_of = [&](Index layer, Index d) { return d_gates[lanes > 1 ? layer : d].data(); };
+  auto d_hn_of = [&](Index layer, Index d) { return Cell::has_d_hn ? d_hn[lanes > 1 ? layer : d].data() : nullptr; };
+  auto layer_weight_grads = [&](Index layer) {
     const Index Ik = dm.input_size(layer);
-    for_each_direction(D, threads, [&](int d, int dir_threads) {
-      const Index k = layer * D + d;
-      const Index state = k * B * H;
-      sequence_backward<Cell>(shape, d == 1, tape.dirs[k], d_y + d * H, DH,
-                              d_h_n.empty() ? nullptr : d_h_n.data() + state,
-                              d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates[d].data(),
-                              Cell::has_d_hn ? d_hn[d].data() : nullptr, dh0.data() + state,
-                              Cell::has_c ? dc0.data() + state : nullptr, dir_threads);
-    });
     PackedB<S> input_packed;  // this layer's input, packed once for both directions
     const bool input_raw = !tape.layer_input[layer].empty();
     if (input_raw)
       input_packed.pack_rows(T * B, Ik, Ik, [&](Index r) { return tape.layer_input[layer].data() + r * Ik; }, threads);
+    for (Index d = 0; d < D; ++d) {
+      const Index k = layer * D + d;
+      weight_grads(T * B, Ik, H, GH, d_gates_of(layer, d), d_hn_of(layer, d), input_raw ? input_packed : tape.x_packed,
+                   tape.dirs[k].h_prev.data(), grads.dw_ih[k], grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k],
+                   grads.accumulate, threads);
+    }
+  };
+  // The gradient reaching the layer's input, (T, B, I_layer) into `dx`.
+  auto layer_input_grad = [&](Index layer, S* dx) {
     std::vector<const S*> dg(D);
     std::vector<const PackedB<S>*> w_ih(D);
     for (Index d = 0; d < D; ++d) {
-      const Index k = layer * D + d;
-      dg[d] = d_gates[d].data();
-      w_ih[d] = &tape.dirs[k].w_ih_for_dx;
-      weight_grads(T * B, Ik, H, GH, dg[d], Cell::has_d_hn ? d_hn[d].data() : nullptr,
-                   input_raw ? input_packed : tape.x_packed, tape.dirs[k].h_prev.data(), grads.dw_ih[k],
-                   grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], grads.accumulate, threads);
+      dg[d] = d_gates_of(layer, d);
+      w_ih[d] = &tape.dirs[layer * D + d].w_ih_for_dx;
     }
-    if (layer == 0 && tape.sorted) {
-      input_grad(T * B, Ik, GH, dg, w_ih, grads.dx, threads);
-      break;
+    input_grad(T * B, dm.input_size(layer), GH, dg, w_ih, dx, threads);
+  };
+
+  if (lanes > 1) {
+    backward_layers_at_once<Cell>(tape, d_y, d_h_n.empty() ? nullptr : d_h_n.data(),
+                                  d_c_n.empty() ? nullptr : d_c_n.data(), dh0.data(), dc0.data(), d_gates, d_hn,
+                                  lanes);
+    for (Index layer = L - 1; layer >= 0; --layer) layer_weight_grads(layer);
+  } else {
+    for (Index layer = L - 1; layer >= 0; --layer) {
+      for_each_direction(D, threads, [&](int d, int dir_threads) {
+        const Index k = layer * D + d;
+        const Index state = k * B * H;
+        sequence_backward<Cell>(shape, d == 1, tape.dirs[k], d_y + d * H, DH,
+                                d_h_n.empty() ? nullptr : d_h_n.data() + state,
+                                d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates_of(layer, d),
+                                d_hn_of(layer, d), dh0.data() + state, Cell::has_c ? dc0.data() + state : nullptr,
+                                dir_threads);
+      });
+      layer_weight_grads(layer);
+      if (layer == 0) break;
+      // Into the layer below, back through its dropout mask.
+      Buffer<S> d_below(T * B * DH);
+      layer_input_grad(layer, d_below.data());
+      if (!tape.masks.empty())
+        arr(d_below.data(), T * B * DH) *= carr(tape.masks[layer - 1].data(), T * B * DH);
+      d_y_own = std::move(d_below);
+      d_y = d_y_own.data();
     }
-    dx_own.allocate(T * B * Ik);
-    input_grad(T * B, Ik, GH, dg, w_ih, dx_own.data(), threads);
-    if (layer == 0) break;
-    // Into the layer below, back through its dropout mask.
-    if (tape.masks.empty()) {
-      d_y_own = std::move(dx_own);
-    } else {
-      d_y_own.allocate(T * B * DH);
-      arr(d_y_own.data(), T * B * DH) = carr(dx_own.data(), T * B * DH) *
-                                        carr(tape.masks[layer - 1].data(), T * B * DH);
-    }
-    d_y = d_y_own.data();
   }
+  Buffer<S> dx_own;  // dx in sorted rows
+  if (!tape.sorted) dx_own.allocate(T * B * dm.I);
+  layer_input_grad(0, tape.sorted ? grads.dx : dx_own.data());
   if (!tape.sorted) scatter_rows(dx_own.data(), grads.dx, T, B, dm.I, order);
   scatter_rows(dh0.data(), grads.dh0, L * D, B, H, order);
   if constexpr (Cell::has_c) scatter_rows(dc0.data(), grads.dc0, L * D, B, H, order);
+  plan.finished(T);
+}
+
+// How a forward pass runs its layers (see LayerPlan); the caller asks for it first when it keeps
+// packs, which are laid out for it.
+template <typename S>
+LayerPlan forward_layer_plan(const StackInputs<S>& in, bool keep_tape, int threads) {
+  return LayerPlan(keep_tape ? kLayersTraining : kLayersInference, in.dims, gate_count(in.cell), Index(sizeof(S)),
+                   threads);
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
-// packs of these very weights for this batch size and thread count, filled or to be filled; used
-// only without a tape (training plans its steps otherwise, and packs for the tape on its own).
+// packs of these very weights for this batch size, thread count and plan, filled or to be filled;
+// used only without a tape (training plans its steps otherwise, and packs for the tape on its
+// own). plan: from forward_layer_plan for these inputs, or null to make one.
 template <typename S>
-std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out,
-                                       bool keep_tape, int threads, StackPacks<S>* packs = nullptr) {
+std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out, bool keep_tape,
+                                       int threads, StackPacks<S>* packs = nullptr, const LayerPlan* plan = nullptr) {
+  std::optional<LayerPlan> own_plan;
+  if (!plan) plan = &own_plan.emplace(forward_layer_plan(in, keep_tape, threads));
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
-    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads);
+    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, plan->lanes());
   });
+  plan->finished(in.dims.T);
   return tape;
 }
 

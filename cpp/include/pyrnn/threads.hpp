@@ -36,6 +36,13 @@ inline std::atomic<int>& num_threads_setting() {
 inline int get_num_threads() { return num_threads_setting().load(); }
 inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1, kMaxThreads)); }
 
+// One spin-wait pause: tells the core (and its sibling, if any) that this thread only waits.
+inline void cpu_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // A barrier for one team. libgomp's `omp barrier` makes a futex system call at every crossing,
 // whether or not a thread sleeps: 0.25-0.5 us against 35 ns for a crossing without one (two
 // threads, measured here), paid at every step of a time loop that shares out units. As libgomp
@@ -62,7 +69,7 @@ class TeamBarrier {
     const int spins = team_size > processors() ? kShortSpin : kLongSpin;
     for (int i = 0; i < spins; ++i) {
       if (generation_.load(std::memory_order_acquire) != generation) return;
-      pause();
+      cpu_pause();
     }
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while(generation);
@@ -76,11 +83,6 @@ class TeamBarrier {
   static int processors() {
     static const int count = omp_get_num_procs();
     return count;
-  }
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
   }
 #if defined(__linux__)
   // The futex reads the generation's value; std::atomic<unsigned> holds just that value.
@@ -97,6 +99,29 @@ class TeamBarrier {
   alignas(64) std::atomic<unsigned> generation_{0};  // a line of its own: the waiters read it
   std::atomic<int> sleepers_{0};
   static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned), "the futex word is the atomic's value");
+};
+
+// How many steps of a sequence one thread has written, for another that reads them as they come
+// (the layers of a stack run at once, see stack.hpp). The reader spins, as each runs on a core of
+// its own, and yields after a while in case it does not.
+class StepCount {
+ public:
+  void publish(Index steps) { steps_.store(steps, std::memory_order_release); }
+  // Steps written so far: what the writer wrote before publishing them is then visible.
+  Index count() const { return steps_.load(std::memory_order_acquire); }
+  // Returns once at least `steps` are written, with the count.
+  Index await(Index steps) const {
+    Index now = count();
+    for (int spins = 0; now < steps; ++spins, now = count()) {
+      if (spins < kSpin) cpu_pause();
+      else std::this_thread::yield();
+    }
+    return now;
+  }
+
+ private:
+  static constexpr int kSpin = 1 << 14;  // about 400 us
+  alignas(64) std::atomic<Index> steps_{0};  // a line of its own (the class is padded to 64 bytes)
 };
 
 // One thread of a team: its index, the team's size, and the team's barrier.
@@ -141,9 +166,10 @@ class TeamChoice {
     int loop;
     Index B, I, H, G, scalar_bytes;
     int team;
+    Index layers = 1;  // a stack's, when the choice is how its layers run (see LayerPlan)
     bool operator==(const Key& o) const {
       return loop == o.loop && B == o.B && I == o.I && H == o.H && G == o.G && scalar_bytes == o.scalar_bytes &&
-             team == o.team;
+             team == o.team && layers == o.layers;
     }
   };
 
