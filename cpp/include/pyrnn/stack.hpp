@@ -293,10 +293,12 @@ void forward_layers_at_once(const StackInputs<S>& in, const Index* batch_sizes, 
 }
 
 // BPTT through a unidirectional stack with its layers at once (see layer_lanes), from d_y, the
-// gradient reaching the last layer's output. Layer l > 0 computes the gradient reaching layer
-// l - 1's output (its dx through the mask), which layer l - 1 follows: the steps it has done since
-// it last did so, whenever layer l - 1 has used up what it had (a step at a time while that one
-// keeps up), or a pass of rows. Writes each layer's d_gates (and gru's d_hn), dh0 and dc0.
+// gradient reaching the last layer's output. The gradient reaching layer l - 1's output is layer
+// l's dx through the mask, which the two layers share: layer l computes its left half of the
+// columns for the steps it has done since it last did, whenever layer l - 1 has used up what it
+// had (a step at a time while that one keeps up) or for a pass of rows; layer l - 1 computes the
+// right half as it needs the steps, and the mask. Writes each layer's d_gates (and gru's d_hn),
+// dh0 and dc0.
 template <class Cell, typename S>
 void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, const S* d_c_n, S* dh0, S* dc0,
                              std::vector<Buffer<S>>& d_gates, std::vector<Buffer<S>>& d_hn, int lanes) {
@@ -305,28 +307,49 @@ void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, 
   const SeqShape shape{T, B, 0, H, tape.batch_sizes.data()};
   std::vector<Buffer<S>> d_outs(L - 1);  // d_outs[l]: the gradient reaching layer l's output
   for (auto& b : d_outs) b.allocate(T * B * H);
-  std::vector<StepCount> sent(L), done(L);  // steps of d_outs[l - 1] written, and of layer l's loop
+  // Steps from the end: of layer l's loop, and of the left columns of d_outs[l - 1] it wrote.
+  std::vector<StepCount> done(L), left_sent(L);
   const Index pass_steps = std::max<Index>(1, kRowsPerPass / B);
+  // Columns [0, left) and [left, H) of a layer's dx, whole panels of W_ih apart.
+  constexpr Index P = kPacket<S>;
+  const Index panels = (H + P - 1) / P, left_panels = panels / 2, left = left_panels * P;
+  // dx of layer l (> 0) for the rows of steps [from, to) counted from the end, in columns [c0, c1).
+  auto dx_part = [&](Index l, Index from, Index to, Index q0, Index q1, Index c0, Index c1) {
+    if (to <= from || c1 <= c0) return;
+    const Index r0 = (T - to) * B, rows = (to - from) * B;
+    const PackedB<S> w_ih = tape.dirs[l].w_ih_for_dx.columns(q0, q1, c1 - c0);
+    packed_gemm(rows, d_gates[l].data() + r0 * GH, GH, w_ih, d_outs[l - 1].data() + r0 * H + c0, H, false);
+  };
 
 #pragma omp parallel num_threads(lanes)
   {
     const int lane = omp_get_thread_num(), team = omp_get_num_threads();
     for (Index l = L - 1; l >= 0; --l) {
       if (l % team != lane) continue;
-      Index sent_steps = 0;
+      Index sent = 0, right = 0, ready = 0;  // steps: left columns sent; right columns, mask done
       LayerLink link;
-      if (l + 1 < L) link.await_input = [&](Index steps) { return sent[l + 1].await(steps); };
+      if (l + 1 < L) {
+        link.await_input = [&](Index steps) {
+          const Index above = done[l + 1].await(steps);
+          dx_part(l + 1, right, above, left_panels, panels, left, H);
+          right = above;
+          const Index both = std::min(right, left_sent[l + 1].await(steps));
+          if (!tape.masks.empty() && both > ready) {
+            const Index r0 = (T - both) * B, rows = (both - ready) * B;
+            arr(d_outs[l].data() + r0 * H, rows * H) *= carr(tape.masks[l].data() + r0 * H, rows * H);
+          }
+          ready = std::max(ready, both);
+          return ready;
+        };
+      }
       link.wrote = [&](Index steps) {
         done[l].publish(steps);
         if (l == 0) return;
-        const bool below_waits = done[l - 1].count() >= sent_steps;
-        if (steps < T && !below_waits && steps - sent_steps < pass_steps) return;
-        const Index r0 = (T - steps) * B, rows = (steps - sent_steps) * B;
-        S* d_out_below = d_outs[l - 1].data() + r0 * H;
-        packed_gemm(rows, d_gates[l].data() + r0 * GH, GH, tape.dirs[l].w_ih_for_dx, d_out_below, H, false);
-        if (!tape.masks.empty()) arr(d_out_below, rows * H) *= carr(tape.masks[l - 1].data() + r0 * H, rows * H);
-        sent[l].publish(steps);
-        sent_steps = steps;
+        const bool below_waits = done[l - 1].count() >= sent;
+        if (steps < T && !below_waits && steps - sent < pass_steps) return;
+        dx_part(l, sent, steps, 0, left_panels, 0, left);
+        left_sent[l].publish(steps);
+        sent = steps;
       };
       const Index state = l * B * H;
       sequence_backward<Cell>(shape, false, tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
