@@ -233,7 +233,7 @@ struct ForwardPacks {
 // kept: packs of these weights to use, or to fill when empty, for calls to come with the same
 // batch size and threads (null: packed for this call only).
 // link: how to meet the other layers when they run at once (null: they do not); the loop then
-// runs on one thread.
+// runs on one thread, which projects its input in chunks as it goes, never up front.
 template <class Cell, typename S>
 void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, const S* x, const S* h0,
                       const S* c0, S* out, Index ld_out, S* h_n, S* c_n, DirTape<S>* tape,
@@ -267,7 +267,6 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       xp_full = xp_all.data();
     }
     if (fill) packs.projection_up_front = std::make_unique<InputProjection<S>>(wt, I, GH, threads);
-    if (awaits) link->await_input(T);
     packs.projection_up_front->run(T * B, I, GH, x, xp_full, threads);
   }
   // The rows of W_hh for units [j0, j0 + w), gate g's units at columns [g * w, g * w + w). The

@@ -163,8 +163,9 @@ inline int layer_lanes(const Dims& dm, int threads) {
 // each with all threads; "alone": each layer on a thread of its own). Both give the same bits.
 // Measured on the 2-core machine against one layer after another (2 layers, paired rounds): at
 // once 5-35 % faster for batch 1-8 with H = 128 (most for GRU and RNN) and for T = 1000, batch 8,
-// H = 256; in training up to 8 % slower for batch 16 with H = 512 (GRU), where the layer above
-// also computes the gradient reaching the layer below while that one waits.
+// H = 256; in training up to 8 % slower for batch 16 with H = 512 (GRU), when the layer above
+// computed all of the gradient reaching the layer below while that one waited (it now computes
+// half).
 class LayerPlan {
  public:
   LayerPlan(LoopKind kind, const Dims& dm, Index G, Index scalar_bytes, int threads)
