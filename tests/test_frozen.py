@@ -94,6 +94,21 @@ def test_frozen_agrees_for_every_step_plan_and_thread_count(kind, B_H, thread_co
 
 
 @needs_cpp
+@pytest.mark.parametrize("B", [1, 6])
+def test_frozen_stack_agrees_whichever_way_its_layers_run(kind, B, threads):  # noqa: N803
+    # Two layers, one direction, two threads: the layers may run at once, and the core learns per
+    # call which way is faster (stack.hpp, LayerPlan), keeping packs for each; every call must
+    # give the module's bits.
+    threads(2)
+    m = make(kind, "cpp", I=8, H=48, num_layers=2)
+    fast = m.frozen()
+    x = data((9, B, 8))
+    want = m(x)
+    for _ in range(40):
+        assert_same(fast(x), want)
+
+
+@needs_cpp
 def test_frozen_keeps_one_set_of_packs_per_batch_size_and_thread_count(threads):
     m = make("lstm", "cpp", I=8, H=40)
     fast = m.frozen()
