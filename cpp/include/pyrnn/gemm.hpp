@@ -43,15 +43,19 @@ constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed togethe
 // data[k0 * padded_cols() + (j / P) * kc * P + (k - k0) * P + j % P]. A pass over one depth block
 // then reads one sequential run, and what follows a chunk of panels is the next chunk, which the
 // kernel can prefetch while it computes this one (see packed_gemm_strided). Columns past N are zero.
+//
+// A B already stored by rows, with whole panels (N a multiple of kPacket<S>), can also be read in
+// place (in_place): its panels are then one packet apart and its depth rows `rows_ld` apart.
 template <typename S>
 struct PackedB {
   Index K = 0, N = 0, panels = 0;
   Buffer<S> data;
   // Readers find the panels through these: where depth block 0 starts, the values a depth row of
   // all its panels takes, and which of them is this B's first. They describe `data` once packed;
-  // a view (columns()) owns no data and points into another PackedB's panels.
+  // a view (columns(), in_place()) owns no data and points into other memory.
   const S* origin = nullptr;
   Index row_values = 0, first_panel = 0;
+  Index rows_ld = 0;  // nonzero for a B read in place: its row stride
 
   // Rows of the depth block holding row k: kKBlock, or fewer in the last block. A block's panels
   // lie this many packets apart, so every reader of a block must use it as the block's depth.
@@ -61,8 +65,14 @@ struct PackedB {
     const Index k0 = k - k % kKBlock;
     return data.data() + k0 * padded_cols() + (q * block_depth(k0) + k - k0) * kPacket<S>;
   }
-  // Depth block k0's first panel; the panels follow kc * kPacket<S> apart.
-  const S* block(Index k0) const { return origin + k0 * row_values + first_panel * block_depth(k0) * kPacket<S>; }
+  // Depth block k0's first panel; the panels follow panel_stride(kc) apart, and in each the depth
+  // rows row_stride() apart.
+  const S* block(Index k0) const {
+    if (rows_ld) return origin + k0 * rows_ld + first_panel * kPacket<S>;
+    return origin + k0 * row_values + first_panel * block_depth(k0) * kPacket<S>;
+  }
+  Index panel_stride(Index kc) const { return rows_ld ? kPacket<S> : kc * kPacket<S>; }
+  Index row_stride() const { return rows_ld ? rows_ld : kPacket<S>; }
   Index bytes() const { return K * padded_cols() * Index(sizeof(S)); }
 
   // Panels [q0, q1) as a B of n columns, reading this one's memory (valid while this lives).
@@ -74,6 +84,19 @@ struct PackedB {
     view.origin = origin;
     view.row_values = row_values;
     view.first_panel = first_panel + q0;
+    view.rows_ld = rows_ld;
+    return view;
+  }
+
+  // B (k_dim x n_dim) stored by rows ld apart at b, read where it is (valid while b is).
+  static PackedB in_place(const S* b, Index k_dim, Index n_dim, Index ld) {
+    eigen_assert(n_dim % kPacket<S> == 0 && "a B read in place must have whole panels");
+    PackedB view;
+    view.K = k_dim;
+    view.N = n_dim;
+    view.panels = n_dim / kPacket<S>;
+    view.origin = b;
+    view.rows_ld = ld;
     return view;
   }
 
@@ -199,14 +222,16 @@ Buffer<S> padded_row(const S* row, Index n, Index padded) {
 // How a kernel call starts its sums: from zero, from C (accumulate), or from a bias row.
 enum class Start { zero, c, bias };
 
-// MR rows x NP panels of C, over depth [0, kc): C = start + A B. With a bias start, `bias` points
-// at the bias of these panels' first column. Of the last panel only the first `last_cols` columns
+// MR rows x NP panels of C, over depth [0, kc): C = start + A B, B's panels panel_stride apart and
+// its depth rows b_k apart in each. With a bias start, `bias` points at the bias of these panels'
+// first column. Of the last panel only the first `last_cols` columns
 // of C are read and written (B's panels are zero-padded, a bias row padded like them). With
 // `ahead`, also prefetches into L2, a line for each line of B read, the NP * kc * kPacket<S>
-// values from `ahead` on: the B that a later call will read, which for a B streamed from memory
-// would otherwise stall the kernel line by line.
+// values from `ahead` on (for a B read in place, NP * kPacket<S> values of each depth row): the B
+// that a later call will read, which for a B streamed from memory would otherwise stall the
+// kernel line by line.
 template <typename S, int MR, int NP, Start start>
-EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* b, Index panel_stride,
+EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index b_k,
                                      Index kc, S* c, Index ldc, const S* bias, const S* ahead = nullptr,
                                      Index last_cols = kPacket<S>) {
   namespace ei = Eigen::internal;
@@ -214,6 +239,9 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
   constexpr Index PS = kPacket<S>;
   constexpr Index kLineValues = 64 / sizeof(S);
   const bool partial = last_cols < PS;
+  // Values ahead per depth row: packed, the next panels are one run (read in place with rows one
+  // packet apart, B has a single panel, and both agree).
+  const Index ahead_k = b_k == PS ? NP * PS : b_k;
   alignas(64) S tile[MR * PS];  // the partial panel's rows of C, whole packets wide
   P acc[MR][NP];
   for (int i = 0; i < MR; ++i)
@@ -233,7 +261,7 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
     }
   auto step = [&](Index k) __attribute__((always_inline)) {
     P bk[NP];
-    for (int p = 0; p < NP; ++p) bk[p] = ei::ploadu<P>(b + p * panel_stride + k * PS);
+    for (int p = 0; p < NP; ++p) bk[p] = ei::ploadu<P>(b + p * panel_stride + k * b_k);
     for (int i = 0; i < MR; ++i) {
       const P ai = ei::pset1<P>(a[i * lda + k * a_k]);
       for (int p = 0; p < NP; ++p) acc[i][p] = ei::pmadd(ai, bk[p], acc[i][p]);
@@ -241,7 +269,7 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
   };
   if (ahead) {
     for (Index k = 0; k < kc; ++k) {
-      for (Index v = 0; v < NP * PS; v += kLineValues) __builtin_prefetch(ahead + k * NP * PS + v, 0, 2);
+      for (Index v = 0; v < NP * PS; v += kLineValues) __builtin_prefetch(ahead + k * ahead_k + v, 0, 2);
       step(k);
     }
   } else {
@@ -264,12 +292,12 @@ constexpr int panels_per_call(int rows) { return std::max(1, std::min(8, kAccumu
 // call: each panel is another sum in flight. Taken two and one at a time, a single row's sums
 // waited on the FMA's latency: an H = 100 step ran its last five panels at a quarter of the rate.
 template <typename S, int MR, int NP, Start start>
-void gemm_rest(Index panels, const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index kc, S* c,
-               Index ldc, const S* bias, const S* ahead, Index last_cols) {
+void gemm_rest(Index panels, const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index b_k, Index kc,
+               S* c, Index ldc, const S* bias, const S* ahead, Index last_cols) {
   if (panels == NP) {
-    gemm_kernel<S, MR, NP, start>(a, lda, a_k, b, panel_stride, kc, c, ldc, bias, ahead, last_cols);
+    gemm_kernel<S, MR, NP, start>(a, lda, a_k, b, panel_stride, b_k, kc, c, ldc, bias, ahead, last_cols);
   } else if constexpr (NP > 1) {
-    gemm_rest<S, MR, NP - 1, start>(panels, a, lda, a_k, b, panel_stride, kc, c, ldc, bias, ahead, last_cols);
+    gemm_rest<S, MR, NP - 1, start>(panels, a, lda, a_k, b, panel_stride, b_k, kc, c, ldc, bias, ahead, last_cols);
   }
 }
 
@@ -280,18 +308,18 @@ void gemm_rows(const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, 
                Index kc, S* c, Index ldc, const S* bias, bool prefetch) {
   constexpr Index PS = kPacket<S>;
   constexpr int NP = panels_per_call(MR);
-  const Index stride = kc * PS, full = std::min(q1, b.N / PS);
+  const Index stride = b.panel_stride(kc), b_k = b.row_stride(), full = std::min(q1, b.N / PS);
   const S* bk = b.block(k0);
   auto at = [&](Index q) { return bias ? bias + q * PS : nullptr; };
   auto ahead = [&](Index q) { return prefetch ? bk + (q1 + q - q0) * stride : nullptr; };
   Index q = q0;
   for (; q + NP <= full; q += NP)
-    gemm_kernel<S, MR, NP, start>(a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q));
+    gemm_kernel<S, MR, NP, start>(a, lda, a_k, bk + q * stride, stride, b_k, kc, c + q * PS, ldc, at(q), ahead(q));
   // The rest: fewer than NP whole panels, and B's last, partial panel if it is among these.
   const Index last_cols = full < q1 ? b.N - full * PS : PS;
   if (q < q1)
-    gemm_rest<S, MR, NP, start>(q1 - q, a, lda, a_k, bk + q * stride, stride, kc, c + q * PS, ldc, at(q), ahead(q),
-                                last_cols);
+    gemm_rest<S, MR, NP, start>(q1 - q, a, lda, a_k, bk + q * stride, stride, b_k, kc, c + q * PS, ldc, at(q),
+                                ahead(q), last_cols);
 }
 
 template <typename S, int MR>

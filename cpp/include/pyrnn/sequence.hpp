@@ -467,18 +467,32 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
   run_plan.finished(T);
 }
 
+// The B of a weight gradient, a (rows, n) matrix stored by rows at b (a layer's input, or its
+// h_prev), for the GH gate rows that `threads` threads share out: read in place where each thread's
+// gate rows take one pass over it, which packing first would make two (3-4 % of an RNN's backward
+// at batch 32 and 256 units, 5-6 % of a batch-1 RNN's or GRU's); packed where they take more
+// passes, as the kernel then reads every panel several times (in place, an LSTM's backward was
+// 1 % slower), and where the panels would not be whole.
+template <typename S>
+PackedB<S> weight_grad_operand(const S* b, Index rows, Index n, Index GH, int threads) {
+  const Index rows_per_thread = round_up((GH + threads - 1) / threads, kRowBlock);
+  if (n % kPacket<S> == 0 && rows_per_thread <= kRowsPerPass) return PackedB<S>::in_place(b, rows, n, n);
+  PackedB<S> packed;
+  packed.pack_rows(rows, n, n, [&](Index k) { return b + k * n; }, threads);
+  return packed;
+}
+
 // Weight gradients summed over all steps, as large GEMMs after the loop: dW_ih = d_gates^T x and
 // dW_hh = d_gates^T h_prev (d_gates read transposed, in place; for gru's n rows of dW_hh, d_hn),
 // and the biases as their column sums, taken as the GEMMs pack d_gates. Threads split the gate
 // rows; each sum over steps runs in one order. Where both sides read d_gates, one pass over it
-// feeds both products. xb is x (rows, I) packed by rows, as the layer's input is kept for it.
+// feeds both products. xb is x (rows, I) as a B (packed, or read in place: see weight_grad_operand).
 // With `accumulate` the gradients are added to what dw_*/db_* hold; added to zeros, they are the
 // same bits as written.
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const PackedB<S>& xb,
                   const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, bool accumulate, int threads) {
-  PackedB<S> hb;
-  hb.pack_rows(rows, H, H, [&](Index k) { return h_prev + k * H; }, threads);
+  const PackedB<S> hb = weight_grad_operand(h_prev, rows, H, GH, threads);
   const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, 8, kRowBlock, [&](Range g) {
     auto ih = [&](Index r) { return GemmTarget<S>{&xb, dw_ih + r * I, I}; };

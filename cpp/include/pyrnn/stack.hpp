@@ -92,8 +92,9 @@ struct Tape : TapeBase {
   bool sorted = true;                  // no lengths: rows are in the caller's order
   std::vector<Index> order;            // sorted row j is the caller's row order[j]
   std::vector<Index> batch_sizes;      // (T,)
-  // Each layer's input (T, B, I_k), sorted (and masked), for weight_grads: kept as it is (backward
-  // packs it), except layer 0's without lengths, the caller's x packed here (layer_input[0] empty).
+  // Each layer's input (T, B, I_k), sorted (and masked), for weight_grads: kept as it is (see
+  // weight_grad_operand), except layer 0's without lengths, the caller's x packed here
+  // (layer_input[0] empty).
   std::vector<Buffer<S>> layer_input;  // L
   PackedB<S> x_packed;
   std::vector<Buffer<S>> masks;        // L-1 sorted dropout masks, or none
@@ -455,10 +456,10 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   auto d_hn_of = [&](Index layer, Index d) { return Cell::has_d_hn ? d_hn[lanes > 1 ? layer : d].data() : nullptr; };
   auto layer_weight_grads = [&](Index layer) {
     const Index Ik = dm.input_size(layer);
-    PackedB<S> input_packed;  // this layer's input, packed once for both directions
     const bool input_raw = !tape.layer_input[layer].empty();
-    if (input_raw)
-      input_packed.pack_rows(T * B, Ik, Ik, [&](Index r) { return tape.layer_input[layer].data() + r * Ik; }, threads);
+    // This layer's input as weight_grads reads it, made once for both directions.
+    const PackedB<S> input_packed =
+        input_raw ? weight_grad_operand(tape.layer_input[layer].data(), T * B, Ik, GH, threads) : PackedB<S>();
     for (Index d = 0; d < D; ++d) {
       const Index k = layer * D + d;
       weight_grads(T * B, Ik, H, GH, d_gates_of(layer, d), d_hn_of(layer, d), input_raw ? input_packed : tape.x_packed,
