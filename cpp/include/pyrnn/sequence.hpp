@@ -472,7 +472,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
 
 // The B of a weight gradient, a (rows, n) matrix stored by rows at b (a layer's input, or its
 // h_prev), for the GH gate rows that `threads` threads share out: read in place where each thread's
-// gate rows take one pass over it, which packing first would make two (3-4 % of an RNN's backward
+// gate rows take one pass over it, which packing first would make two (2-4 % of an RNN's backward
 // at batch 32 and 256 units, 5-6 % of a batch-1 RNN's or GRU's); packed where they take more
 // passes, as the kernel then reads every panel several times (in place, an LSTM's backward was
 // 1 % slower), and where the panels would not be whole.
