@@ -224,8 +224,8 @@ enum class Start { zero, c, bias };
 
 // MR rows x NP panels of C, over depth [0, kc): C = start + A B, B's panels panel_stride apart and
 // its depth rows b_k apart in each. With a bias start, `bias` points at the bias of these panels'
-// first column. Of the last panel only the first `last_cols` columns
-// of C are read and written (B's panels are zero-padded, a bias row padded like them). With
+// first column. Of the last panel only the first `last_cols` columns of C are read and written
+// (B's panels are zero-padded, a bias row padded like them). With
 // `ahead`, also prefetches into L2, a line for each line of B read, the NP * kc * kPacket<S>
 // values from `ahead` on (for a B read in place, NP * kPacket<S> values of each depth row): the B
 // that a later call will read, which for a B streamed from memory would otherwise stall the
