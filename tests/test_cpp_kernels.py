@@ -619,17 +619,19 @@ def threads():
     pyrnn.set_num_threads(before)
 
 
-# (B, H) whose steps a training team of two shares (sequence.hpp, plan_steps): 16 rows share out
-# by rows; 9 rows (too few for two threads) and a batch of one by hidden units, which takes a W_hh
-# of 128 KB or more (H = 190: 141 KB for the RNN)
-TEAM_SHAPES = {"by_rows": (16, 96), "by_units": (9, 190), "batch_of_one": (1, 190)}
+# (B, H, lengths) whose steps a training team of two shares (sequence.hpp, plan_steps): 16 or 17
+# rows share out by rows, every other row to each thread when lengths differ and a block of rows
+# each when they do not; 9 rows (too few for two threads) and a batch of one by hidden units,
+# which takes a W_hh of 128 KB or more (H = 190: 141 KB for the RNN)
+TEAM_SHAPES = {"by_rows_in_turn": (16, 96, True), "by_rows_in_blocks": (17, 96, False),
+               "by_units": (9, 190, True), "batch_of_one": (1, 190, True)}
 
 
 @pytest.mark.parametrize("shape", list(TEAM_SHAPES))
 @pytest.mark.parametrize("cell", CELLS)
 def test_results_repeat_exactly_for_a_thread_count(cell, shape, threads):
-    B, H = TEAM_SHAPES[shape]
-    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=4)
+    B, H, lengths = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=lengths, dtype=np.float32, seed=4)
     for n in (1, 2):
         threads(n)
         first, second = p.run(_core), p.run(_core)
@@ -640,8 +642,8 @@ def test_results_repeat_exactly_for_a_thread_count(cell, shape, threads):
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_and_two_threads_agree_exactly(cell, shape, threads):
     # every output element is the same sequence of operations whoever computes it
-    B, H = TEAM_SHAPES[shape]
-    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=6)
+    B, H, lengths = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=lengths, dtype=np.float32, seed=6)
     threads(1)
     one = p.run(_core)
     threads(2)
@@ -653,8 +655,8 @@ def test_one_and_two_threads_agree_exactly(cell, shape, threads):
 def test_backward_on_another_thread_count_than_its_forward_agrees_exactly(cell, shape, threads):
     # The tape keeps W_hh packed whole and each backward thread reads its own columns of it,
     # whatever team the forward pass had.
-    B, H = TEAM_SHAPES[shape]
-    p = Problem(cell, 6, B, 8, H, L=2, dtype=np.float32, seed=8)
+    B, H, lengths = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=lengths, dtype=np.float32, seed=8)
     threads(1)
     want = p.run(_core)
     for forward_threads, backward_threads in ((1, 2), (2, 1)):
@@ -672,7 +674,7 @@ def test_two_threads_agree_exactly_call_after_call(cell, threads):
     # A loop shared out by units runs on its team or, when that has been slower lately, on one
     # thread (threads.hpp, TeamChoice), and tries the other now and then: a new kind of loop at its
     # fifth call, so a dozen calls pass through a try. Every call must give the one-thread bits.
-    B, H = TEAM_SHAPES["batch_of_one"]
+    B, H, _ = TEAM_SHAPES["batch_of_one"]
     p = Problem(cell, 6, B, 8, H, lengths=False, dtype=np.float32, seed=9)
     threads(1)
     one, one_infer = p.run(_core), p.infer(_core)
@@ -804,14 +806,14 @@ def test_weights_streamed_past_l2_match_torch(cell, dtype, threads_used, threads
 
 # Inference shares out the units of a smaller W_hh than training does (112 KB against 128): with a
 # batch of one and H = 176 (121 KB) the RNN's steps are shared only in inference.
-INFERENCE_SHAPES = {**TEAM_SHAPES, "rnn_inference_only": (1, 176)}
+INFERENCE_SHAPES = {**TEAM_SHAPES, "rnn_inference_only": (1, 176, True)}
 
 
 @pytest.mark.parametrize("shape", list(INFERENCE_SHAPES))
 @pytest.mark.parametrize("cell", CELLS)
 def test_inference_agrees_exactly_on_one_and_two_threads(cell, shape, threads):
-    B, H = INFERENCE_SHAPES[shape]
-    p = Problem(cell, 7, B, 8, H, L=2, lengths=B > 1, dtype=np.float32, seed=8)
+    B, H, lengths = INFERENCE_SHAPES[shape]
+    p = Problem(cell, 7, B, 8, H, L=2, lengths=lengths and B > 1, dtype=np.float32, seed=8)
     threads(1)
     one = p.infer(_core)
     threads(2)
@@ -826,8 +828,8 @@ def test_more_threads_than_a_direction_gets_agree_exactly(cell, shape, threads):
     # With 4 threads each direction of a bidirectional layer asks for a team of 2 inside the
     # region that runs the directions side by side, where OpenMP grants only 1: the time loop
     # must split its work by the team it is given, not the one it asked for.
-    B, H = TEAM_SHAPES[shape]
-    p = Problem(cell, 6, B, 8, H, L=2, D=2, lengths=True, dtype=np.float32, seed=7)
+    B, H, lengths = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, D=2, lengths=lengths, dtype=np.float32, seed=7)
     threads(1)
     one = p.run(_core)
     for n in (3, 4):
@@ -948,8 +950,8 @@ def test_adding_into_zeros_gives_the_bits_backward_returns(backend, cell):
 @pytest.mark.parametrize("shape", list(TEAM_SHAPES))
 @pytest.mark.parametrize("cell", ACCUMULATE_CELLS)
 def test_one_and_two_threads_add_the_same_bits(cell, shape, threads):
-    B, H = TEAM_SHAPES[shape]
-    p = Problem(cell, 6, B, 8, H, L=2, lengths=True, dtype=np.float32, seed=6)
+    B, H, lengths = TEAM_SHAPES[shape]
+    p = Problem(cell, 6, B, 8, H, L=2, lengths=lengths, dtype=np.float32, seed=6)
     start = like_weights(p, np.random.default_rng(2).standard_normal)
     results = []
     for n in (1, 2):

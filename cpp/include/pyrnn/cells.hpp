@@ -3,7 +3,7 @@
 // Both passes work on one time step, on a block of hidden units [j0, j0 + w) of n rows, so that
 // each thread of the sequence driver can own a slice of the hidden units or of the batch rows.
 // All pointers below are already offset to the thread's first row and unit j0; its rows of every
-// (·, H)-shaped buffer are `ld` apart (H, or a multiple of H when rows are shared out in turn).
+// (·, H)-shaped buffer are `ld` apart (H, or a multiple of H when every team-th row is a thread's).
 #pragma once
 
 #include "pyrnn/activations.hpp"

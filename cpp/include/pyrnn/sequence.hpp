@@ -3,8 +3,8 @@
 // Batch rows are sorted by length (longest first) by the stack driver, so at time t the active
 // sequences are the first batch_sizes[t] rows and only they do work. Within a time loop the
 // threads of a team share the work in one of two ways (see StepPlan): each owns a slice of the
-// hidden units of every row and meets the others at one barrier per step, or each owns every
-// team-th batch row outright and never waits for the others.
+// hidden units of every row and meets the others at one barrier per step, or each owns some of
+// the batch rows outright (see Share) and never waits for the others.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +25,8 @@ namespace pyrnn {
 struct SeqShape {
   Index T, B, I, H;
   const Index* batch_sizes;  // (T,) active rows at each time step
+  // Whether every row is active at every step (batch_sizes never rises, so its last says).
+  bool same_lengths() const { return T == 0 || batch_sizes[T - 1] == B; }
 };
 
 template <typename S>
@@ -123,18 +125,33 @@ class RunPlan {
   std::chrono::steady_clock::time_point start_;
 };
 
-// One thread's share of a time loop: rows row0, row0 + row_step, ... and units [j0, j0 + w).
-// `team` is the number of threads running, which OpenMP makes fewer than planned inside another
-// parallel region (each direction of a bidirectional layer runs in one).
+// One thread's share of a time loop: rows row0, row0 + row_step, ... below row_end, and units
+// [j0, j0 + w). `team` is the number of threads running, which OpenMP makes fewer than planned
+// inside another parallel region (each direction of a bidirectional layer runs in one).
+//
+// Sharing out rows, a thread takes a block of consecutive rows when every sequence has the same
+// length, and every team-th row when they differ, so that each gets long and short ones alike.
+// In blocks, each thread's rows sit apart from the others', and on two threads (256 units, paired
+// rounds) inference and training steps took 1-8 % less time than every other row at batch 32 and
+// 4-10 % less at batch 64, the most while the host was busy.
 struct Share {
-  Index row0, row_step, j0, w;
-  static Share of(const StepPlan& plan, int tid, int team, Index H) {
-    if (plan.by_rows) return {tid, team, 0, H};
-    const Range u = split(H, tid, team, kUnitAlign);
-    return {0, 1, u.begin, u.size()};
+  Index row0, row_step, row_end, j0, w;
+  static Share of(const StepPlan& plan, int tid, int team, const SeqShape& s) {
+    if (plan.by_rows && s.same_lengths()) {
+      const Range r = split(s.B, tid, team);
+      return {r.begin, 1, r.end, 0, s.H};
+    }
+    if (plan.by_rows) return {tid, team, s.B, 0, s.H};
+    const Range u = split(s.H, tid, team, kUnitAlign);
+    return {0, 1, s.B, u.begin, u.size()};
   }
   // How many of the first n rows are this thread's.
-  Index rows(Index n) const { return n > row0 ? (n - row0 + row_step - 1) / row_step : 0; }
+  Index rows(Index n) const {
+    const Index below = std::min(n, row_end);
+    return below > row0 ? (below - row0 + row_step - 1) / row_step : 0;
+  }
+  // Whether this share has every row of a (B, ·) batch.
+  bool all_rows(Index B) const { return row0 == 0 && row_step == 1 && row_end >= B; }
   // Where this share starts in a (rows, ld) buffer, and how far apart its rows are there.
   Index at(Index ld) const { return row0 * ld + j0; }
   Index stride(Index ld) const { return ld * row_step; }
@@ -291,7 +308,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
 
   run_team(plan.team, [&](const Team& team) {
     const int tid = team.tid;
-    const Share my = Share::of(plan, tid, team.size, H);
+    const Share my = Share::of(plan, tid, team.size, s);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     // Sharing out units, a kept pack of my units serves only a team of the size that made it.
     if (fill && tid == 0) packs.team = team.size;
@@ -326,11 +343,11 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if (in_chunks && !plan.by_rows && !mine_kept)
       projection_mine = std::make_unique<GateProjection<S>>(wt, G, I, H, my.j0, w);
     const GateProjection<S>* projection = plan.by_rows ? packs.projection_all.get() : projection_mine.get();
-    // Project times [t0, t0 + n): the rows of consecutive steps follow each other unless this
-    // thread owns every team-th row.
+    // Project times [t0, t0 + n): the rows of consecutive steps follow each other when this
+    // thread has all of them.
     auto project = [&](Index t0, Index n) {
       chunk_t0 = t0;
-      if (my.row_step == 1) {
+      if (my.all_rows(B)) {
         projection->run(n * B, x + t0 * B * I, I, xp_at(t0), ld_xp, gate_stride);
       } else {
         for (Index t = t0; t < t0 + n; ++t)
@@ -414,7 +431,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
   const StepPlan& plan = run_plan.plan();
 
   run_team(plan.team, [&](const Team& team) {
-    const Share my = Share::of(plan, team.tid, team.size, H);
+    const Share my = Share::of(plan, team.tid, team.size, s);
     const Index w = my.w, at_h = my.at(H), ld_h = my.stride(H), my_b = my.rows(B);
     const Index at_g = my.at(GH), ld_g = my.stride(GH);
     // This share's columns [j0, j0 + w) of the tape's W_hh panels, whole panels (j0 falls on a
