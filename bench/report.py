@@ -7,6 +7,7 @@ the Markdown. The chart needs matplotlib; without it the PNG is skipped with a m
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ RATIO_PEERS = (("torch", "×torch"), ("torch-nomkldnn", "×nomkldnn"), ("onnxrun
 
 
 def load(path: Path) -> dict:
-    results = json.loads(Path(path).read_text())
+    """A results JSON, plain or gzipped (``.json.gz``, as older runs are kept in bench/runs/)."""
+    raw = Path(path).read_bytes()
+    results = json.loads(gzip.decompress(raw) if Path(path).suffix == ".gz" else raw)
     if not isinstance(results, dict) or "rows" not in results or "gemm" not in results:
         raise ValueError(f"{path}: not a bench results JSON (needs 'rows' and 'gemm')")
     return results
@@ -100,8 +103,13 @@ def fmt_got(verdict: dict) -> str:
     ceiling = verdict.get("ceiling")
     if ceiling is None:
         return fmt_num(verdict["got"])
-    mark = " ⊘" if ceiling < verdict["need"] else ""
+    mark = " ⊘" if out_of_reach(verdict) else ""
     return f"{fmt_num(verdict['got'])}; ≤ {fmt_num(ceiling)}{mark}"
+
+
+def out_of_reach(verdict: dict) -> bool:
+    """Whether even the GEMM rate would miss this target (the ceiling is below what it needs)."""
+    return verdict.get("ceiling") is not None and verdict["ceiling"] < verdict["need"]
 
 
 def agreement(results: dict) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the repo root
 
-from bench import backends, report, run  # noqa: E402
+from bench import across, backends, report, run  # noqa: E402
 from bench import configs as cfg  # noqa: E402
 
 TINY = {"name": "tiny", "T": 5, "B": 2, "I": 4, "H": 3, "L": 2, "D": 2,
@@ -171,6 +171,61 @@ def test_target_summary_marks_targets_beyond_the_gemm_rate():
     row["backends"]["torch"]["ms"] = 700.0
     run.derived(row, {"2": {"gflops": 210.0}})
     assert "(1.91; ≤ 2.45)" in report.target_summary({"rows": [row]})
+
+
+def made_run(commit: str, times: dict[tuple[str, str], tuple[float, float]]) -> dict:
+    """A results dict as run_suite writes it: 2-thread training rows of (pyrnn ms, torch ms)."""
+    gemm = {"2": {"gflops": 200.0}}
+    rows = []
+    for (config, cell), (mine, torch_ms) in times.items():
+        row = {"config": config, "cell": cell, "mode": "train", "threads": 2, "flops": 2e9,
+               "backends": {"pyrnn-cpp": {"status": "ok", "ms": mine},
+                            "torch": {"status": "ok", "ms": torch_ms}}}
+        run.derived(row, gemm)
+        rows.append(row)
+    return {"git_commit": commit + "0" * 33, "date": "2026-11-27T12:00:00", "gemm": gemm,
+            "rows": rows}
+
+
+# 2e9 FLOPs at 200 GFLOP/s take 10 ms: torch at 30 ms allows 3x, at 16 ms only 1.6x (⊘).
+FIRST = {("medium", "gru"): (12.0, 30.0), ("medium", "rnn"): (14.0, 30.0),
+         ("large", "gru"): (11.0, 16.0)}
+SECOND = {("medium", "gru"): (12.0, 33.0), ("medium", "rnn"): (16.5, 33.0),
+          ("large", "gru"): (11.0, 17.6)}
+
+
+def test_across_runs_sorts_rows_by_the_runs_they_held_in():
+    runs = [made_run("aaaaaaa", FIRST), made_run("bbbbbbb", SECOND)]
+    text = across.markdown(runs)
+    assert "| #1 aaaaaaa | 2026-11-27T12:00 | 1.000 | 2/3 |" in text
+    assert "| #2 bbbbbbb | 2026-11-27T12:00 | 1.100 | 2/3 |" in text      # torch 10 % slower
+    # medium gru held twice, medium rnn once (2.14, then 2.00 is not below 2), large gru never:
+    assert "| gru/rnn train >= 2x torch | 3 | 2 | 0 | 1 | 1 |" in text
+    assert "| gru/rnn train >= 2x torch | large/gru/train/2t | ✗ 1.45; ≤ 1.60 ⊘ | " \
+           "✗ 1.60; ≤ 1.76 ⊘ | 0/2 |" in text
+    assert "medium/gru" not in text and "medium/rnn" not in text           # no miss, not listed
+    slower = {**SECOND, ("medium", "rnn"): (17.0, 33.0)}
+    text = across.markdown([made_run("aaaaaaa", FIRST), made_run("bbbbbbb", slower)])
+    assert "| medium/rnn/train/2t | 2.14; ≤ 3.00 | ✗ 1.94; ≤ 3.30 | 1/2 |" in text
+    assert "| gru/rnn train >= 2x torch | 3 | 1 | 1 | 1 | 1 |" in text
+
+
+def test_across_reads_gzipped_runs_and_reports_bad_files(tmp_path, capsys):
+    import gzip
+
+    paths = []
+    for k, times in enumerate((FIRST, SECOND)):
+        path = tmp_path / f"run{k}.json.gz"
+        path.write_bytes(gzip.compress(json.dumps(made_run(f"{k}" * 7, times)).encode()))
+        paths.append(str(path))
+    md = tmp_path / "across.md"
+    assert across.main([*paths, "--md", str(md)]) == 0
+    assert md.read_text() == capsys.readouterr().out
+    assert "| #2 1111111 |" in md.read_text()
+    (tmp_path / "bad.json").write_text("{}")
+    assert across.main([paths[0], str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err
+    assert across.main([str(tmp_path / "missing.json")]) == 2
 
 
 def test_forward_flops_count_every_layer_direction_and_real_steps():
