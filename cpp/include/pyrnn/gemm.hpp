@@ -39,10 +39,17 @@ constexpr Index kPackAhead = 8;  // depth rows of a transposed A requested ahead
 constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed together (see pack_row_tile)
 
 // B as column panels of kPacket<S> columns, cut into depth blocks of kKBlock rows: block k0 holds
-// every panel's rows [k0, k0 + kc) one panel after another, so element (k, j) is at
-// data[k0 * padded_cols() + (j / P) * kc * P + (k - k0) * P + j % P]. A pass over one depth block
-// then reads one sequential run, and what follows a chunk of panels is the next chunk, which the
-// kernel can prefetch while it computes this one (see packed_gemm_strided). Columns past N are zero.
+// every panel's rows [k0, k0 + kc) one panel after another, each panel taking panel_rows(kc) rows
+// (kc and, where kc would make it an even number of cache lines, one line more), so element (k, j)
+// is at data[(k0 / kKBlock) * block_values + (j / P) * panel_rows(kc) * P + (k - k0) * P + j % P].
+// A pass over one depth block then reads one sequential run, and what follows a chunk of panels is
+// the next chunk, which the kernel can prefetch while it computes this one (see
+// packed_gemm_strided). Columns past N are zero; the rows that pad a panel are never read.
+//
+// The padding: a kernel reads its panels side by side, a depth row of each at a time. Panels an
+// even number of lines apart share L1 sets, and at a power of two (128 rows of 64-byte lines: 8 KB)
+// all of them fall in one set, whose 8 ways they fill. A batch-1 step's GEMV (one row of A against
+// 8 panels) took 8 % longer so than with its panels one line further apart (bench/micro/gemv_l2.cpp).
 //
 // A B already stored by rows, with whole panels (N a multiple of kPacket<S>), can also be read in
 // place (in_place): its panels are then one packet apart and its depth rows `rows_ld` apart.
@@ -50,29 +57,34 @@ template <typename S>
 struct PackedB {
   Index K = 0, N = 0, panels = 0;
   Buffer<S> data;
-  // Readers find the panels through these: where depth block 0 starts, the values a depth row of
-  // all its panels takes, and which of them is this B's first. They describe `data` once packed;
-  // a view (columns(), in_place()) owns no data and points into other memory.
+  // Readers find the panels through these: where depth block 0 starts, the values a full depth
+  // block of all its panels takes, and which of them is this B's first. They describe `data` once
+  // packed; a view (columns(), in_place()) owns no data and points into other memory.
   const S* origin = nullptr;
-  Index row_values = 0, first_panel = 0;
+  Index block_values = 0, first_panel = 0;
   Index rows_ld = 0;  // nonzero for a B read in place: its row stride
 
-  // Rows of the depth block holding row k: kKBlock, or fewer in the last block. A block's panels
-  // lie this many packets apart, so every reader of a block must use it as the block's depth.
+  // Rows of the depth block holding row k: kKBlock, or fewer in the last block.
   Index block_depth(Index k) const { return std::min(kKBlock, K - (k - k % kKBlock)); }
+  // Rows each panel of a depth block of kc rows takes: kc, padded to an odd number of lines.
+  static Index panel_rows(Index kc) {
+    constexpr Index per_line = std::max<Index>(1, 64 / (kPacket<S> * Index(sizeof(S))));
+    return ((kc + per_line - 1) / per_line | 1) * per_line;
+  }
   // Row k of panel q (kPacket<S> values).
   S* at(Index k, Index q) {
     const Index k0 = k - k % kKBlock;
-    return data.data() + k0 * padded_cols() + (q * block_depth(k0) + k - k0) * kPacket<S>;
+    return data.data() + (k0 / kKBlock) * block_values + (q * panel_rows(block_depth(k0)) + k - k0) * kPacket<S>;
   }
   // Depth block k0's first panel; the panels follow panel_stride(kc) apart, and in each the depth
   // rows row_stride() apart.
   const S* block(Index k0) const {
     if (rows_ld) return origin + k0 * rows_ld + first_panel * kPacket<S>;
-    return origin + k0 * row_values + first_panel * block_depth(k0) * kPacket<S>;
+    return origin + (k0 / kKBlock) * block_values + first_panel * panel_stride(block_depth(k0));
   }
-  Index panel_stride(Index kc) const { return rows_ld ? kPacket<S> : kc * kPacket<S>; }
+  Index panel_stride(Index kc) const { return rows_ld ? kPacket<S> : panel_rows(kc) * kPacket<S>; }
   Index row_stride() const { return rows_ld ? rows_ld : kPacket<S>; }
+  // B's own values (whether it fits a cache), not counting the rows that pad its panels.
   Index bytes() const { return K * padded_cols() * Index(sizeof(S)); }
 
   // Panels [q0, q1) as a B of n columns, reading this one's memory (valid while this lives).
@@ -82,7 +94,7 @@ struct PackedB {
     view.N = n;
     view.panels = q1 - q0;
     view.origin = origin;
-    view.row_values = row_values;
+    view.block_values = block_values;
     view.first_panel = first_panel + q0;
     view.rows_ld = rows_ld;
     return view;
@@ -184,7 +196,7 @@ struct PackedB {
     const Index rows = k1 - k0;
     for (Index i = 0; i < rows; ++i) src[i] = row(k0 + i);
     S* const tile = at(k0, 0);
-    const Index panel_stride = block_depth(k0) * P, full = std::min(panels, valid / P);
+    const Index panel_stride = panel_rows(block_depth(k0)) * P, full = std::min(panels, valid / P);
     for (Index q = 0; q < full; ++q) {
       S* const dst = tile + q * panel_stride;
       // A whole panel row is one packet (a run-time length would cost a memmove call per packet).
@@ -204,9 +216,10 @@ struct PackedB {
 
  private:
   void allocate() {
-    data.allocate(panels * K * kPacket<S>);
+    const Index full_blocks = K / kKBlock, rest = K % kKBlock;
+    block_values = panels * panel_rows(kKBlock) * kPacket<S>;
+    data.allocate(full_blocks * block_values + (rest ? panels * panel_rows(rest) * kPacket<S> : 0));
     origin = data.data();
-    row_values = padded_cols();
     first_panel = 0;
   }
 };
