@@ -208,6 +208,10 @@ def test_across_runs_sorts_rows_by_the_runs_they_held_in():
     text = across.markdown([made_run("aaaaaaa", FIRST), made_run("bbbbbbb", slower)])
     assert "| medium/rnn/train/2t | 2.14; ≤ 3.00 | ✗ 1.94; ≤ 3.30 | 1/2 |" in text
     assert "| gru/rnn train >= 2x torch | 3 | 1 | 1 | 1 | 1 |" in text
+    # a run without a row (a partial suite) shows a dash there and counts only the runs it was in
+    partial = {key: v for key, v in slower.items() if key != ("large", "gru")}
+    text = across.markdown([made_run("aaaaaaa", FIRST), made_run("bbbbbbb", partial)])
+    assert "| large/gru/train/2t | ✗ 1.45; ≤ 1.60 ⊘ | — | 0/1 |" in text
 
 
 def test_across_reads_gzipped_runs_and_reports_bad_files(tmp_path, capsys):
