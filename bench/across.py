@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import report
 
-PEERS = ("torch", "torch-nomkldnn", "onnxruntime")
+PEERS = tuple(peer for peer, _ in report.RATIO_PEERS)
 RowKey = tuple[str, str, str, int]
 
 

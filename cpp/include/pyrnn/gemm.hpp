@@ -49,7 +49,7 @@ constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed togethe
 // The padding: a kernel reads its panels side by side, a depth row of each at a time. Panels an
 // even number of lines apart share L1 sets, and at a power of two (128 rows of 64-byte lines: 8 KB)
 // all of them fall in one set, whose 8 ways they fill. A batch-1 step's GEMV (one row of A against
-// 8 panels) took 8 % longer so than with its panels one line further apart (bench/micro/gemv_l2.cpp).
+// 8 panels) took 8 % longer that way than with each panel a line longer (bench/micro/gemv_l2.cpp).
 //
 // A B already stored by rows, with whole panels (N a multiple of kPacket<S>), can also be read in
 // place (in_place): its panels are then one packet apart and its depth rows `rows_ld` apart.
@@ -74,7 +74,7 @@ struct PackedB {
   // Row k of panel q (kPacket<S> values).
   S* at(Index k, Index q) {
     const Index k0 = k - k % kKBlock;
-    return data.data() + (k0 / kKBlock) * block_values + (q * panel_rows(block_depth(k0)) + k - k0) * kPacket<S>;
+    return data.data() + (k0 / kKBlock) * block_values + q * panel_stride(block_depth(k0)) + (k - k0) * kPacket<S>;
   }
   // Depth block k0's first panel; the panels follow panel_stride(kc) apart, and in each the depth
   // rows row_stride() apart.
@@ -196,16 +196,16 @@ struct PackedB {
     const Index rows = k1 - k0;
     for (Index i = 0; i < rows; ++i) src[i] = row(k0 + i);
     S* const tile = at(k0, 0);
-    const Index panel_stride = panel_rows(block_depth(k0)) * P, full = std::min(panels, valid / P);
+    const Index stride = panel_stride(block_depth(k0)), full = std::min(panels, valid / P);
     for (Index q = 0; q < full; ++q) {
-      S* const dst = tile + q * panel_stride;
+      S* const dst = tile + q * stride;
       // A whole panel row is one packet (a run-time length would cost a memmove call per packet).
       for (Index i = 0; i < rows; ++i)
         Eigen::internal::pstoreu(dst + i * P, Eigen::internal::ploadu<Packet<S>>(src[i] + q * P));
     }
     for (Index q = full; q < panels; ++q) {
       const Index n = std::max<Index>(0, std::min(P, valid - q * P));
-      S* const dst = tile + q * panel_stride;
+      S* const dst = tile + q * stride;
       for (Index i = 0; i < rows; ++i) {
         std::copy_n(src[i] + q * P, n, dst + i * P);
         std::fill(dst + i * P + n, dst + i * P + P, S(0));
