@@ -61,13 +61,13 @@ def verdicts_by_row(runs: list[dict]) -> dict[tuple[str, RowKey], list[dict | No
     return table
 
 
-def runs_table(runs: list[dict], targets: list[str]) -> str:
+def runs_table(runs: list[dict], table: dict, targets: list[str]) -> str:
     lines = ["| run | date | peers' time (× first run) | " + " | ".join(targets) + " |",
              "|" + "---|" * (3 + len(targets))]
     for k, results in enumerate(runs):
         held = []
         for tid in targets:
-            verdicts = [v for r in results["rows"] for v in r.get("targets", []) if v["id"] == tid]
+            verdicts = [v[k] for (t, _), v in table.items() if t == tid and v[k] is not None]
             held.append(f"{sum(v['ok'] for v in verdicts)}/{len(verdicts)}")
         index = peer_time_index(runs[0], results)
         lines.append(f"| {run_label(results, k)} | {results.get('date', '?')[:16]} | "
@@ -116,7 +116,7 @@ def markdown(runs: list[dict]) -> str:
     if not targets:
         return "No issue-4 target applies to these runs' rows (targets are stated at 2 threads).\n"
     return "\n\n".join([
-        runs_table(runs, targets),
+        runs_table(runs, table, targets),
         target_totals(table, targets),
         misses_table(runs, table),
         "Ratios are peer time / pyrnn time in that run (✗: below the target); \"≤\" is the best "
