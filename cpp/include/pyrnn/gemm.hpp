@@ -314,17 +314,17 @@ void gemm_rest(Index panels, const S* a, Index lda, Index a_k, const S* b, Index
   }
 }
 
-// MR rows of C over B's panels [q0, q1), for B's depth block [k0, k0 + kc). With `prefetch`, the
-// kernels also prefetch as many values of B as they read, from where these panels end on.
+// MR rows of C over B's panels [q0, q1), for B's depth block [k0, k0 + kc). With `ahead`, the
+// kernels also prefetch as many values of B as they read, from there on.
 template <typename S, int MR, Start start>
 void gemm_rows(const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, Index q1, Index k0,
-               Index kc, S* c, Index ldc, const S* bias, bool prefetch) {
+               Index kc, S* c, Index ldc, const S* bias, const S* ahead_q0) {
   constexpr Index PS = kPacket<S>;
   constexpr int NP = panels_per_call(MR);
   const Index stride = b.panel_stride(kc), b_k = b.row_stride(), full = std::min(q1, b.N / PS);
   const S* bk = b.block(k0);
   auto at = [&](Index q) { return bias ? bias + q * PS : nullptr; };
-  auto ahead = [&](Index q) { return prefetch ? bk + (q1 + q - q0) * stride : nullptr; };
+  auto ahead = [&](Index q) { return ahead_q0 ? ahead_q0 + (q - q0) * stride : nullptr; };
   Index q = q0;
   for (; q + NP <= full; q += NP)
     gemm_kernel<S, MR, NP, start>(a, lda, a_k, bk + q * stride, stride, b_k, kc, c + q * PS, ldc, at(q), ahead(q));
@@ -337,11 +337,11 @@ void gemm_rows(const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, 
 
 template <typename S, int MR>
 void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0, Index q1,
-                  Index k0, Index kc, S* c, Index ldc, const S* bias, bool prefetch) {
+                  Index k0, Index kc, S* c, Index ldc, const S* bias, const S* ahead) {
   switch (start) {
-    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, prefetch); break;
-    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, prefetch); break;
-    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, prefetch); break;
+    case Start::zero: gemm_rows<S, MR, Start::zero>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case Start::c: gemm_rows<S, MR, Start::c>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case Start::bias: gemm_rows<S, MR, Start::bias>(a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
   }
 }
 
@@ -421,23 +421,29 @@ void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTa
         // with it.
         const bool b_in_l2 = b.bytes() <= static_cast<Index>(kL2Bytes);
         const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+        // What the last chunk fetches: the first of the next pass of rows, or of the next depth
+        // block, or past the last one, of the first depth block, which a time loop's next step
+        // reads first.
+        const Index next_k0 = r1 < n ? k0 : k0 + kKBlock < K ? k0 + kKBlock : 0;
         for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
           const Index q1 = std::min(b.panels, q0 + chunk);
           // The first row block of a chunk fetches the next chunk while the others reuse this one.
-          bool prefetch = chunk < b.panels;
+          const S* ahead = chunk == b.panels ? nullptr
+                           : q1 < b.panels   ? b.block(k0) + q1 * b.panel_stride(kc)
+                                             : b.block(next_k0);
           Index r = r0;
-          for (; r + kRowBlock <= r1; r += kRowBlock, prefetch = false)
+          for (; r + kRowBlock <= r1; r += kRowBlock, ahead = nullptr)
             gemm_rows_at<S, kRowBlock>(start, a_at(r), a_ld, a_step(kRowBlock), b, q0, q1, k0, kc, c + r * ldc,
-                                       ldc, bias, prefetch);
+                                       ldc, bias, ahead);
           const S* ar = a_at(r);
           const Index as = a_step(r1 - r);
           S* cr = c + r * ldc;
           switch (r1 - r) {
-            case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-            case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-            case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-            case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
-            case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, prefetch); break;
+            case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
+            case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
+            case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
+            case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
+            case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
             default: break;
           }
         }
