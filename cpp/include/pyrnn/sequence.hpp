@@ -69,6 +69,12 @@ constexpr Index kMinRowsPerThread = 8;
 // every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
 // independent and nobody waits, but every thread reads all of W_hh each step, so that is chosen
 // only when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it.
+//
+// By units, each thread keeps the same units at every step. Handing out 16-unit slices from a
+// shared counter at each step instead was tried for W_hh shares past L2 (DeepBench h512 LSTM):
+// it ran 7-10 % slower, each slice's gates and c read from the core that last wrote them and the
+// cell run one packet wide per call, where the threads had waited for each other 1.5-4 % of a
+// step (timed step by step).
 struct StepPlan {
   int team;
   bool by_rows;
