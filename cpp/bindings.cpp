@@ -85,7 +85,8 @@ template <typename S>
 Array<S> new_array(const std::vector<Index>& shape) {
   Index n = 1;
   for (Index d : shape) n *= d;
-  auto [p, bytes] = pyrnn::Buffer<S>(static_cast<size_t>(n)).release();
+  // At least one element: NumPy takes a null data pointer as a request to allocate its own.
+  auto [p, bytes] = pyrnn::Buffer<S>(static_cast<size_t>(std::max<Index>(n, 1))).release();
   auto* block = new std::pair<void*, size_t>(p, bytes);
   py::capsule owner(block, [](void* b) {
     auto* blk = static_cast<std::pair<void*, size_t>*>(b);

@@ -274,9 +274,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if (tape && step < T) return tape->h_prev.data() + time_at(step, T, reverse) * B * H;
     return h_buf.data() + (step % 2) * B * H;
   };
-  Buffer<S> c, aux_scratch;  // allocated only where used: the pool hands out at least a page
-  if (Cell::has_c) c.allocate(B * H);
-  if (Cell::has_aux && !tape) aux_scratch.allocate(B * H);
+  Buffer<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
   if (link) threads = 1;
   const bool awaits = link && link->await_input;
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
@@ -435,8 +433,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
                        const LayerLink* link = nullptr) {
   constexpr Index G = Cell::G;
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
-  Buffer<S> dh(B * H), dc;
-  if (Cell::has_c) dc.allocate(B * H);
+  Buffer<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   if (link) threads = 1;
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
   const RunPlan run_plan(planned, true, {kBackward, B, 0, H, G, Index(sizeof(S)), planned.team});

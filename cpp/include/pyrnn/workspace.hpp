@@ -116,12 +116,16 @@ class Buffer {
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer() { BufferPool::instance().release(data_, bytes_); }
 
-  // Make room for n elements (contents undefined afterwards).
+  // Make room for n elements (contents undefined afterwards). None takes no memory: the pool
+  // hands out at least a page, and buffers sized 0 where a path does not use them (a GEMM's
+  // packed A, a cell's c) were made at every call, some at every time step.
   void allocate(std::size_t n) {
     Buffer fresh;
-    fresh.bytes_ = n * sizeof(S);
-    fresh.data_ = static_cast<S*>(BufferPool::instance().acquire(fresh.bytes_));
-    fresh.size_ = n;
+    if (n > 0) {
+      fresh.bytes_ = n * sizeof(S);
+      fresh.data_ = static_cast<S*>(BufferPool::instance().acquire(fresh.bytes_));
+      fresh.size_ = n;
+    }
     swap(fresh);
   }
   void fill(S value) { std::fill(data_, data_ + size_, value); }
