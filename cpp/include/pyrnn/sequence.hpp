@@ -176,6 +176,15 @@ void zero_cols(S* dst, Index ld, Index r0, Index r1, Index w) {
   if (r1 > r0 && w > 0) mat(dst + r0 * ld, r1 - r0, w, ld).setZero();
 }
 
+// Ask for a small block that other threads have just written, all its lines at once: the step's
+// GEMM reads it in order of depth, and each line that comes from another core then stalls it.
+template <typename S>
+void prefetch_shared(const S* p, Index n) {
+  constexpr Index kLine = 64 / Index(sizeof(S)), kMaxLines = 64;
+  if (n > kLine * kMaxLines) return;  // a large one is read by a GEMM long enough to hide them
+  for (Index i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 3);
+}
+
 // xp = x W_ih^T + b_ih for all T*B rows at once: (T*B, I) x (I, G*H), rows split over threads.
 template <typename S>
 struct InputProjection {
@@ -384,6 +393,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       if constexpr (Cell::has_c)
         if (tape) copy_cols(tape->c_prev.data() + t * B * H + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
       if (w > 0 && n > 0) {
+        if (team.size > 1 && !plan.by_rows) prefetch_shared(h_prev, n * H);
         packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * w, false);
         S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
         StepForward<S> step_io{n, w, H, ld_h,
@@ -482,6 +492,10 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
       if (!plan.by_rows) team.barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (link && link->wrote) link->wrote(T - step);
       if (w > 0 && n > 0) {
+        if (team.size > 1 && !plan.by_rows) {
+          prefetch_shared(dg_t, n * GH);
+          if constexpr (Cell::has_d_hn) prefetch_shared(d_hn_t, n * H);
+        }
         packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_hh_for_d_gates, dh_hh.data(), wp, false);
         if constexpr (Cell::has_d_hn)
           packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_hh_for_d_hn, dh_hh.data(), wp, true);
