@@ -622,9 +622,11 @@ def threads():
 # (B, H, lengths) whose steps a training team of two shares (sequence.hpp, plan_steps): 16 or 17
 # rows share out by rows, every other row to each thread when lengths differ and a block of rows
 # each when they do not; 9 rows (too few for two threads) and a batch of one by hidden units,
-# which takes a W_hh of 128 KB or more (H = 190: 141 KB for the RNN)
+# which takes a W_hh of 128 KB or more (H = 190: 141 KB for the RNN); 24 rows by rows again with
+# a W_hh past a core's L2 (H = 520: 1.03 MiB for the RNN), which takes 12 rows a thread
 TEAM_SHAPES = {"by_rows_in_turn": (16, 96, True), "by_rows_in_blocks": (17, 96, False),
-               "by_units": (9, 190, True), "batch_of_one": (1, 190, True)}
+               "by_units": (9, 190, True), "batch_of_one": (1, 190, True),
+               "by_rows_streaming_w_hh": (24, 520, False)}
 
 
 @pytest.mark.parametrize("shape", list(TEAM_SHAPES))

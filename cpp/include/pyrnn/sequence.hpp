@@ -62,13 +62,22 @@ constexpr Index kChoiceMaxMacs = Index(1) << 20;
 // Hidden units are handed to threads in multiples of this (one or two SIMD registers).
 constexpr Index kUnitAlign = 16;
 
-// Rows each thread needs before the batch is shared out by rows.
+// Rows each thread needs before the batch is shared out by rows: for a W_hh that fits in L2, and
+// for one streamed from L3, where each thread's GEMM then takes W_hh a chunk of panels at a time
+// against two row blocks or more (see packed_gemm_targets), each chunk fetched once per step.
 constexpr Index kMinRowsPerThread = 8;
+constexpr Index kMinStreamingRowsPerThread = 2 * kRowBlock;
 
 // How a time loop is shared. By units, the threads must meet after every step (each step reads
 // every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
 // independent and nobody waits, but every thread reads all of W_hh each step, so that is chosen
-// only when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it.
+// when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it, or when
+// each thread has enough rows for the GEMM to stream W_hh from L3 in chunks. Against sharing out
+// units there, paired rounds on two threads (GRU and LSTM, H = 512, W_hh 3-4 MB) took 0.90-0.91
+// of the time for a training step and 0.97-1.01 in inference at batch 64, 0.96-0.97 in both at
+// batch 32, and 0.89-0.91 and 0.94-0.99 at batch 24; the DeepBench LSTM with H = 1024 at batch 32
+// (16 MB) was even (0.99-1.01). With 8 rows a thread (DeepBench H = 512, batch 16), inference took
+// 5 % longer: a GEMM of fewer than two row blocks streams all of W_hh once per block.
 //
 // By units, each thread keeps the same units at every step. Handing out 16-unit slices from a
 // shared counter at each step instead was tried for W_hh shares past L2 (DeepBench h512 LSTM):
@@ -102,6 +111,7 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
   const bool w_hh_in_l2 = w_hh_bytes <= static_cast<Index>(kL2Bytes);
   if (w_hh_in_l2 && B >= kMinRowsPerThread * 2)
     return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true};
+  if (!w_hh_in_l2 && B >= kMinStreamingRowsPerThread * threads) return {threads, true};
   if (w_hh_bytes < min.min_w_hh_bytes) return {1, false};
   return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
 }
