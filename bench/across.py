@@ -7,7 +7,8 @@ Markdown:
 
 - per run: its commit, how fast its peers ran against the first run's (the geometric mean of
   peer time over peer time on the rows both timed: below 1 = a quieter host than the first's),
-  and how many rows held each target;
+  and how many rows held each target; the first run stays first, the others follow in the order
+  they were run (a shell sorts ``runs/10-*.json`` before ``runs/2-*.json``);
 - per target: on how many rows it held in every run, in some runs, in none;
 - every row that missed a target in some run: its ratio in each run, with ⊘ where even the
   run's GEMM rate would have missed (see report.fmt_got).
@@ -33,6 +34,11 @@ def row_key(row: dict) -> RowKey:
 def run_label(results: dict, k: int) -> str:
     """'#2 24b252a': runs of the same commit told apart by their place on the command line."""
     return f"#{k + 1} {(results.get('git_commit') or '?')[:7]}"
+
+
+def in_run_order(runs: list[dict]) -> list[dict]:
+    """The first run (the one peer times are compared with), then the others by their date."""
+    return runs[:1] + sorted(runs[1:], key=lambda results: results.get("date", ""))
 
 
 def peer_time_index(first: dict, later: dict) -> float | None:
@@ -129,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Issue-4 targets across several bench runs.")
     p.add_argument("results", type=Path, nargs="+",
                    help="results JSONs written by python -m bench (.json or .json.gz), first = "
-                        "the run the others' peer times are compared with")
+                        "the run the others' peer times are compared with; the others are "
+                        "listed by the date they were run")
     p.add_argument("--md", type=Path, help="also write the Markdown here")
     args = p.parse_args(argv)
     try:
-        text = markdown([report.load(path) for path in args.results])
+        text = markdown(in_run_order([report.load(path) for path in args.results]))
         if args.md:
             args.md.write_text(text)
     except (OSError, ValueError) as exc:

@@ -214,6 +214,14 @@ def test_across_runs_sorts_rows_by_the_runs_they_held_in():
     assert "| large/gru/train/2t | ✗ 1.45; ≤ 1.60 ⊘ | — | 0/1 |" in text
 
 
+def test_across_lists_later_runs_by_date_whatever_the_order_of_the_files():
+    first, later, latest = (made_run(c, FIRST) for c in ("aaaaaaa", "bbbbbbb", "ccccccc"))
+    later["date"], latest["date"] = "2026-11-27T13:00:00", "2026-11-27T14:00:00"
+    first["date"] = "2026-11-28T09:00:00"  # the reference stays first even when run last
+    runs = across.in_run_order([first, latest, later])
+    assert [r["git_commit"][:7] for r in runs] == ["aaaaaaa", "bbbbbbb", "ccccccc"]
+
+
 def test_across_reads_gzipped_runs_and_reports_bad_files(tmp_path, capsys):
     import gzip
 
