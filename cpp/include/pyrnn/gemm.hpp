@@ -34,6 +34,7 @@ constexpr int kRowBlock = 6;    // rows of A per kernel call
 constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B may fill
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 constexpr Index kRowsPerPass = 42 * kRowBlock;  // rows of A kept in L2 while a large B streams past
+constexpr Index kMinRowsToChunkB = 2 * kRowBlock;  // rows of A from which a B past L2 is read in chunks
 constexpr Index kMinPackPerThread = Index(1) << 15;  // elements: less is packed faster by one thread
 constexpr Index kPackAhead = 8;  // depth rows of a transposed A requested ahead of its copy
 constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed together (see pack_row_tile)
@@ -420,7 +421,7 @@ void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTa
         // 16 MB W_hh, streamed from L3 or memory) ran at 72-82 GF/s on one core and runs at 97-99
         // with it.
         const bool b_in_l2 = b.bytes() <= static_cast<Index>(kL2Bytes);
-        const Index chunk = (n >= 2 * kRowBlock && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+        const Index chunk = (n >= kMinRowsToChunkB && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
         for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
           const Index q1 = std::min(b.panels, q0 + chunk);
           // The first row block of a chunk fetches the next chunk while the others reuse this one.

@@ -64,9 +64,9 @@ constexpr Index kUnitAlign = 16;
 
 // Rows each thread needs before the batch is shared out by rows: for a W_hh that fits in L2, and
 // for one streamed from L3, where each thread's GEMM then takes W_hh a chunk of panels at a time
-// against two row blocks or more (see packed_gemm_targets), each chunk fetched once per step.
+// against all of its rows (see packed_gemm_targets), each chunk fetched once per step.
 constexpr Index kMinRowsPerThread = 8;
-constexpr Index kMinStreamingRowsPerThread = 2 * kRowBlock;
+constexpr Index kMinStreamingRowsPerThread = kMinRowsToChunkB;
 
 // How a time loop is shared. By units, the threads must meet after every step (each step reads
 // every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
