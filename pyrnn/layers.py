@@ -119,6 +119,7 @@ class Linear(Module):
                 "first (none recorded)"
             )
         d_y = _check_float_array("d_y", d_y)
+        self._check_grads()
         expected = self._x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
@@ -184,6 +185,7 @@ class Embedding(Module):
                 "enabled first (none recorded)"
             )
         d_y = _check_float_array("d_y", d_y)
+        self._check_grads()
         expected = self._indices.shape + (self.embedding_dim,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")

@@ -182,6 +182,7 @@ class _RNNBase(Module):
         and adds every weight gradient into self.grads. d_out or d_hx may be None (zero)."""
         if self._tape is None:
             raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
+        self._check_grads()
         d_h_n, d_c_n = self._split_d_hx(d_hx)
         targets = self._grad_targets()
         dx, dh0, dc0, d_weights = rnn_backward(self._tape, d_out, d_h_n, d_c_n,
