@@ -106,7 +106,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quiet-wait-s must be >= 0, got {args.quiet_wait_s}")
     if args.settle_s < 0:
         raise ValueError(f"--settle-s must be >= 0, got {args.settle_s}")
+    check_thread_counts(args.threads)
+    check_out_folder(args.out)
     suite_of(args)  # raises on unknown names
+
+
+def check_thread_counts(threads: list[int]) -> None:
+    """Each count must be one the core can run (pyrnn.set_num_threads says), found before the
+    first row rather than at the row that uses it."""
+    before = pyrnn.get_num_threads()
+    try:
+        for n in threads:
+            pyrnn.set_num_threads(n)
+    except ValueError as exc:
+        raise ValueError(f"--threads: {exc}") from None
+    finally:
+        pyrnn.set_num_threads(before)
+
+
+def check_out_folder(out: str) -> None:
+    """--out must be a folder, or one that can be made, before anything is measured."""
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 # ------------------------------------------------------------------------------------ rows
