@@ -127,6 +127,22 @@ def test_other_apps_refuse_sizes_that_cannot_fit(work, capsys, app, argv, flag):
     assert_user_error([*TINY[app], *argv], capsys, flag, "GiB")
 
 
+def test_a_text_too_large_to_read_is_refused_before_reading(work, capsys):
+    huge = work / "huge.txt"
+    huge.touch()
+    try:
+        os.truncate(huge, 2**40)  # sparse: a terabyte that takes no disk
+    except OSError:
+        pytest.skip("this file system has no sparse terabyte files")
+    assert_user_error(train_argv(work, "--text", str(huge)), capsys, "--text", "GiB")
+
+
+def test_classify_refuses_a_test_fraction_leaving_no_digit_to_train_or_test(work, capsys):
+    for fraction in ("1", "0.0001"):
+        assert_user_error([*TINY["classify"], "--test-fraction", fraction], capsys,
+                          "--test-fraction", "1797 digits")
+
+
 # ------------------------------------------------------------------ output paths
 
 @pytest.mark.parametrize("flag", ["--checkpoint", "--json", "--plot"])

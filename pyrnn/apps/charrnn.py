@@ -183,8 +183,16 @@ def cosine_lr(peak: float, step: int, steps: int) -> float:
 
 # ---------------------------------------------------------------- train
 
+# Bytes a character of training text takes while it becomes ids: the text, the list of ids
+# split_text builds, the int64 array.
+BYTES_PER_CHAR = 17
+
+
 def load_corpus(args: argparse.Namespace) -> tuple[str, str]:
     if args.text:
+        size = os.path.getsize(args.text)  # an upper bound on its characters
+        _common.check_fits({f"--text {args.text} ({size:,} bytes): its characters": size},
+                           BYTES_PER_CHAR)
         text = read_text(args.text)
         return text, f"{args.text} ({len(text):,} characters)"
     text, description = stdlib_corpus(args.corpus_chars)

@@ -129,6 +129,10 @@ def memory_parts(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     _common.check_common_arguments(args)
+    n_test = int(round(DIGITS * args.test_fraction))
+    if not 1 <= n_test < DIGITS:
+        raise _common.AppError(f"--test-fraction {args.test_fraction} of the {DIGITS} digits "
+                               f"leaves {n_test} to test on and {DIGITS - n_test} to train on")
     _common.check_fits(memory_parts(args), np.dtype(np.float32).itemsize)
     figures = train(args)
     print(f"test accuracy {figures['test_accuracy']:.4f} on {figures['test_examples']} digits "
