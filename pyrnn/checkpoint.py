@@ -187,8 +187,13 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
     a save in progress from one that was killed."""
     target = os.path.realpath(path)
     directory, name = os.path.split(target)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path}: cannot save, no folder {directory}")
     _remove_abandoned_temps(directory, name)
-    handle, temp_path = _locked_temp(directory, name)
+    try:
+        handle, temp_path = _locked_temp(directory, name)
+    except OSError as error:  # named by the target, not by the temporary file's name
+        raise type(error)(f"{path}: cannot save in {directory}: {error.strerror}") from error
     try:
         _copy_mode(handle, target)
         with os.fdopen(handle, "wb", closefd=False) as file:
@@ -228,7 +233,10 @@ def _locked_temp(directory: str, name: str) -> tuple[int, str]:
             continue
         if fcntl is None:
             return handle, temp_path
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: no save there removes another's temps
+            return handle, temp_path
         if os.fstat(handle).st_nlink > 0:
             return handle, temp_path
         os.close(handle)  # another save took it for abandoned before the lock: make another

@@ -243,3 +243,10 @@ def test_a_save_in_progress_keeps_its_temp_file(tmp_path):
         os.close(handle)
     checkpoint.save(tmp_path / "m.npz", Head())
     assert not os.path.exists(temp_path)
+
+
+def test_saving_into_a_missing_folder_names_the_path_not_a_temp_file(tmp_path):
+    path = tmp_path / "missing" / "m.npz"
+    with pytest.raises(FileNotFoundError, match=f"{path}: cannot save, no folder") as raised:
+        checkpoint.save(path, Head())
+    assert ".tmp" not in str(raised.value)
