@@ -171,6 +171,16 @@ def test_two_outputs_naming_one_file_are_refused(work, capsys):
                       "the same file as")
 
 
+def test_a_file_that_is_no_checkpoint_is_not_overwritten(work, capsys):
+    notes = work / "notes.txt"
+    notes.write_text("a week of notes")
+    assert_user_error(train_argv(work, "--checkpoint", str(notes)), capsys, "--checkpoint",
+                      "not a pyrnn checkpoint")
+    assert_user_error(train_argv(work, "--checkpoint", str(work / "text.py")), capsys,
+                      "not overwriting")
+    assert notes.read_text() == "a week of notes"
+
+
 def test_text_that_is_a_folder_is_refused(work, capsys):
     assert_user_error(train_argv(work, "--text", str(work)), capsys, "--text", "is a folder")
 

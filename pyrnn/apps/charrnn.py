@@ -389,6 +389,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume and not os.path.isfile(args.checkpoint):
         raise _common.AppError(f"--resume: no checkpoint at {args.checkpoint}")
     _common.check_common_arguments(args, "checkpoint")
+    if not args.resume and os.path.exists(args.checkpoint):
+        try:  # replacing an older checkpoint is what --checkpoint is for; any other file is not
+            checkpoint.read_metadata(args.checkpoint)
+        except (OSError, KeyError, ValueError):
+            raise _common.AppError(f"--checkpoint {args.checkpoint}: the file exists and is not "
+                                   "a pyrnn checkpoint; not overwriting it") from None
     figures = train(args)
     print(f"validation {figures['val_bits_per_char']:.3f} bits/char after {figures['steps']} "
           f"steps, {figures['wall_seconds']:.1f} s")
