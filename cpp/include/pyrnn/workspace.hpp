@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include <sys/mman.h>  // POSIX: mmap, munmap
+
 namespace pyrnn {
 
 // What it keeps: a released block (64 KiB or more) waits at most `idle` (default 5 s) to be
@@ -131,13 +133,19 @@ class BufferPool {
   static constexpr std::size_t kMaxBlocks = 256;
   static constexpr std::size_t kSmall = std::size_t(64) << 10;  // below this, plain malloc
   static std::size_t round_up(std::size_t n) { return (n + kPage - 1) / kPage * kPage; }
+  // Blocks of kSmall or more are mapped from the system directly, so that freeing one gives its
+  // pages back (malloc keeps some of them in its heap); smaller ones come from malloc.
   static void* allocate(std::size_t bytes) {
-    void* p = std::aligned_alloc(kAlign, bytes);
+    void* p = bytes < kSmall ? std::aligned_alloc(kAlign, bytes) : map(bytes);
     if (!p) throw std::bad_alloc();
     return p;
   }
+  static void* map(std::size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
   static void free_all(const std::vector<Block>& blocks) {
-    for (const Block& b : blocks) std::free(b.p);
+    for (const Block& b : blocks) munmap(b.p, b.bytes);
   }
   static Clock::duration to_duration(double seconds) {
     if (!(seconds < 1e9)) return Clock::duration::max();  // "forever" (and +inf)
