@@ -20,6 +20,7 @@
 #include "pyrnn/pack_cache.hpp"
 #include "pyrnn/stack.hpp"
 #include "pyrnn/threads.hpp"
+#include "pyrnn/workspace.hpp"
 
 namespace py = pybind11;
 using pyrnn::Index;
@@ -616,4 +617,23 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
     pyrnn::set_num_threads(static_cast<int>(n));
   }, py::arg("n"), "Threads the kernels may use (default: OpenMP's max, i.e. OMP_NUM_THREADS).");
   m.def("get_num_threads", &pyrnn::get_num_threads, "Threads the kernels may use.");
+
+  // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
+  m.def("memory_cache_info", [] {
+    const pyrnn::BufferPool::Stats s = pyrnn::BufferPool::instance().stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_blocks"] = s.cached_blocks;
+    d["limit_bytes"] = s.limit_bytes;
+    d["idle_seconds"] = s.idle_seconds;
+    d["allocations"] = s.allocations;
+    return d;
+  }, "The buffer pool's cached bytes and blocks, its bounds, and its allocations so far.");
+  m.def("set_memory_cache_limit", [](size_t limit_bytes, double idle_seconds) {
+    if (!(idle_seconds >= 0)) throw py::value_error("idle_seconds: expected a number >= 0");
+    pyrnn::BufferPool::instance().configure(limit_bytes, idle_seconds);
+  }, py::arg("limit_bytes"), py::arg("idle_seconds"),
+        "Bound the buffer pool: at most limit_bytes cached, each block at most idle_seconds unused.");
+  m.def("release_memory", [] { return pyrnn::BufferPool::instance().trim(); },
+        "Free every block the buffer pool caches; returns the bytes freed.");
 }

@@ -152,3 +152,21 @@ def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
 def set_num_threads(n: int) -> None:
     for module in _by_tape.values():
         module.set_num_threads(n)
+
+
+# Each build has its own buffer pool: these act on all of them, and sum what they hold.
+def memory_cache_info() -> dict[str, Any]:
+    pools = [module.memory_cache_info() for module in _by_tape.values()]
+    info = dict(pools[0])  # the bounds: every pool gets the same ones
+    for key in ("cached_bytes", "cached_blocks", "allocations"):
+        info[key] = sum(pool[key] for pool in pools)
+    return info
+
+
+def set_memory_cache_limit(limit_bytes: int, idle_seconds: float) -> None:
+    for module in _by_tape.values():
+        module.set_memory_cache_limit(limit_bytes, idle_seconds)
+
+
+def release_memory() -> int:
+    return sum(module.release_memory() for module in _by_tape.values())
