@@ -22,28 +22,10 @@ def _check_seed(seed: object) -> np.random.Generator:
     return np.random.default_rng(_checks.seed(seed))
 
 
-def _check_indices(name: str, indices: object, upper: int) -> np.ndarray:
-    """An integer array with every entry in [0, upper)."""
-    array = np.asarray(indices)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() >= upper):
-        bad = array[(array < 0) | (array >= upper)].flat[0]
-        raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
-    return array
-
-
-def _check_float_array(name: str, value: object) -> np.ndarray:
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {array.dtype}")
-    return array
-
-
 def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np.ndarray:
     """``(...,)`` integer indices in ``[0, num_classes)`` -> ``(..., num_classes)`` one-hot rows."""
     num_classes = _checks.positive_int("num_classes", num_classes)
-    array = _check_indices("indices", indices, num_classes)
+    array = _checks.indices("indices", indices, num_classes)
     resolved = np.dtype(dtype)
     if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
         raise TypeError(f"dtype must be a numeric dtype, got {resolved}")
@@ -97,7 +79,7 @@ class Linear(Module):
         return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
 
     def __call__(self, x: object) -> np.ndarray:
-        x = _check_float_array("x", x)
+        x = _checks.real_array("x", x)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have shape (..., {self.in_features}), got {x.shape}"
@@ -107,7 +89,8 @@ class Linear(Module):
         x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
         # One GEMM over all leading axes (numpy would loop over them for a stacked matmul).
         rows = np.ascontiguousarray(x.reshape(-1, self.in_features))
-        y = _backend.kernels(self.backend).linear_forward(rows, self.weight, self.bias)
+        weight, bias = self._kernel_params()
+        y = _backend.prechecked(self.backend).linear_forward(rows, weight, bias)
         self._x = x if keep else None
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
@@ -118,22 +101,43 @@ class Linear(Module):
                 "Linear.backward needs a forward pass in training mode with gradients enabled "
                 "first (none recorded)"
             )
-        d_y = _check_float_array("d_y", d_y)
+        d_y = _checks.real_array("d_y", d_y)
         expected = self._x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
         d_y_rows = np.ascontiguousarray(d_y.reshape(-1, self.out_features), dtype=self.dtype)
         x_rows = self._x.reshape(-1, self.in_features)
-        has_bias = self.bias is not None
-        targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
-        usable = all(t is None or _checks.core_writable(t, self.dtype) for t in targets)
-        dx, d_weight, d_bias = _backend.kernels(self.backend).linear_backward(
-            x_rows, self.weight, d_y_rows, has_bias, accumulate_into=targets if usable else None)
-        if not usable:  # grads replaced by arrays the kernel cannot add into: add here
+        weight, bias = self._kernel_params()
+        has_bias = bias is not None
+        targets = self._grad_targets((("d_y", d_y_rows), ("weight", weight)))
+        dx, d_weight, d_bias = _backend.prechecked(self.backend).linear_backward(
+            x_rows, weight, d_y_rows, has_bias, targets)
+        if targets is None:  # grads replaced by arrays the kernel cannot add into: add here
             self.grads["weight"] += d_weight
             if has_bias:
                 self.grads["bias"] += d_bias
         return dx.reshape(self._x.shape)
+
+    def _kernel_params(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """weight and bias as the kernels take them (checked: a user may have replaced them)."""
+        shapes = ((self.out_features, self.in_features), (self.out_features,))
+        arrays = zip(("weight", "bias"), (self.weight, self.bias), shapes, strict=True)
+        weight, bias = (
+            a if a is None or _checks.is_ready(a, self.dtype, s) else
+            _checks.array(name, a, self.dtype, s) for name, a, s in arrays)
+        return weight, bias
+
+    def _grad_targets(self, reads: tuple[tuple[str, np.ndarray], ...]) -> tuple | None:
+        """grads as the kernel's accumulate_into, or None when it cannot add into them."""
+        has_bias = self.bias is not None
+        targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
+        shapes = ((self.out_features, self.in_features), (self.out_features,))
+        if not all(t is None or (_checks.core_writable(t, self.dtype) and t.shape == s)
+                   for t, s in zip(targets, shapes, strict=True)):
+            return None
+        _checks.disjoint([*reads, ("grads['weight']", targets[0]), ("grads['bias']", targets[1])],
+                         first_written=len(reads))
+        return targets
 
     def __repr__(self) -> str:
         return (
@@ -170,7 +174,7 @@ class Embedding(Module):
         self._indices: np.ndarray | None = None
 
     def __call__(self, indices: object) -> np.ndarray:
-        indices = _check_indices("indices", indices, self.num_embeddings)
+        indices = _checks.indices("indices", indices, self.num_embeddings)
         keep = self.training and is_grad_enabled()
         # A copy, so that a caller reusing its index buffer cannot change the tape.
         self._indices = indices.copy() if keep else None
@@ -183,7 +187,7 @@ class Embedding(Module):
                 "Embedding.backward needs a forward pass in training mode with gradients "
                 "enabled first (none recorded)"
             )
-        d_y = _check_float_array("d_y", d_y)
+        d_y = _checks.real_array("d_y", d_y)
         expected = self._indices.shape + (self.embedding_dim,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
