@@ -140,10 +140,10 @@ def shape(name: str, a: Array, expected: tuple[int, ...], meaning: str | None = 
         raise ValueError(f"{name}: expected shape {spelled}, got {a.shape}")
 
 
-def array(name: str, a: Any, dtype: np.dtype | None = None,
-          expected: tuple[int, ...] | None = None, meaning: str | None = None) -> Array:
-    """A float32/float64 ndarray (of `dtype`, x's, when given; of shape `expected` when given),
-    returned as the kernels take it (see native)."""
+def float_ndarray(name: str, a: Any, dtype: np.dtype | None = None,
+                  expected: tuple[int, ...] | None = None, meaning: str | None = None) -> Array:
+    """a itself, checked to be a float32/float64 ndarray (of `dtype`, x's, when given; of
+    shape `expected` when given)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
     # Compared by type code, which ignores byte order: building byte-swapped dtypes to compare
@@ -155,7 +155,20 @@ def array(name: str, a: Any, dtype: np.dtype | None = None,
         raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
     if expected is not None:
         shape(name, a, expected, meaning)
-    return native(a)
+    return a
+
+
+def array(name: str, a: Any, dtype: np.dtype | None = None,
+          expected: tuple[int, ...] | None = None, meaning: str | None = None) -> Array:
+    """float_ndarray's array as the kernels take it (see native)."""
+    return native(float_ndarray(name, a, dtype, expected, meaning))
+
+
+def copies(a: Array) -> int:
+    """1 when native(a) would copy a, else 0."""
+    ready = (type(a) is np.ndarray and a.dtype.isnative and a.flags.c_contiguous
+             and a.flags.aligned)
+    return 0 if ready else 1
 
 
 def written(name: str, a: Any, dtype: np.dtype, expected: tuple[int, ...],
@@ -311,24 +324,30 @@ def kernel_cell(name: Any) -> Cell:
 
 
 def kernel_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
-                   lengths_: Any, dropout_masks: Any, keep_tape: Any) -> StackArgs:
-    """stack_forward's arguments: h0 (L*D, B, H) sets L*D and H, which the rest must match."""
+                   lengths_: Any, dropout_masks: Any, keep_tape: Any, backend: str) -> StackArgs:
+    """stack_forward's arguments: h0 (L*D, B, H) sets L*D and H, which the rest must match.
+    What the call will allocate on `backend` is weighed before x or h0 is copied."""
     spec = kernel_cell(cell)
     x = _kernel_x(x)
     T, B, I = x.shape  # noqa: N806, E741
     D = 2 if flag("bidirectional", bidirectional) else 1  # noqa: N806
     h0 = _kernel_h0(h0, B, D, x.dtype)
     LD, _, H = h0.shape  # noqa: N806
+    keep_tape = flag("keep_tape", keep_tape)
+    mode = "train" if keep_tape else "infer"
+    extra = copies(x) * I + (lengths_ is not None) * I  # the core sorts rows by length
+    call_fits("x", x.shape, stack_bytes(spec, (T, B, I, H, LD // D, D), x.dtype.itemsize,
+                                        mode, backend, extra), STACK_CALL)
+    x, h0 = native(x), native(h0)
     c0 = _kernel_c0(spec, c0, h0.shape, x.dtype)
     weights = _kernel_weights(spec, weights, LD, D, I, H, x.dtype)
     lengths_ = lengths(lengths_, T, B, spelled=f"shape ({B},)")
     masks = _kernel_masks(dropout_masks, LD // D, (T, B, D * H), x.dtype)
-    keep_tape = flag("keep_tape", keep_tape)
     return StackArgs(spec.name, x, h0, c0, weights, D == 2, lengths_, masks, keep_tape)
 
 
 def _kernel_x(x: Any) -> Array:
-    x = array("x", x)
+    x = float_ndarray("x", x)
     if x.ndim != 3 or 0 in x.shape:
         raise ValueError(f"x: expected a 3-D array (T, B, I) with every dimension >= 1, "
                          f"got shape {x.shape}")
@@ -338,7 +357,7 @@ def _kernel_x(x: Any) -> Array:
 def _kernel_h0(h0: Any, B: int, D: int, dtype: np.dtype) -> Array:  # noqa: N803
     if h0 is None:
         raise ValueError("h0: required, an array (L*D, B, H) (zeros for no initial state)")
-    h0 = array("h0", h0, dtype)
+    h0 = float_ndarray("h0", h0, dtype)
     if h0.ndim != 3 or h0.shape[0] < 1 or h0.shape[2] < 1 or h0.shape[0] % D:
         raise ValueError(f"h0: expected shape (L*D, B, H) with L >= 1, D = {D}, H >= 1, "
                          f"got {h0.shape}")
@@ -403,11 +422,13 @@ def tape_dims(cell_name: str, dtype: Any, dims: Sequence[int]) -> TapeDims:
 
 
 def kernel_backward(dims: TapeDims, d_out: Any, d_h_n: Any, d_c_n: Any,
-                    accumulate_into: Any) -> tuple[Array, Array | None, Array | None, Any]:
+                    accumulate_into: Any, backend: str) -> tuple[Array, Any, Any, Any]:
     """stack_backward's arguments after the tape: d_h_n and d_c_n may be None."""
     T, B, H, LD = dims.T, dims.B, dims.H, dims.L * dims.D  # noqa: N806
     given = (d_out, d_h_n, d_c_n)
-    d_out = array("d_out", d_out, dims.dtype, (T, B, dims.D * H))
+    d_out = float_ndarray("d_out", d_out, dims.dtype, (T, B, dims.D * H))
+    call_fits("d_out", d_out.shape, backward_bytes(dims, backend, copies(d_out)), STACK_CALL)
+    d_out = native(d_out)
     if d_h_n is not None:
         d_h_n = array("d_h_n", d_h_n, dims.dtype, (LD, B, H))
     if not CELLS[dims.cell].has_c:
@@ -417,6 +438,12 @@ def kernel_backward(dims: TapeDims, d_out: Any, d_h_n: Any, d_c_n: Any,
     if accumulate_into is not None:
         accumulate_into = weight_targets(accumulate_into, dims, given)
     return d_out, d_h_n, d_c_n, accumulate_into
+
+
+def backward_bytes(dims: TapeDims, backend: str, d_out_copies: int) -> int:
+    """About what stack_backward allocates for a tape of dims, d_out copied d_out_copies times."""
+    return stack_bytes(CELLS[dims.cell], dims[2:], dims.dtype.itemsize, "backward", backend,
+                       d_out_copies * dims.D * dims.H)
 
 
 def weight_targets(targets: Any, dims: TapeDims, reads: Sequence[Any]) -> list[tuple[Array, ...]]:
@@ -536,14 +563,36 @@ def pack_cache(packs: Any, cache_type: type, keep_tape: bool) -> Any:
 
 
 def rnn_input(x: Any, batch_first: bool) -> Array:
-    """x (T, B, I), or (B, T, I) when batch_first, returned time-major in the kernels' form."""
-    x = array("x", x)
+    """x itself, checked: (T, B, I), or (B, T, I) when batch_first (see time_major)."""
+    x = float_ndarray("x", x)
     layout = "(B, T, I)" if batch_first else "(T, B, I)"
     if x.ndim != 3 or 0 in x.shape:
         raise ValueError(
             f"x: expected a 3-D array {layout} with every dimension >= 1, got shape {x.shape}"
         )
-    return np.ascontiguousarray(x.transpose(1, 0, 2)) if batch_first else x
+    return x
+
+
+def time_major(x: Array, batch_first: bool) -> Array:
+    """A checked x in the kernels' form, time-major."""
+    return np.ascontiguousarray(native(x).transpose(1, 0, 2)) if batch_first else native(x)
+
+
+def rnn_call_fits(spec: Cell, x: Array, batch_first: bool, H: int, L: int, D: int,  # noqa: N803
+                  backend: str, mode: str, masks: bool = False) -> None:
+    """Refuse a forward call over the checked x (as given) that would not fit in memory."""
+    T, B, I = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape  # noqa: N806, E741
+    extra = (copies(x) + batch_first) * I + (4 * (L - 1) * D * H if masks else 0)
+    needed = stack_bytes(spec, (T, B, I, H, L, D), x.dtype.itemsize, mode, backend, extra)
+    call_fits("x", x.shape, needed, STACK_CALL)
+
+
+def rnn_backward_fits(dims: TapeDims, d_out: Any, batch_first: bool, backend: str) -> None:
+    """Refuse a backward call that would not fit in memory, before making d_out's copies."""
+    shape = (dims.B, dims.T) if batch_first else (dims.T, dims.B)
+    ready = isinstance(d_out, np.ndarray) and not copies(d_out) and not batch_first
+    call_fits("d_out", (*shape, dims.D * dims.H), backward_bytes(dims, backend, 1 - ready),
+              STACK_CALL)
 
 
 def state(name: str, value: Any, expected: tuple[int, int, int], dtype: np.dtype) -> Array:
@@ -716,8 +765,60 @@ def real_array(name: str, value: Any) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
+# Memory: what a constructor or a call will allocate, weighed before any of it is allocated.
 # ---------------------------------------------------------------------------------------------
+
+
+class OutOfMemoryError(MemoryError, ValueError):
+    """More memory asked for than is available, refused before any of it was allocated. Also a
+    ValueError, which pyrnn raised for the constructors' sizes before it had this class."""
+
+
+_CHEAP_BYTES = 64 << 20  # smaller allocations are not weighed (that would read /proc each call)
+# What a parameter array costs besides its numbers: the ndarray, its allocation, its entries in
+# params or grads and its name (1,135 bytes measured for an LSTM's layers, with some margin).
+_ARRAY_BYTES = 1400
+
+
+def _meminfo_bytes(*keys: str) -> int | None:
+    """The sum of /proc/meminfo's fields `keys` in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return sum(int(fields[key].split()[0]) * 1024 for key in keys)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """What a cgroup memory limit (v2, else v1) leaves this process, or None without a limit."""
+    for limit_file, usage_file in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+             "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge "no limit"
+            return max(int(limit) - usage, 0)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the kernel's estimate of memory available without
+    swapping, plus free swap, within any cgroup limit; physical memory where /proc cannot tell
+    (None where nothing can)."""
+    room = _meminfo_bytes("MemAvailable", "SwapFree")
+    if room is None:
+        room = _memory_bytes()
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        room = cgroup if room is None else min(room, cgroup)
+    return room
 
 
 @functools.cache
@@ -729,13 +830,64 @@ def _memory_bytes() -> int | None:
         return None
 
 
-def fits_in_memory(what: str, count: int, itemsize: int) -> None:
-    """Refuse, naming `what`, an allocation of `count` numbers larger than the machine's memory:
-    NumPy's MemoryError would name no argument, and a loop allocating piece by piece (layer after
-    layer, say) might never end."""
-    memory = _memory_bytes()
-    if memory is not None and count * itemsize > memory:
-        raise ValueError(
-            f"{what} would hold {count:,} numbers, {count * itemsize / 2**30:,.1f} GiB: more than "
-            f"this machine's {memory / 2**30:,.1f} GiB of memory"
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def fits_in_memory(what: str, count: int, itemsize: int, arrays: int = 0,
+                   scratch: int = 0) -> None:
+    """Refuse, naming `what`, to allocate `count` numbers in `arrays` arrays (with `scratch`
+    bytes besides, drawn and freed on the way) when they need more than the memory available:
+    NumPy's MemoryError would name no argument, and a loop allocating piece by piece (layer
+    after layer, say) might run until the system kills the process."""
+    needed = count * itemsize + arrays * _ARRAY_BYTES + scratch
+    if needed <= _CHEAP_BYTES:
+        return
+    available = available_memory()
+    if available is not None and needed > available:
+        raise OutOfMemoryError(
+            f"{what} would hold {count:,} numbers, {needed:,} bytes with their arrays, "
+            f"{_gib(needed)}: more than this machine's {_gib(available)} of available memory "
+            f"({available:,} bytes)"
         )
+
+
+def call_fits(name: str, shape: tuple[int, ...], needed: int, what: str) -> None:
+    """Refuse a call that would allocate `needed` bytes (`what` says for what) when they are
+    more than the memory available, naming its input `name` of that shape."""
+    if needed <= _CHEAP_BYTES:
+        return
+    available = available_memory()
+    if available is not None and needed > available:
+        raise OutOfMemoryError(
+            f"{name} of shape {tuple(shape)}: this call would allocate about {needed:,} bytes "
+            f"({_gib(needed)}) for {what}, but {available:,} bytes ({_gib(available)}) of "
+            "memory are available"
+        )
+
+
+STACK_CALL = "copies of the input, the outputs, the tape and the kernels' workspace"
+
+
+def stack_bytes(spec: Cell, dims: Sequence[int], itemsize: int, mode: str, backend: str,
+                extra_per_row: int = 0) -> int:
+    """About what one call on a stack of (T, B, I, H, L, D) allocates at its peak, from above:
+    the outputs, the tape, the workspace, and extra_per_row numbers per (t, b) that the caller
+    adds (copies of x, say). mode: "infer" (no tape), "train" (a forward pass keeping its
+    tape) or "backward" (with new arrays for the weight gradients). Checked against both
+    backends' peaks (RSS) on LSTM, GRU and RNN stacks: 1.1-3 times what they use, the C++
+    inference up to 6 times where it projects the input chunk by chunk, not all at once."""
+    T, B, I, H, L, D = dims  # noqa: N806, E741
+    G, DH, widest = spec.num_gates, D * H, max(I, D * H)  # noqa: N806
+    if mode == "infer" and backend == "cpp":  # the input projection (up front), the outputs
+        per_row = D * G * H + DH + (2 * DH if L > 1 else 0)
+    elif mode == "infer":  # one layer and direction at a time
+        per_row = 2 * I + widest + 2 * G * H + 4 * DH
+    elif mode == "train":  # each layer's input, and each direction's saved gates and states
+        inputs = D * (I + (L - 1) * DH)
+        per_row = 2 * I + inputs + L * D * (2 * G + 3) * H + G * H + 2 * L * DH
+    else:  # the gates' gradients of every layer at once (C++), or of one direction (NumPy)
+        per_row = max(2 * I + 2 * DH + max(L, D) * (G + 1) * H, I + widest + 2 * G * H + DH)
+    parameters = D * spec.parameter_count(I, H) + (L - 1) * D * spec.parameter_count(DH, H)
+    return itemsize * (T * B * (per_row + extra_per_row) + 6 * L * D * B * H
+                       + (parameters if mode == "backward" else 0))

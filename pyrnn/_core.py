@@ -137,7 +137,7 @@ class PackCache:
 def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
                   lengths: Any, dropout_masks: Any, keep_tape: Any, packs: Any = None) -> Any:
     args = _checks.kernel_forward(cell, x, h0, c0, weights, bidirectional, lengths,
-                                  dropout_masks, keep_tape)
+                                  dropout_masks, keep_tape, "cpp")
     return _stack_forward(*args, _checks.pack_cache(packs, PackCache, args.keep_tape))
 
 
@@ -154,7 +154,7 @@ def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
                    accumulate_into: Any = None) -> Any:
     _checks.tape(tape, _TAPES, "pyrnn._core.stack_forward")
     return _stack_backward(tape, *_checks.kernel_backward(tape_dims(tape), d_out, d_h_n, d_c_n,
-                                                          accumulate_into))
+                                                          accumulate_into, "cpp"))
 
 
 def tape_dims(tape: Any) -> _checks.TapeDims:

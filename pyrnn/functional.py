@@ -16,6 +16,7 @@ accepted and copied as needed; the results are the same.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,13 +101,16 @@ def rnn_forward(
         _checks.generator(rng)
     backend = _backend.resolve(backend)
     x = _checks.rnn_input(x, batch_first)
-    T, B, I = x.shape  # noqa: N806, E741
+    I = x.shape[2]  # noqa: N806, E741
     D = 2 if bidirectional else 1  # noqa: N806
     checked = _checks.rnn_weights(spec, weights, D, I, x.dtype)
     L, H = checked.L, checked.H  # noqa: N806
-    masks = None
-    if training and p > 0 and L > 1:
-        masks = dropout_masks(rng, L, (T, B, D * H), p, x.dtype)
+    masked = training and p > 0 and L > 1
+    _checks.rnn_call_fits(spec, x, batch_first, H, L, D, backend,
+                          "train" if keep_tape else "infer", masked)
+    x = _checks.time_major(x, batch_first)
+    T, B, _ = x.shape  # noqa: N806
+    masks = dropout_masks(rng, L, (T, B, D * H), p, x.dtype) if masked else None
     out, h_n, c_n, kernel_tape = _run_stack(
         backend, spec.name, x, checked.weights, h0, c0, lengths, bidirectional, masks, keep_tape
     )
@@ -152,6 +156,7 @@ def rnn_backward(
     added into them in place, as gradients accumulate in a module, and d_weights is them.
     """
     _checks.tape(tape, Tape, "rnn_forward")
+    _checks.rnn_backward_fits(tape.dims, d_out, tape.batch_first, tape.backend)
     reads = (d_out, d_h_n, d_c_n)  # as given: the targets may share none of their memory
     d_out, d_h_n, d_c_n = _upstream(tape, d_out, d_h_n, d_c_n)
     targets = None
@@ -199,6 +204,8 @@ def dropout_masks(
     shape = tuple(_checks.positive_int(f"shape[{i}]", n) for i, n in enumerate(shape))
     p = _checks.dropout(p, "p")
     dtype = _checks.float_dtype(dtype)
+    _checks.fits_in_memory(f"dropout_masks of shape {shape}", (num_layers - 1) * math.prod(shape),
+                           dtype.itemsize, arrays=num_layers - 1, scratch=9 * math.prod(shape))
     scale = np.asarray(1 / (1 - p), dtype)
     return [
         np.where(rng.random(shape) < 1 - p, scale, np.zeros((), dtype)).astype(dtype)

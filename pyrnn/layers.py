@@ -25,12 +25,13 @@ def _check_seed(seed: object) -> np.random.Generator:
 def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np.ndarray:
     """``(...,)`` integer indices in ``[0, num_classes)`` -> ``(..., num_classes)`` one-hot rows."""
     num_classes = _checks.positive_int("num_classes", num_classes)
-    array = _checks.indices("indices", indices, num_classes)
+    array = np.asarray(indices)
     resolved = np.dtype(dtype)
     if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
         raise TypeError(f"dtype must be a numeric dtype, got {resolved}")
     _checks.fits_in_memory(f"one_hot(num_classes={num_classes}) of {array.size:,} indices",
                            array.size * num_classes, resolved.itemsize)
+    array = _checks.indices("indices", array, num_classes)
     out = np.zeros(array.shape + (num_classes,), dtype=resolved)
     np.put_along_axis(out, array[..., None], 1, axis=-1)
     return out
@@ -63,9 +64,10 @@ class Linear(Module):
         bias = _checks.flag("bias", bias)
         self.dtype = _checks.float_dtype(dtype)
         self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS))
-        _checks.fits_in_memory(
+        _checks.fits_in_memory(  # with the float64 draw that fills the weight
             f"Linear({self.in_features}, {self.out_features}) with its gradients",
-            2 * self.out_features * (self.in_features + 1), self.dtype.itemsize)
+            2 * self.out_features * (self.in_features + 1), self.dtype.itemsize,
+            arrays=4, scratch=8 * self.out_features * self.in_features)
         rng = _check_seed(seed)
         bound = 1.0 / np.sqrt(self.in_features)
         shape = (self.out_features, self.in_features)
@@ -85,6 +87,9 @@ class Linear(Module):
                 f"x must have shape (..., {self.in_features}), got {x.shape}"
             )
         keep = self.training and is_grad_enabled()
+        rows = x.size // self.in_features
+        _checks.call_fits("x", x.shape, self.dtype.itemsize * rows * (
+            2 * self.in_features + self.out_features), "the input's copies and the output")
         # The tape is only the input, copied so a caller reusing its buffer cannot change it.
         x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
         # One GEMM over all leading axes (numpy would loop over them for a stacked matmul).
@@ -105,6 +110,9 @@ class Linear(Module):
         expected = self._x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        rows = d_y.size // self.out_features
+        _checks.call_fits("d_y", d_y.shape, self.dtype.itemsize * rows * (
+            self.in_features + self.out_features), "d_y's copy and the input's gradient")
         d_y_rows = np.ascontiguousarray(d_y.reshape(-1, self.out_features), dtype=self.dtype)
         x_rows = self._x.reshape(-1, self.in_features)
         weight, bias = self._kernel_params()
@@ -165,15 +173,19 @@ class Embedding(Module):
         self.num_embeddings = _checks.positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         self.dtype = _checks.float_dtype(dtype)
-        _checks.fits_in_memory(
+        _checks.fits_in_memory(  # with the float64 draw that fills the weight
             f"Embedding({self.num_embeddings}, {self.embedding_dim}) with its gradients",
-            2 * self.num_embeddings * self.embedding_dim, self.dtype.itemsize)
+            2 * self.num_embeddings * self.embedding_dim, self.dtype.itemsize,
+            arrays=2, scratch=8 * self.num_embeddings * self.embedding_dim)
         rng = _check_seed(seed)
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))
         self._indices: np.ndarray | None = None
 
     def __call__(self, indices: object) -> np.ndarray:
+        indices = np.asarray(indices)
+        _checks.call_fits("indices", indices.shape, indices.size * (
+            self.embedding_dim * self.dtype.itemsize + 8), "the rows looked up and the tape")
         indices = _checks.indices("indices", indices, self.num_embeddings)
         keep = self.training and is_grad_enabled()
         # A copy, so that a caller reusing its index buffer cannot change the tape.
@@ -191,6 +203,8 @@ class Embedding(Module):
         expected = self._indices.shape + (self.embedding_dim,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        _checks.call_fits("d_y", d_y.shape, d_y.size * 2 * self.dtype.itemsize
+                          + self._indices.size * 24, "the rows sorted by index and their sums")
         rows = d_y.reshape(-1, self.embedding_dim).astype(self.dtype, copy=False)
         indices = self._indices.reshape(-1)
         if indices.size == 0:

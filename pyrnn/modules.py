@@ -54,7 +54,6 @@ class _RNNBase(Module):
     ) -> None:
         super().__init__()
         self.cell = cell  # the kernels' name for it
-        self._cell = CELLS[cell]
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
@@ -72,10 +71,8 @@ class _RNNBase(Module):
                 UserWarning,
                 stacklevel=3,
             )
-        _checks.fits_in_memory(  # the parameters and their gradients
-            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"num_layers={self.num_layers}) with its gradients", 2 * self._parameter_count(),
-            self.dtype.itemsize)
+        self._cell = CELLS[cell]
+        self._fits_in_memory()
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._names = self._init_params()
         self._w_hh_shape = self.params[self._names[0][1]].shape
@@ -87,6 +84,18 @@ class _RNNBase(Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _fits_in_memory(self) -> None:
+        """Refuse sizes whose parameters and gradients would not fit, before allocating any:
+        their numbers, the arrays holding them (a layer of small ones costs as much again) and
+        the float64 draw that fills the largest."""
+        H, D, L = self.hidden_size, self.num_directions, self.num_layers  # noqa: N806
+        per_entry = sum(not param.bias or self.bias for param in self._cell.params)
+        largest = max(math.prod(s) for s in self._cell.shapes(max(self.input_size, D * H), H))
+        _checks.fits_in_memory(
+            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={H}, "
+            f"num_layers={L}) with its gradients", 2 * self._parameter_count(),
+            self.dtype.itemsize, arrays=2 * L * D * per_entry, scratch=8 * largest)
 
     def _parameter_count(self) -> int:
         """How many numbers _init_params will allocate (computed without allocating them)."""
@@ -178,6 +187,7 @@ class _RNNBase(Module):
         if tape is None:
             raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
         d_h_n, d_c_n = self._split_d_hx(d_hx)
+        _checks.rnn_backward_fits(tape.dims, d_out, tape.batch_first, tape.backend)
         reads = (("d_out", d_out), ("d_h_n", d_h_n), ("d_c_n", d_c_n))
         d_out, d_h_n, d_c_n = _upstream(tape, d_out, d_h_n, d_c_n)
         targets = self._grad_targets(tape, reads)
@@ -364,6 +374,7 @@ class FrozenRNN:
         self.batch_first, self.dtype = module.batch_first, module.dtype
         self.backend = module.backend
         self._name = type(module).__name__
+        self._cell = module._cell
         self._has_c = module._cell.has_c
         self._split_hx = _state_pair_hx if self._has_c else _single_hx
         # Checked once here (the module's arrays may have been replaced by anything), then
@@ -378,6 +389,9 @@ class FrozenRNN:
         h0, c0 = self._split_hx(hx)
         _checks.module_input(x, self.dtype, self.input_size)
         x = _checks.rnn_input(x, self.batch_first)
+        _checks.rnn_call_fits(self._cell, x, self.batch_first, self.hidden_size, self.num_layers,
+                              2 if self.bidirectional else 1, self.backend, "infer")
+        x = _checks.time_major(x, self.batch_first)
         out, h_n, c_n, _ = _run_stack(
             self.backend, self.cell, x, self._weights, h0, c0, lengths, self.bidirectional,
             None, False, self._packs,

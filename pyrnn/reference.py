@@ -270,7 +270,7 @@ def stack_forward(
     """
     _checks.no_packs(packs)
     return _stack_forward(*_checks.kernel_forward(cell, x, h0, c0, weights, bidirectional,
-                                                  lengths, dropout_masks, keep_tape))
+                                                  lengths, dropout_masks, keep_tape, "numpy"))
 
 
 def _stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
@@ -328,7 +328,7 @@ def stack_backward(
     """
     _checks.tape(tape, Tape, "pyrnn.reference.stack_forward")
     return _stack_backward(tape, *_checks.kernel_backward(tape_dims(tape), d_out, d_h_n, d_c_n,
-                                                          accumulate_into))
+                                                          accumulate_into, "numpy"))
 
 
 def tape_dims(tape: Tape) -> _checks.TapeDims:
