@@ -67,6 +67,7 @@ class Cell:
         return tuple(f"({', '.join(p.dims)}{',' if len(p.dims) == 1 else ''})"
                      for p in self.params)
 
+    @functools.cache  # noqa: B019 - as shapes
     def parameter_count(self, fan_in: int, hidden: int, bias: bool = True) -> int:
         """How many numbers one layer and direction holds."""
         count = 0

@@ -630,22 +630,33 @@ def rnn_weights(spec: Cell, weights: Any, D: int, I: int, dtype: np.dtype) -> Rn
         raise ValueError(f"weights: expected L*D entries with L >= 1 and D = {D} (one per "
                          f"layer and direction), got {len(weights)}")
     H = _hidden_size(spec, weights[0])  # noqa: N806
-    zeros = {}  # one zero array per bias shape, shared by every entry without biases
     kernel_weights, bias_given = [], []
+    all_given = (True,) * len(spec.params)
     for k, entry in enumerate(weights):
-        _weight_entry(spec, k, entry)
         shapes = spec.shapes(I if k < D else D * H, H)
-        arrays = []
-        for param, a, s, meaning in zip(spec.params, entry, shapes, spec.spelled_shapes(),
-                                        strict=True):
-            if a is None and param.bias:
-                a = zeros.setdefault(s, np.zeros(s, dtype))
-            elif not is_ready(a, dtype, s):  # names for messages only off the hot path
-                a = array(f"weights[{k}] {param.part}", a, dtype, s, meaning)
-            arrays.append(a)
-        kernel_weights.append(tuple(arrays))
-        bias_given.append(tuple([a is not None for a in entry]))
+        if type(entry) is tuple and len(entry) == len(shapes) and all(
+                is_ready(a, dtype, s) for a, s in zip(entry, shapes)):  # noqa: B905 - same length
+            kernel_weights.append(entry)  # the hot path: nothing to convert, no names to build
+            bias_given.append(all_given)
+        else:
+            _weight_entry(spec, k, entry)
+            kernel_weights.append(_kernel_entry(spec, k, entry, shapes, dtype))
+            bias_given.append(tuple([a is not None for a in entry]))
     return RnnWeights(kernel_weights, tuple(bias_given), len(weights) // D, H)
+
+
+def _kernel_entry(spec: Cell, k: int, entry: Sequence[Any], shapes: tuple[tuple[int, ...], ...],
+                  dtype: np.dtype) -> tuple[Array, ...]:
+    """weights[k] in kernel form: each array checked and converted, zeros for a None bias."""
+    arrays = []
+    for param, a, s, meaning in zip(spec.params, entry, shapes, spec.spelled_shapes(),
+                                    strict=True):
+        if a is None and param.bias:
+            a = np.zeros(s, dtype)
+        elif not is_ready(a, dtype, s):
+            a = array(f"weights[{k}] {param.part}", a, dtype, s, meaning)
+        arrays.append(a)
+    return tuple(arrays)
 
 
 def _weight_entry(spec: Cell, k: int, entry: Any) -> None:
@@ -888,6 +899,7 @@ def stack_bytes(spec: Cell, dims: Sequence[int], itemsize: int, mode: str, backe
         per_row = 2 * I + inputs + L * D * (2 * G + 3) * H + G * H + 2 * L * DH
     else:  # the gates' gradients of every layer at once (C++), or of one direction (NumPy)
         per_row = max(2 * I + 2 * DH + max(L, D) * (G + 1) * H, I + widest + 2 * G * H + DH)
-    parameters = D * spec.parameter_count(I, H) + (L - 1) * D * spec.parameter_count(DH, H)
-    return itemsize * (T * B * (per_row + extra_per_row) + 6 * L * D * B * H
-                       + (parameters if mode == "backward" else 0))
+    needed = T * B * (per_row + extra_per_row) + 6 * L * D * B * H
+    if mode == "backward":  # new arrays for the weight gradients
+        needed += D * spec.parameter_count(I, H) + (L - 1) * D * spec.parameter_count(DH, H)
+    return itemsize * needed

@@ -15,7 +15,6 @@ accepted and copied as needed; the results are the same.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,11 +48,7 @@ class Tape:
     L: int
     D: int
     bias_given: tuple[tuple[bool, ...], ...]  # per entry and part: passed (not None)
-
-    @functools.cached_property
-    def dims(self) -> _checks.TapeDims:
-        return _checks.TapeDims(self.cell, self.dtype, self.T, self.B, self.I, self.H, self.L,
-                                self.D)
+    dims: _checks.TapeDims  # the cell, dtype and sizes above, as the checks take them
 
     def __repr__(self) -> str:
         return (
@@ -117,7 +112,7 @@ def rnn_forward(
     tape = None
     if keep_tape:
         tape = Tape(backend, spec.name, kernel_tape, batch_first, x.dtype, T, B, I, H, L, D,
-                    checked.bias_given)
+                    checked.bias_given, _checks.TapeDims(spec.name, x.dtype, T, B, I, H, L, D))
     return _user_layout(out, batch_first), h_n, c_n, tape
 
 
@@ -183,10 +178,13 @@ def _run_backward(
     dx, dh0, dc0, kernel_d_weights = _backend.prechecked(tape.backend).stack_backward(
         tape.kernel_tape, d_out, d_h_n, d_c_n, targets
     )
-    d_weights = [
-        tuple(grad if given else None for grad, given in zip(grads, entry_given, strict=True))
-        for grads, entry_given in zip(kernel_d_weights, tape.bias_given, strict=True)
-    ]
+    if all(map(all, tape.bias_given)):
+        d_weights = [tuple(grads) for grads in kernel_d_weights]
+    else:  # None for the biases the forward pass was not given
+        d_weights = [
+            tuple(grad if given else None for grad, given in zip(grads, entry_given, strict=True))
+            for grads, entry_given in zip(kernel_d_weights, tape.bias_given, strict=True)
+        ]
     return _user_layout(dx, tape.batch_first), dh0, dc0, d_weights
 
 

@@ -128,12 +128,13 @@ class Linear(Module):
 
     def _kernel_params(self) -> tuple[np.ndarray, np.ndarray | None]:
         """weight and bias as the kernels take them (checked: a user may have replaced them)."""
-        shapes = ((self.out_features, self.in_features), (self.out_features,))
-        arrays = zip(("weight", "bias"), (self.weight, self.bias), shapes, strict=True)
-        weight, bias = (
-            a if a is None or _checks.is_ready(a, self.dtype, s) else
-            _checks.array(name, a, self.dtype, s) for name, a, s in arrays)
-        return weight, bias
+        weight, bias, dtype = self.weight, self.bias, self.dtype
+        w_shape, b_shape = (self.out_features, self.in_features), (self.out_features,)
+        if _checks.is_ready(weight, dtype, w_shape) and (
+                bias is None or _checks.is_ready(bias, dtype, b_shape)):
+            return weight, bias
+        weight = _checks.array("weight", weight, dtype, w_shape)
+        return weight, None if bias is None else _checks.array("bias", bias, dtype, b_shape)
 
     def _grad_targets(self, reads: tuple[tuple[str, np.ndarray], ...]) -> tuple | None:
         """grads as the kernel's accumulate_into, or None when it cannot add into them."""
