@@ -1,11 +1,13 @@
 """Every argument check of pyrnn and its message, in one place.
 
 Each public entry point checks its arguments here once, before any kernel runs: the functional
-layer and the modules (``rnn_*``, ``module_*``, ``layer_*`` below), and the kernel contract of
-``pyrnn/_backend.py`` that users may call directly on either backend (``kernel_*``): the
-reference's public kernels and the Python face of the C++ core both run the same
-``kernel_*`` checks, so both backends refuse the same calls with the same words. The compiled
-core keeps only guards against reading or writing out of bounds.
+layer (``rnn_*``), the modules and layers (``module_input``, ``state_pair``, ``indices``, ...),
+and the kernel contract of ``pyrnn/_backend.py``, which users may call directly on either
+backend (``kernel_*``): the reference's public kernels and the Python face of the C++ core run
+the same checks, so both backends refuse the same calls with the same words. What a call or a
+constructor would allocate is weighed against the memory available before any of it is
+(``*_fits``, ``fits_in_memory``). The compiled core keeps only guards against reading or
+writing out of bounds (cpp/bindings.cpp).
 
 Every failure raises ValueError (bad value or shape), TypeError (bad type or dtype),
 RuntimeError (bad call order) or OutOfMemoryError, with a message naming the argument, what was
@@ -889,6 +891,18 @@ def stack_bytes(spec: Cell, dims: Sequence[int], itemsize: int, mode: str, backe
     backends' peaks (RSS) on LSTM, GRU and RNN stacks: 1.1-3 times what they use, the C++
     inference up to 6 times where it projects the input chunk by chunk, not all at once."""
     T, B, I, H, L, D = dims  # noqa: N806, E741
+    needed = T * B * (_row_bytes(spec, I, H, L, D, itemsize, mode, backend)
+                      + itemsize * extra_per_row)
+    if mode == "backward":  # new arrays for the weight gradients
+        needed += itemsize * (D * spec.parameter_count(I, H)
+                              + (L - 1) * D * spec.parameter_count(D * H, H))
+    return needed
+
+
+@functools.cache
+def _row_bytes(spec: Cell, I: int, H: int, L: int, D: int, itemsize: int,  # noqa: N803, E741
+               mode: str, backend: str) -> int:
+    """stack_bytes per (t, b), states included (they are per b)."""
     G, DH, widest = spec.num_gates, D * H, max(I, D * H)  # noqa: N806
     if mode == "infer" and backend == "cpp":  # the input projection (up front), the outputs
         per_row = D * G * H + DH + (2 * DH if L > 1 else 0)
@@ -899,7 +913,4 @@ def stack_bytes(spec: Cell, dims: Sequence[int], itemsize: int, mode: str, backe
         per_row = 2 * I + inputs + L * D * (2 * G + 3) * H + G * H + 2 * L * DH
     else:  # the gates' gradients of every layer at once (C++), or of one direction (NumPy)
         per_row = max(2 * I + 2 * DH + max(L, D) * (G + 1) * H, I + widest + 2 * G * H + DH)
-    needed = T * B * (per_row + extra_per_row) + 6 * L * D * B * H
-    if mode == "backward":  # new arrays for the weight gradients
-        needed += D * spec.parameter_count(I, H) + (L - 1) * D * spec.parameter_count(DH, H)
-    return itemsize * needed
+    return itemsize * (per_row + 6 * L * D * H)
