@@ -517,17 +517,23 @@ def kernel_adam(param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any,
                 max_exp_avg_sq: Any) -> None:
     """Floating-point arrays of param's shape, those written (all but grad) writable and each
     its own memory. Any float type and layout: the NumPy reference updates them as they are
-    (the C++ core's guards then ask for its own dtypes and layout)."""
+    (the C++ core's guards then ask for its own dtypes and layout). One pass, as an optimizer
+    step calls this for every parameter; `disjoint` runs only where two arrays may overlap."""
     named = (("grad", grad), ("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
              ("max_exp_avg_sq", max_exp_avg_sq))
     expected = getattr(param, "shape", None)
+    owners: set[int | None] = set()
     for name, a in named:
         if a is None and name == "max_exp_avg_sq":  # no amsgrad
             continue
         if not (type(a) is np.ndarray and a.dtype.kind == "f" and a.shape == expected
                 and (a.flags.writeable or name == "grad")):
             _adam_array(name, a, param)
-    disjoint(named, first_written=1)
+        owner = id(a) if a.base is None else _owner(a)
+        if owner is None or owner in owners:
+            disjoint(named, first_written=1)
+            return
+        owners.add(owner)
 
 
 def _adam_array(name: str, a: Any, param: Any) -> None:
