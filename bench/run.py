@@ -30,7 +30,7 @@ import pyrnn
 
 from . import configs as cfg
 from . import timing
-from .backends import BACKENDS, GATES, Case, make_data, pyrnn_api
+from .backends import BACKENDS, Case, make_data, num_gates, pyrnn_api
 
 SCHEMA_VERSION = 1
 # An output differing from the reference by more than this (relative to the array's scale,
@@ -142,7 +142,7 @@ def forward_flops(case: Case, lengths: np.ndarray | None) -> float:
     total = 0.0
     for k in range(case.L):
         fan_in = case.I if k == 0 else case.D * case.H
-        total += case.D * 2.0 * steps * GATES[case.cell] * case.H * (fan_in + case.H)
+        total += case.D * 2.0 * steps * num_gates(case.cell) * case.H * (fan_in + case.H)
     return total
 
 

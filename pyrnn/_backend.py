@@ -65,6 +65,12 @@ beta2, bias_correction2_sqrt, eps, weight_decay)``
     also takes other float types and layouts). The scalars as
     torch.optim.Adam derives them for the step: -lr / (1 - beta1^step), 1 - beta1, beta2,
     sqrt(1 - beta2^step), eps, weight_decay. Both backends give the same bits. Returns None.
+
+Checks: on either backend these functions check every argument (``pyrnn._checks``, the same
+checks and messages for both) before any work. ``prechecked(backend)`` gives the same functions
+without those checks, for callers that have checked their arguments themselves and bring them
+in the kernels' form (arrays native, C-contiguous and aligned, lengths int64): the functional
+layer and the layers, so that a call is checked once.
 """
 
 from __future__ import annotations
@@ -73,8 +79,9 @@ import numbers
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -127,6 +134,30 @@ def resolve(backend: str) -> str:
 def kernels(backend: str) -> ModuleType:
     """The module implementing the kernel contract for a resolved backend name."""
     return _core if backend == "cpp" else reference  # type: ignore[return-value]
+
+
+class Kernels(NamedTuple):
+    """The kernel contract's functions on arguments already checked (see the docstring)."""
+
+    stack_forward: Callable[..., Any]
+    stack_backward: Callable[..., Any]
+    linear_forward: Callable[..., Any]
+    linear_backward: Callable[..., Any]
+    adam_update: Callable[..., Any]
+
+
+def _prechecked(module: ModuleType) -> Kernels:
+    return Kernels(module._stack_forward, module._stack_backward, module._linear_forward,
+                   module._linear_backward, module._adam_update)
+
+
+_PRECHECKED = {"numpy": _prechecked(reference)} | (
+    {"cpp": _prechecked(_core)} if _core is not None else {})
+
+
+def prechecked(backend: str) -> Kernels:
+    """The kernel contract of a resolved backend name, minus the argument checks."""
+    return _PRECHECKED[backend]
 
 
 def new_pack_cache(backend: str) -> Any:

@@ -105,6 +105,11 @@ class Optimizer:
                 raise TypeError(f"parameter {name!r} must be floating point, got {param.dtype}")
         for key, value in self._check_hyperparams(hyperparams).items():
             setattr(self, key, value)
+        params, buffers = [param for _, param, _ in self._entries], len(self.BUFFERS)
+        _checks.fits_in_memory(  # the buffers a step may make: refused before any is made
+            f"{type(self).__name__}'s state ({buffers} buffer{'s' * (buffers != 1)} per "
+            "parameter)", buffers * sum(p.size for p in params), max(p.itemsize for p in params),
+            arrays=buffers * len(params))
         self.step_count = 0
         self.state: dict[str, dict[str, np.ndarray]] = {
             name: self._initial_buffers(param) for name, param, _ in self._entries
