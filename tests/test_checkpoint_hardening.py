@@ -19,6 +19,8 @@ from pyrnn.layers import Linear
 from pyrnn.module import Module
 from pyrnn.optim import Adam
 
+from _child import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 LARGE = 1_500_000_000  # bytes a lying member declares: more than a test may allocate
 
@@ -225,7 +227,7 @@ def test_a_save_killed_mid_write_leaves_a_temp_file_the_next_save_removes(tmp_pa
         "checkpoint._locked_temp(sys.argv[1], 'm.npz')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], env=env, timeout=60)
     assert result.returncode == -signal.SIGKILL
     assert len(list(tmp_path.glob(".m.npz.*.tmp"))) == 1

@@ -19,6 +19,8 @@ from pyrnn import checkpoint
 from pyrnn.apps import _common, charrnn
 from pyrnn.cli import main
 
+from _child import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = _common.matplotlib_available()
 TEXT = "\n".join(f"def f{i}(x, y):\n    return x * {i} + y  # line {i}\n" for i in range(60))
@@ -339,7 +341,7 @@ def test_every_file_the_apps_write_follows_the_umask(work, capsys, umask, mode):
 # ------------------------------------------------------------------ sampling
 
 def test_sample_into_a_closed_pipe_exits_quietly(trained):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     reader = subprocess.Popen(
         [sys.executable, "-m", "pyrnn", "charrnn", "sample", "--checkpoint", str(trained),
          "--length", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -20,6 +20,8 @@ import pyrnn
 from pyrnn import _backend, _checks, functional, optim, reference
 from pyrnn._cells import CELLS
 
+from _child import child_env
+
 GIB = 2**30
 BILLION_STEPS = np.broadcast_to(np.float32(0), (10**9, 1, 4))  # 4 bytes of memory
 NEEDS = r"this call would allocate about [\d,]+ bytes \([\d,.]+ GiB\) for .*, but "
@@ -172,16 +174,12 @@ def test_the_constructors_estimate_covers_what_it_allocates():
         "before = rss(); net = pyrnn.LSTM(8, 16, num_layers=4000); print(rss() - before)\n"
     )
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               check=True, env=os.environ | {"PYTHONPATH": _pythonpath()})
+                               check=True, env=child_env())
                 .stdout)
     net = pyrnn.LSTM(8, 16, num_layers=2)
     per_layer = 2 * net._cell.parameter_count(16, 16) * 4 + 8 * _checks._ARRAY_BYTES
     assert grown <= 4000 * per_layer, (grown, 4000 * per_layer)
     assert grown > 4000 * 2 * net._cell.parameter_count(16, 16) * 4  # the numbers alone do not
-
-
-def _pythonpath() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(pyrnn.__file__)))
 
 
 @pytest.mark.parametrize("make", [lambda: pyrnn.Linear(10**5, 10**5),
@@ -287,7 +285,7 @@ print(status("VmHWM") - base)
 def test_the_call_estimate_covers_the_peak_a_call_reaches(backend, cell, mode):
     peak = int(subprocess.run([sys.executable, "-c", PEAK, backend, cell, mode],
                               capture_output=True, text=True, check=True,
-                              env=os.environ | {"PYTHONPATH": _pythonpath()}).stdout)
+                              env=child_env()).stdout)
     estimate = _checks.stack_bytes(CELLS[cell], (100, 64, 128, 256, 2, 2), 4, mode, backend)
     assert peak <= estimate, (peak, estimate)
 
