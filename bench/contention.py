@@ -9,8 +9,10 @@ row is pyrnn's default time over the best time of its thread counts; issue 33's 
 most ``LIMIT`` with one or two neighbours. Results go to ``contention.json`` in ``--out`` (rewritten
 after every row), then the Markdown table to ``contention.md`` and standard output.
 
-A neighbour ends when stopped, on Ctrl-C, and on its own within milliseconds when the process
-that started it is gone (killed included), so an interrupted run leaves no spinning process.
+A neighbour runs in a session of its own, as another program would, and ends when stopped
+(Ctrl-C and SIGTERM stop the run, which stops it) or on its own within milliseconds when the
+process that started it is gone (killed included), so an interrupted run leaves no spinning
+process.
 """
 
 from __future__ import annotations
@@ -54,10 +56,16 @@ except KeyboardInterrupt:
 
 
 class Neighbours:
-    """``count`` processes spinning on the CPU while the block runs: ``with Neighbours(1): ...``."""
+    """``count`` processes spinning on the CPU while the block runs: ``with Neighbours(1): ...``.
 
-    def __init__(self, count: int, ramp_s: float = 0.2):
-        self.count, self.ramp_s = count, ramp_s
+    Each runs in a session of its own, as a program started elsewhere would (another terminal, a
+    service): Linux's autogroup scheduling shares the CPUs between sessions first, so a spinner in
+    the bench's own session would take its time from the bench alone. ``own_session=False`` puts
+    them in the bench's session.
+    """
+
+    def __init__(self, count: int, ramp_s: float = 0.2, own_session: bool = True):
+        self.count, self.ramp_s, self.own_session = count, ramp_s, own_session
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Neighbours:
@@ -65,7 +73,8 @@ class Neighbours:
             for _ in range(self.count):
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-S", "-c", SPIN, str(os.getpid())],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    start_new_session=self.own_session))
             if self.procs:
                 time.sleep(self.ramp_s)  # the interpreters start and reach their loops
         except BaseException:

@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contention", action="store_true",
                    help="speed under load instead of the suite: each row (default: "
                         f"{cfg.CONTENTION['configs']}, cells {cfg.CONTENTION['cells']}, both "
-                        "modes) timed while busy processes spin beside this one, pyrnn at its "
+                        "modes) timed while busy processes (each in a session of its own, as "
+                        "another program's) spin beside this one, pyrnn at its "
                         "default thread count and at one thread against torch at its default; "
                         "the verdict per row is pyrnn's default time over its best thread "
                         "count's (issue 33: at most 1.15 with one or two neighbours). Waits for "

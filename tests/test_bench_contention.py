@@ -107,6 +107,7 @@ def test_neighbours_spin_while_running_and_are_gone_after_an_error():
     with pytest.raises(RuntimeError), contention.Neighbours(2, ramp_s=0.1) as neighbours:
         pids = neighbours.pids
         assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert all(os.getsid(p) == p != os.getsid(0) for p in pids)  # as another program's
         cpu = neighbours.cpu_s()
         time.sleep(0.2)
         assert neighbours.cpu_s() > cpu  # they spin
