@@ -153,21 +153,28 @@ def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirection
 def _require(args: _checks.StackArgs) -> None:
     """Refuse a stack this build has no kernels for, naming what it lacks."""
     projected = len(args.weights[0]) > 5 and args.weights[0][5] is not None
-    missing = sorted(features_needed(args.cell, projected, args.residual) - FEATURES)
+    missing = sorted(features_needed(args.cell, projected, _stacked(args.residual, args.weights,
+                                                                    args.bidirectional))
+                     - FEATURES)
     if missing:
         raise RuntimeError(f"pyrnn._core.stack_forward: this build of the C++ core has no "
                            f"kernels for {', '.join(map(repr, missing))} (it runs "
                            f"{', '.join(sorted(FEATURES))}); pyrnn.reference runs every cell")
 
 
+def _stacked(residual: bool, weights: Any, bidirectional: bool) -> bool:
+    """residual where it does something: with more than one layer."""
+    return residual and len(weights) > (2 if bidirectional else 1)
+
+
 def _stack_forward(cell: str, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: bool,
                    lengths: Any, dropout_masks: Any, keep_tape: bool, packs: Any = None,
                    residual: bool = False) -> Any:
     """On checked arguments, by the build chosen for x's batch size. `residual` reaches the
-    build only when True, so that a build from before it runs the rest."""
+    build only where it does something, so that a build from before it runs the rest."""
     module = _for_input(x)
     packs = None if packs is None else packs.of(module)
-    options = {"residual": True} if residual else {}
+    options = {"residual": True} if _stacked(residual, weights, bidirectional) else {}
     return module.stack_forward(cell, x, h0, c0, weights, bidirectional, lengths,
                                 dropout_masks, keep_tape, packs, **options)
 
