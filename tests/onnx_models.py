@@ -138,15 +138,17 @@ def ort_layer(cell: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray | None,
 
 
 def ort_stack(cell: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray | None,
-              weights: list[tuple], bidirectional: bool, lengths: np.ndarray | None):
-    """A stack of layers, one ONNX node per layer, each reading the previous one's output."""
+              weights: list[tuple], bidirectional: bool, lengths: np.ndarray | None,
+              residual: bool = False):
+    """A stack of layers, one ONNX node per layer, each reading the previous one's output
+    (residual: plus that output, above the first layer)."""
     D = 2 if bidirectional else 1  # noqa: N806
     outs_h, outs_c, layer_input = [], [], x
     for layer in range(len(weights) // D):
         s = slice(layer * D, (layer + 1) * D)
-        layer_input, h_n, c_n = ort_layer(cell, layer_input, h0[s],
-                                          None if c0 is None else c0[s], list(weights[s]),
-                                          lengths)
+        out, h_n, c_n = ort_layer(cell, layer_input, h0[s], None if c0 is None else c0[s],
+                                  list(weights[s]), lengths)
+        layer_input = out + layer_input if residual and layer > 0 else out
         outs_h.append(h_n)
         outs_c.append(c_n)
     c_n = None if c0 is None else np.concatenate(outs_c)
