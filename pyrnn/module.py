@@ -66,6 +66,17 @@ class Module:
         object.__setattr__(self, "_this_thread", CallState())
         object.__setattr__(self, "_grad_lock", threading.Lock())
 
+    # copy.deepcopy and pickle: a copy starts with no tape and a lock of its own.
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        del state["_this_thread"], state["_grad_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "_this_thread", CallState())
+        object.__setattr__(self, "_grad_lock", threading.Lock())
+
     def __setattr__(self, name: str, value: object) -> None:
         if isinstance(value, Module):
             self._children[name] = value

@@ -282,3 +282,18 @@ def test_concurrent_core_calls_return_the_serial_bits(threads):
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         for a, b in zip(g, w, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"case {i}")
+
+
+def test_a_deep_copy_has_its_own_lock_and_no_tape(backend):
+    import copy
+
+    model = Tagger(backend)
+    model.rnn(np.ones((2, 1, 6)))
+    twin = copy.deepcopy(model)
+    assert twin.rnn._grad_lock is not model.rnn._grad_lock
+    with pytest.raises(RuntimeError, match="no forward pass has run in this thread"):
+        twin.rnn.backward(np.ones((2, 1, 9)))
+    out, _ = twin.rnn(np.ones((2, 1, 6)))
+    np.testing.assert_array_equal(out, model.rnn(np.ones((2, 1, 6)))[0])
+    twin.rnn.backward(np.ones((2, 1, 9)))
+    assert not any(g.any() for g in model.rnn.grads.values())
