@@ -26,7 +26,7 @@ Array = np.ndarray
 
 # Why a module has no tape, for backward's error message.
 _NO_FORWARD = (
-    "no forward pass has run in this thread (a tape belongs to the thread whose forward pass "
+    "no forward pass has run yet in this thread (a tape belongs to the thread whose forward pass "
     "recorded it: call backward in that thread)"
 )
 _NO_TAPE = (

@@ -144,7 +144,7 @@ def test_backward_of_a_forward_run_in_another_thread_raises(backend):
     lstm = pyrnn.LSTM(3, 4, seed=0, backend=backend)
     x = np.ones((2, 1, 3), np.float32)
     forward_in_another_thread(lambda: lstm(x))
-    with pytest.raises(RuntimeError, match="no forward pass has run in this thread"):
+    with pytest.raises(RuntimeError, match="no forward pass has run yet in this thread"):
         lstm.backward(np.ones((2, 1, 4), np.float32))
     lstm(x)  # this thread's own pass, then the other thread's, leave this one's tape in place
     forward_in_another_thread(lambda: lstm(x))
@@ -291,7 +291,7 @@ def test_a_deep_copy_has_its_own_lock_and_no_tape(backend):
     model.rnn(np.ones((2, 1, 6)))
     twin = copy.deepcopy(model)
     assert twin.rnn._grad_lock is not model.rnn._grad_lock
-    with pytest.raises(RuntimeError, match="no forward pass has run in this thread"):
+    with pytest.raises(RuntimeError, match="no forward pass has run yet in this thread"):
         twin.rnn.backward(np.ones((2, 1, 9)))
     out, _ = twin.rnn(np.ones((2, 1, 6)))
     np.testing.assert_array_equal(out, model.rnn(np.ones((2, 1, 6)))[0])
