@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 
 import numpy as np
@@ -61,16 +60,21 @@ def _named_parameters(
     return entries, [modules[key]._grad_lock for key in sorted(modules)]
 
 
-@contextmanager
-def _holding(locks: list[threading.Lock]) -> Iterator[None]:
+class _holding:  # noqa: N801 - used as a function: `with _holding(locks):`
     """Hold the modules' gradient locks: a backward pass running in another thread adds its
     gradients before or after what this block does with them, never in the middle."""
-    for lock in locks:
-        lock.acquire()
-    try:
-        yield
-    finally:
-        for lock in locks:
+
+    __slots__ = ("locks",)
+
+    def __init__(self, locks: list[threading.Lock]) -> None:
+        self.locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lock in self.locks:
             lock.release()
 
 
