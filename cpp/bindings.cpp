@@ -242,7 +242,8 @@ void forward_with_packs(const pyrnn::StackInputs<S>& in, const pyrnn::StackOutpu
   const pyrnn::Dims& dm = in.dims;
   pyrnn::PackSignature signature{in.cell, Index(sizeof(S)), dm.I, dm.H, dm.L, dm.D, {}};
   for (const Array<S>& w : weights) signature.weights.push_back(w.data());
-  const int threads = pyrnn::get_num_threads();
+  const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+  const int threads = share.count();
   bool served = false;
   {
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
@@ -273,7 +274,8 @@ py::tuple run_forward(const pyrnn::StackInputs<S>& in, bool keep_tape, pyrnn::Pa
   if (cache) {
     forward_with_packs(in, res, *cache, packs_obj, held.weights);
   } else {
-    const int threads = pyrnn::get_num_threads();
+    const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+    const int threads = share.count();
     py::gil_scoped_release release;
     tape = pyrnn::stack_forward(in, res, keep_tape, threads);
   }
@@ -359,7 +361,8 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
     grads.db_hh.push_back(w[3].mutable_data());
     d_weights.append(py::make_tuple(w[0], w[1], w[2], w[3]));
   }
-  const int threads = pyrnn::get_num_threads();
+  const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+  const int threads = share.count();
   {
     py::gil_scoped_release release;
     pyrnn::stack_backward(tape, d_out.data(), d_h_n_obj.is_none() ? nullptr : d_h_n.data(),
@@ -404,7 +407,8 @@ py::array linear_forward_impl(const DenseDims& d, const py::object& x_obj, const
   const Array<S> x = guarded<S>(x_obj, {"x"}, {d.n, d.k}), weight = guarded<S>(weight_obj, {"weight"}, {d.m, d.k});
   const Array<S> bias = bias_obj.is_none() ? Array<S>() : guarded<S>(bias_obj, {"bias"}, {d.m});
   Array<S> y = new_array<S>({d.n, d.m});
-  const int threads = pyrnn::get_num_threads();
+  const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+  const int threads = share.count();
   {
     py::gil_scoped_release release;
     pyrnn::dense_forward(d.n, d.k, d.m, x.data(), weight.data(), bias_obj.is_none() ? nullptr : bias.data(),
@@ -436,7 +440,8 @@ py::tuple linear_backward_impl(const DenseDims& d, const py::object& x_obj, cons
   const Array<S> d_y = guarded<S>(d_y_obj, {"d_y"}, {d.n, d.m});
   auto [d_weight, d_bias] = linear_targets<S>(d, has_bias, into_obj);
   Array<S> dx = new_array<S>({d.n, d.k});
-  const int threads = pyrnn::get_num_threads();
+  const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+  const int threads = share.count();
   {
     py::gil_scoped_release release;
     pyrnn::dense_backward(d.n, d.k, d.m, x.data(), weight.data(), d_y.data(), dx.mutable_data(),
@@ -470,7 +475,8 @@ void adam_update_impl(const py::object& param_obj, const py::object& grad_obj, c
   Array<S> exp_avg_sq = guarded<S>(exp_avg_sq_obj, {"exp_avg_sq"}, shape, true);
   const bool amsgrad = !max_obj.is_none();
   Array<S> max_exp_avg_sq = amsgrad ? guarded<S>(max_obj, {"max_exp_avg_sq"}, shape, true) : Array<S>();
-  const int threads = pyrnn::get_num_threads();
+  const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
+  const int threads = share.count();
   py::gil_scoped_release release;
   pyrnn::adam_update(n, param.mutable_data(), grad.data(), exp_avg.mutable_data(), exp_avg_sq.mutable_data(),
                      amsgrad ? max_exp_avg_sq.mutable_data() : nullptr, a, threads);

@@ -12,7 +12,8 @@ In training mode with gradients enabled every call keeps its step on a tape, las
 most recent call not yet undone, returns the gradients of that call's input and state, and adds
 its weight gradients into ``cell.grads`` (they accumulate until ``zero_grad``). A decoder loop
 over time steps runs backward as the same loop reversed, adding each step's dh0 into the
-gradient of the h it was given. ``clear_tape()`` drops the steps no backward will undo.
+gradient of the h it was given. ``clear_tape()`` drops the steps no backward will undo. The
+tape is the calling thread's (docs/threads.md).
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ class _CellBase(Module):
         self._fits_in_memory()
         self._layout = self._init_params(np.random.default_rng(self.seed))
         self._w_hh_shape = self.params["weight_hh"].shape
-        self._steps: list[_Step] = []
 
     def _fits_in_memory(self) -> None:
         count = self._cell.parameter_count(self.input_size, self.hidden_size, self.bias)
@@ -89,6 +89,15 @@ class _CellBase(Module):
                 f"{self.hidden_size}), got {getattr(w_hh, 'shape', type(w_hh).__name__)}; "
                 "load other weights with load_state_dict, which checks them")
         return weights
+
+    @property
+    def _steps(self) -> list[_Step]:
+        """The calling thread's steps not yet undone: a tape belongs to its thread
+        (docs/threads.md), so a decoder per thread may share one cell."""
+        this_thread = self._this_thread
+        if this_thread.tape is None:
+            this_thread.tape = []
+        return this_thread.tape
 
     @property
     def pending_steps(self) -> int:
@@ -126,7 +135,8 @@ class _CellBase(Module):
         d_c = _step_state("dc1", dc1, step.batched, B, H, self.dtype) if self._cell.has_c else None
         dx, dh0, dc0, d_weights = rnn_backward(step.tape, None, d_h, d_c)
         self._steps.pop()
-        self._layout.add_grads(self.grads, d_weights)
+        with self._grad_lock:
+            self._layout.add_grads(self.grads, d_weights)
         return (_user_state(dx, step.batched), _user_state(dh0, step.batched),
                 None if dc0 is None else _user_state(dc0, step.batched))
 

@@ -5,8 +5,9 @@ Each layer has PyTorch's parameter names, shapes and default initialisation, a f
 in place and returns the gradient with respect to the input (``Linear``) or nothing
 (``Embedding``: its input is a tensor of indices).
 
-A layer keeps the one tape of its latest forward pass, and only in training mode with
-gradients enabled. To train a layer applied at every time step, call it once on the whole
+A layer keeps the tape of its latest forward pass per calling thread (a thread's backward
+pairs with its own forward, see docs/threads.md), and only in training mode with gradients
+enabled. To train a layer applied at every time step, call it once on the whole
 ``(T, B, ...)`` sequence rather than once per step: one matrix product is faster anyway.
 """
 
@@ -75,7 +76,6 @@ class Linear(Module):
         self.bias = None
         if bias:
             self.bias = self.add_param("bias", self._uniform(rng, bound, (self.out_features,)))
-        self._x: np.ndarray | None = None
 
     def _uniform(self, rng: np.random.Generator, bound: float, shape: tuple) -> np.ndarray:
         return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
@@ -96,36 +96,48 @@ class Linear(Module):
         rows = np.ascontiguousarray(x.reshape(-1, self.in_features))
         weight, bias = self._kernel_params()
         y = _backend.prechecked(self.backend).linear_forward(rows, weight, bias)
-        self._x = x if keep else None
+        self._this_thread.tape = x if keep else None
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, d_y: object) -> np.ndarray:
-        """Add ``dL/dweight`` and ``dL/dbias`` into ``grads``; return ``dL/dx``."""
-        if self._x is None:
+        """Add ``dL/dweight`` and ``dL/dbias`` into ``grads``; return ``dL/dx`` (of this
+        thread's last forward pass)."""
+        x = self._this_thread.tape
+        if x is None:
             raise RuntimeError(
                 "Linear.backward needs a forward pass in training mode with gradients enabled "
-                "first (none recorded)"
+                "first, in this thread (none recorded)"
             )
         d_y = _checks.real_array("d_y", d_y)
         self._check_grads()
-        expected = self._x.shape[:-1] + (self.out_features,)
+        expected = x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
         rows = d_y.size // self.out_features
         _checks.call_fits("d_y", d_y.shape, self.dtype.itemsize * rows * (
             self.in_features + self.out_features), "d_y's copy and the input's gradient")
         d_y_rows = np.ascontiguousarray(d_y.reshape(-1, self.out_features), dtype=self.dtype)
-        x_rows = self._x.reshape(-1, self.in_features)
+        x_rows = x.reshape(-1, self.in_features)
         weight, bias = self._kernel_params()
         has_bias = bias is not None
-        targets = self._grad_targets((("d_y", d_y_rows), ("weight", weight)))
-        dx, d_weight, d_bias = _backend.prechecked(self.backend).linear_backward(
-            x_rows, weight, d_y_rows, has_bias, targets)
-        if targets is None:  # grads replaced by arrays the kernel cannot add into: add here
-            self.grads["weight"] += d_weight
-            if has_bias:
-                self.grads["bias"] += d_bias
-        return dx.reshape(self._x.shape)
+        # As the recurrent modules: the kernel adds into grads while this holds the lock, else
+        # (another thread holds it, or grads were replaced by arrays the kernel cannot add
+        # into) the gradients are computed fresh and added here under the lock.
+        lock = self._grad_lock
+        owned = lock.acquire(False)  # without waiting
+        try:
+            targets = self._grad_targets((("d_y", d_y_rows), ("weight", weight))) if owned else None
+            dx, d_weight, d_bias = _backend.prechecked(self.backend).linear_backward(
+                x_rows, weight, d_y_rows, has_bias, targets)
+        finally:
+            if owned:
+                lock.release()
+        if targets is None:
+            with lock:
+                self.grads["weight"] += d_weight
+                if has_bias:
+                    self.grads["bias"] += d_bias
+        return dx.reshape(x.shape)
 
     def _kernel_params(self) -> tuple[np.ndarray, np.ndarray | None]:
         """weight and bias as the kernels take them (checked: a user may have replaced them)."""
@@ -182,7 +194,6 @@ class Embedding(Module):
         rng = _check_seed(seed)
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))
-        self._indices: np.ndarray | None = None
 
     def __call__(self, indices: object) -> np.ndarray:
         indices = np.asarray(indices)
@@ -191,25 +202,27 @@ class Embedding(Module):
         indices = _checks.indices("indices", indices, self.num_embeddings)
         keep = self.training and is_grad_enabled()
         # A copy, so that a caller reusing its index buffer cannot change the tape.
-        self._indices = indices.copy() if keep else None
+        self._this_thread.tape = indices.copy() if keep else None
         return self.weight[indices]
 
     def backward(self, d_y: object) -> None:
-        """Add ``dL/dweight`` into ``grads["weight"]`` (rows of repeated indices sum)."""
-        if self._indices is None:
+        """Add ``dL/dweight`` into ``grads["weight"]`` (rows of repeated indices sum), for this
+        thread's last forward pass."""
+        tape = self._this_thread.tape
+        if tape is None:
             raise RuntimeError(
                 "Embedding.backward needs a forward pass in training mode with gradients "
-                "enabled first (none recorded)"
+                "enabled first, in this thread (none recorded)"
             )
         d_y = _checks.real_array("d_y", d_y)
         self._check_grads()
-        expected = self._indices.shape + (self.embedding_dim,)
+        expected = tape.shape + (self.embedding_dim,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
         _checks.call_fits("d_y", d_y.shape, d_y.size * 2 * self.dtype.itemsize
-                          + self._indices.size * 24, "the rows sorted by index and their sums")
+                          + tape.size * 24, "the rows sorted by index and their sums")
         rows = d_y.reshape(-1, self.embedding_dim).astype(self.dtype, copy=False)
-        indices = self._indices.reshape(-1)
+        indices = tape.reshape(-1)
         if indices.size == 0:
             return
         # np.add.at took 1.1 ms for a char-RNN batch (2048 rows of 64) against 0.17 ms for
@@ -217,7 +230,9 @@ class Embedding(Module):
         order = np.argsort(indices, kind="stable")
         grouped = indices[order]
         starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-        self.grads["weight"][grouped[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+        sums = np.add.reduceat(rows[order], starts, axis=0)
+        with self._grad_lock:
+            self.grads["weight"][grouped[starts]] += sums
 
     def __repr__(self) -> str:
         return (

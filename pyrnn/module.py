@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -40,14 +41,41 @@ def is_grad_enabled() -> bool:
     return getattr(_grad_mode, "enabled", True)
 
 
+class CallState(threading.local):
+    """What a module keeps from a forward pass for its backward, one per calling thread: a
+    thread's backward pairs with that thread's last forward pass, whatever other threads run."""
+
+    tape: Any = None  # the recorded pass (a layer's input), or None
+    no_tape_reason: str | None = None  # why there is none, once a pass has run
+
+
 class Module:
-    """Named parameters with gradients, child modules, train/eval mode."""
+    """Named parameters with gradients, child modules, train/eval mode.
+
+    Thread safety (docs/threads.md): forward and backward may run in several threads at once,
+    each thread's backward using its own forward's tape (``_this_thread``). Gradients are added
+    into ``grads`` under ``_grad_lock``, which ``zero_grad`` and optimizer steps also hold, so
+    concurrent backward passes add exactly.
+    """
 
     def __init__(self) -> None:
         object.__setattr__(self, "params", {})
         object.__setattr__(self, "grads", {})
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_this_thread", CallState())
+        object.__setattr__(self, "_grad_lock", threading.Lock())
+
+    # copy.deepcopy and pickle: a copy starts with no tape and a lock of its own.
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        del state["_this_thread"], state["_grad_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "_this_thread", CallState())
+        object.__setattr__(self, "_grad_lock", threading.Lock())
 
     def __setattr__(self, name: str, value: object) -> None:
         if isinstance(value, Module):
@@ -73,9 +101,17 @@ class Module:
         for child_name, child in self._children.items():
             yield from child.named_parameters(prefix + child_name + ".")
 
+    def modules(self) -> Iterator[Module]:
+        """This module and its children, depth first (as named_parameters walks them)."""
+        yield self
+        for child in self._children.values():
+            yield from child.modules()
+
     def zero_grad(self) -> None:
-        for _, _, grad in self.named_parameters():
-            grad.fill(0)
+        for module in self.modules():
+            with module._grad_lock:  # not between a concurrent backward's reads and writes
+                for name in module.params:
+                    module.grads[name].fill(0)
 
     def train(self, mode: bool = True) -> Module:
         mode = _checks.flag("mode", mode)

@@ -2,8 +2,9 @@
 
 A module holds its weights in ``params`` (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...) and
 runs them through ``pyrnn.functional``. In training mode with gradients enabled, a forward
-call keeps a tape; ``backward`` uses it once, returns the gradients of the inputs and adds the
-weight gradients into ``grads`` in place (they accumulate until ``zero_grad``).
+call keeps a tape for the calling thread; that thread's ``backward`` uses it once, returns the
+gradients of the inputs and adds the weight gradients into ``grads`` in place (they accumulate
+until ``zero_grad``; see docs/threads.md for several threads).
 
 The variants are keyword arguments: ``LSTM(proj_size=, peephole=, coupled_gates=)``,
 ``GRU(reset_after=)`` and ``residual=`` on all three; each picks a cell of the table in
@@ -84,7 +85,10 @@ def _gathered(arrays: dict[str, Array], slot: Slot) -> Array | None:
     return np.stack([arrays[name] for name in slot])
 
 # Why a module has no tape, for backward's error message.
-_NO_FORWARD = "no forward pass has run yet"
+_NO_FORWARD = (
+    "no forward pass has run yet in this thread (a tape belongs to the thread whose forward pass "
+    "recorded it: call backward in that thread)"
+)
 _NO_TAPE = (
     "the last forward pass kept no tape because it ran in eval mode or under pyrnn.no_grad(); "
     "call .train() and run the forward pass with gradients enabled"
@@ -143,9 +147,7 @@ class _RNNBase(Module):
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._layout = self._init_params()
         self._w_hh_shape = self.params[self._layout.entries[0][1]].shape
-        self._tape: Tape | None = None
-        self._no_tape_reason = _NO_FORWARD
-        # self.grads as last checked (see _checked_targets)
+        # self.grads as last checked (see _checked_targets); read and set under _grad_lock
         self._known_targets: tuple[list[tuple[str, Array]], Any, Any] | None = None
 
     @property
@@ -231,8 +233,9 @@ class _RNNBase(Module):
             dropout=self.dropout, training=self.training, rng=self._rng, backend=self.backend,
             keep_tape=keep_tape, residual=self.residual,
         )
-        self._tape = tape
-        self._no_tape_reason = _NO_TAPE
+        this_thread = self._this_thread
+        this_thread.tape = tape
+        this_thread.no_tape_reason = _NO_TAPE
         return out, self._pack_state(h_n, c_n)
 
     forward = __call__
@@ -248,21 +251,33 @@ class _RNNBase(Module):
 
     def backward(self, d_out: Array | None, d_hx: Any = None) -> tuple[Array, Any]:
         """Back-propagate the last forward pass: returns dx and the initial state's gradient,
-        and adds every weight gradient into self.grads. d_out or d_hx may be None (zero)."""
-        tape = self._tape
+        and adds every weight gradient into self.grads. d_out or d_hx may be None (zero).
+        The last forward pass is this thread's (see docs/threads.md)."""
+        this_thread = self._this_thread
+        tape = this_thread.tape
         if tape is None:
-            raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
+            reason = this_thread.no_tape_reason or _NO_FORWARD
+            raise RuntimeError(f"{type(self).__name__}.backward: {reason}")
         self._check_grads()
         d_h_n, d_c_n = self._split_d_hx(d_hx)
         _checks.rnn_backward_fits(tape.dims, d_out, tape.batch_first, tape.backend)
         reads = (("d_out", d_out), ("d_h_n", d_h_n), ("d_c_n", d_c_n))
         d_out, d_h_n, d_c_n = _upstream(tape, d_out, d_h_n, d_c_n)
-        targets = self._grad_targets(tape, reads)
-        dx, dh0, dc0, d_weights = _run_backward(tape, d_out, d_h_n, d_c_n, targets)
+        # The kernels add into self.grads while they hold the lock; a backward pass that finds
+        # it taken (another thread's) computes fresh gradients and adds them after waiting.
+        lock = self._grad_lock
+        owned = lock.acquire(False)  # without waiting
+        try:
+            targets = self._grad_targets(tape, reads) if owned else None
+            dx, dh0, dc0, d_weights = _run_backward(tape, d_out, d_h_n, d_c_n, targets)
+        finally:
+            if owned:
+                lock.release()
         if targets is None:
-            self._layout.add_grads(self.grads, d_weights)
-        self._tape = None
-        self._no_tape_reason = _USED
+            with lock:
+                self._layout.add_grads(self.grads, d_weights)
+        this_thread.tape = None
+        this_thread.no_tape_reason = _USED
         return dx, self._pack_state(dh0, dc0)
 
     def _grad_targets(self, tape: Tape,

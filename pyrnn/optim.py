@@ -14,6 +14,7 @@ number, bool or list. Hyper-parameters are attributes (``opt.lr = 1e-4`` changes
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from types import ModuleType
 
@@ -25,19 +26,22 @@ from .module import Module
 ParamEntry = tuple[str, np.ndarray, np.ndarray]
 
 
-def _named_parameters(model: object, argument: str = "model") -> list[ParamEntry]:
-    """(name, param, grad) of a Module or a list of Modules, checked for duplicates."""
+def _named_parameters(
+    model: object, argument: str = "model",
+) -> tuple[list[ParamEntry], list[threading.Lock]]:
+    """(name, param, grad) of a Module or a list of Modules, checked for duplicates, and the
+    gradient locks of every module they come from (see _holding)."""
     if isinstance(model, Module):
-        entries = list(model.named_parameters())
+        entries, tops = list(model.named_parameters()), [model]
     elif isinstance(model, Iterable) and not isinstance(model, str | bytes | Mapping):
-        modules = list(model)
-        for index, item in enumerate(modules):
+        tops = list(model)
+        for index, item in enumerate(tops):
             if not isinstance(item, Module):
                 raise TypeError(
                     f"{argument}[{index}] must be a pyrnn Module, got {type(item).__name__}"
                 )
         entries = [
-            entry for index, item in enumerate(modules)
+            entry for index, item in enumerate(tops)
             for entry in item.named_parameters(f"{index}.")
         ]
     else:
@@ -51,7 +55,27 @@ def _named_parameters(model: object, argument: str = "model") -> list[ParamEntry
         if id(param) in seen:
             raise ValueError(f"{argument} lists one parameter twice: {seen[id(param)]!r}, {name!r}")
         seen[id(param)] = name
-    return entries
+    # One order for every caller (by id), so that two holders never wait for each other.
+    modules = {id(m): m for top in tops for m in top.modules()}
+    return entries, [modules[key]._grad_lock for key in sorted(modules)]
+
+
+class _holding:  # noqa: N801 - used as a function: `with _holding(locks):`
+    """Hold the modules' gradient locks: a backward pass running in another thread adds its
+    gradients before or after what this block does with them, never in the middle."""
+
+    __slots__ = ("locks",)
+
+    def __init__(self, locks: list[threading.Lock]) -> None:
+        self.locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lock in self.locks:
+            lock.release()
 
 
 def _number(name: str, value: object, low: float = 0.0, high: float = math.inf,
@@ -99,7 +123,7 @@ class Optimizer:
     NON_NEGATIVE: tuple[str, ...] = ()
 
     def __init__(self, model: object, **hyperparams: object) -> None:
-        self._entries = _named_parameters(model)
+        self._entries, self._grad_locks = _named_parameters(model)
         for name, param, _ in self._entries:
             if not np.issubdtype(param.dtype, np.floating):
                 raise TypeError(f"parameter {name!r} must be floating point, got {param.dtype}")
@@ -134,14 +158,17 @@ class Optimizer:
         return {key: _jsonable(getattr(self, key)) for key in self.HYPERPARAMS}
 
     def step(self) -> None:
-        """Update every parameter in place from its current gradient."""
-        self.step_count += 1
-        for name, param, grad in self._entries:
-            self._update(param, grad, self.state[name])
+        """Update every parameter in place from its current gradient (the gradients as they
+        are when no backward pass is adding into them: see docs/threads.md)."""
+        with _holding(self._grad_locks):
+            self.step_count += 1
+            for name, param, grad in self._entries:
+                self._update(param, grad, self.state[name])
 
     def zero_grad(self) -> None:
-        for _, _, grad in self._entries:
-            grad.fill(0)
+        with _holding(self._grad_locks):
+            for _, _, grad in self._entries:
+                grad.fill(0)
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -457,23 +484,24 @@ def clip_grad_norm(model: object, max_norm: float, norm_type: float = 2.0,
     A nan or inf total raises RuntimeError if ``error_if_nonfinite``, else leaves the gradients
     unscaled (torch would fill them with nan).
     """
-    entries = _named_parameters(model)
+    entries, locks = _named_parameters(model)
     max_norm = _number("max_norm", max_norm, finite=False)
     norm_type = _number("norm_type", norm_type, finite=False)
     error_if_nonfinite = _flag("error_if_nonfinite", error_if_nonfinite)
     if norm_type == 0:
         raise ValueError("norm_type must be > 0 (or inf), got 0.0")
     grads = [grad for _, _, grad in entries]
-    norms = np.array([_vector_norm(grad.ravel(), norm_type) for grad in grads])
-    total_norm = _vector_norm(norms, norm_type)
-    if not math.isfinite(total_norm):
-        if error_if_nonfinite:
-            raise RuntimeError(f"the total gradient norm is {total_norm}; cannot clip")
-        return total_norm
-    clip_coef = max_norm / (total_norm + 1e-6)
-    if clip_coef < 1:
-        for grad in grads:
-            grad *= clip_coef
+    with _holding(locks):  # the norm and the scaling of the same gradients
+        norms = np.array([_vector_norm(grad.ravel(), norm_type) for grad in grads])
+        total_norm = _vector_norm(norms, norm_type)
+        if not math.isfinite(total_norm):
+            if error_if_nonfinite:
+                raise RuntimeError(f"the total gradient norm is {total_norm}; cannot clip")
+            return total_norm
+        clip_coef = max_norm / (total_norm + 1e-6)
+        if clip_coef < 1:
+            for grad in grads:
+                grad *= clip_coef
     return total_norm
 
 
@@ -494,5 +522,7 @@ def _vector_norm(values: np.ndarray, norm_type: float) -> float:
 def clip_grad_value(model: object, clip_value: float) -> None:
     """Clamp every gradient entry into ``[-clip_value, clip_value]`` in place."""
     clip_value = _number("clip_value", clip_value, finite=False)
-    for _, _, grad in _named_parameters(model):
-        np.clip(grad, -clip_value, clip_value, out=grad)
+    entries, locks = _named_parameters(model)
+    with _holding(locks):
+        for _, _, grad in entries:
+            np.clip(grad, -clip_value, clip_value, out=grad)

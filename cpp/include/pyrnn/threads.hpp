@@ -36,6 +36,33 @@ inline std::atomic<int>& num_threads_setting() {
 inline int get_num_threads() { return num_threads_setting().load(); }
 inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1, kMaxThreads)); }
 
+// The threads of get_num_threads() shared among the calls that run at once (Python threads that
+// call in with the GIL released): a call takes what the calls already running left, at least one,
+// and gives it back when it ends. Concurrent calls thus put about get_num_threads() threads on the
+// cores, not that many each: more threads than cores leave teams waiting at their barriers for a
+// thread that has no core. A team's size changes the time, never the bits.
+class ThreadShare {
+ public:
+  ThreadShare() : count_(take(get_num_threads())) {}
+  ~ThreadShare() { in_use().fetch_sub(count_, std::memory_order_relaxed); }
+  ThreadShare(const ThreadShare&) = delete;
+  ThreadShare& operator=(const ThreadShare&) = delete;
+  int count() const { return count_; }
+
+ private:
+  static std::atomic<int>& in_use() {
+    static std::atomic<int> threads{0};
+    return threads;
+  }
+  static int take(int wanted) {
+    int used = in_use().load(std::memory_order_relaxed), n = 1;
+    do n = std::max(1, wanted - used);
+    while (!in_use().compare_exchange_weak(used, used + n, std::memory_order_relaxed));
+    return n;
+  }
+  const int count_;
+};
+
 // One spin-wait pause: tells the core (and its sibling, if any) that this thread only waits.
 inline void cpu_pause() {
 #if defined(__x86_64__) || defined(__i386__)
