@@ -253,6 +253,13 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.distributed:  # the data-parallel trainer, in PyTorch: charrnn_torch
+        try:
+            from . import charrnn_torch
+        except ModuleNotFoundError as error:
+            raise _common.AppError(f"--distributed needs PyTorch ({error}): "
+                                   "pip install 'pyrnn[torch]'") from None
+        return charrnn_torch.run_train(args)
     _common.check_common_arguments(args.parser, args)
     if args.text and not os.path.isfile(args.text):
         args.parser.error(f"--text: no such file {args.text!r}")
@@ -329,6 +336,11 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
                         help="where to save the model (default: charrnn.npz)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from --checkpoint up to --steps total")
+    parser.add_argument("--distributed", action="store_true",
+                        help="train data-parallel in PyTorch, one process per rank (launch with "
+                        "torchrun; see docs/torch.md)")
+    parser.add_argument("--torch-rnn", action="store_true",
+                        help="with --distributed: torch.nn's recurrent layers, for comparison")
     _add_sampling(parser, "--sample-length", 500)
     _common.add_common_arguments(parser)
     parser.set_defaults(run=run_train, parser=parser)
