@@ -17,9 +17,11 @@ of one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -134,6 +136,9 @@ def train(args: argparse.Namespace) -> dict[str, object] | None:
         dist.destroy_process_group()
 
 
+WARMUP_STEPS = 3  # left out of the timing: DDP builds its buckets, the kernels their plans
+
+
 def _train(args: argparse.Namespace, rank: int, world: int) -> dict[str, object] | None:
     text, description = charrnn.load_corpus(args)
     config = charrnn.model_config(args, text)
@@ -150,43 +155,69 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict[str, object]
               f"thread(s), {description}, {config['cell']} {config['hidden']}x{config['layers']}"
               f", {'torch.nn' if args.torch_rnn else 'pyrnn.torch'} layers")
     rows = torch.from_numpy(shard(charrnn.streams(train_ids, args.batch), rank, world))
-    chunks_per_pass = (rows.shape[1] - 1) // args.seq_len
+    clock = StepClock(first_step + min(WARMUP_STEPS, (args.steps - first_step) // 2))
     losses, val_curve, state = [], [], None
     bar = _common.progress(range(first_step, args.steps), desc="training",
                            disable=args.no_progress or not lead)
-    start = time.perf_counter()
     for step in bar:
-        position = step % chunks_per_pass
-        if position == 0:
-            state = None  # a new pass over the streams starts from a zero state
-        inputs, targets = charrnn.chunk(rows, position * args.seq_len, args.seq_len)
-        logits, state = ddp(inputs, state)
-        state = _detached(state)  # truncated BPTT: the state goes on, its history does not
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1))
-        adam.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        for group in adam.param_groups:
-            group["lr"] = charrnn.cosine_lr(args.lr, step, args.steps)
-        adam.step()
-        losses.append(loss.item() / math.log(2))  # on this rank's streams
+        with clock.timing(step):
+            loss, state = train_step(ddp, adam, rows, step, state, args)
+        losses.append(loss)
         if lead:
-            bar.set_postfix(bits=f"{losses[-1]:.3f}", refresh=False)
+            bar.set_postfix(bits=f"{loss:.3f}", refresh=False)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             train_bits = mean_over_ranks(losses[-50:])  # every rank takes part
             if lead:
                 val_curve.append((step + 1, _validate(model, adam, config, val_ids,
                                                       args.seq_len)))
                 bar.write(f"step {step + 1}: train {train_bits:.3f}, validation "
-                          f"{val_curve[-1][1]:.3f} bits/char, "
-                          f"{time.perf_counter() - start:.0f} s")
-    seconds = time.perf_counter() - start
+                          f"{val_curve[-1][1]:.3f} bits/char, {clock.wall():.0f} s")
     train_bits = mean_over_ranks(losses[-50:]) if losses else None
     if not lead:
         return None
     return _finish(args, model, adam, config, val_ids, val_curve, train_bits, len(losses),
-                   seconds, world, first_step, description)
+                   clock, world, first_step, description)
+
+
+def train_step(model: torch.nn.Module, adam: torch.optim.Adam, rows: torch.Tensor, step: int,
+               state: object, args: argparse.Namespace) -> tuple[float, object]:
+    """One step of truncated BPTT on the next --seq-len characters of this rank's streams:
+    returns the loss in bits per character and the final state, without its history."""
+    position = step % ((rows.shape[1] - 1) // args.seq_len)
+    if position == 0:
+        state = None  # a new pass over the streams starts from a zero state
+    inputs, targets = charrnn.chunk(rows, position * args.seq_len, args.seq_len)
+    logits, state = model(inputs, state)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1))
+    adam.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    for group in adam.param_groups:
+        group["lr"] = charrnn.cosine_lr(args.lr, step, args.steps)
+    adam.step()
+    detached = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    return loss.item() / math.log(2), detached
+
+
+class StepClock:
+    """Seconds spent in training steps from step `first_timed` on (the warm-up steps and the
+    validation between steps are left out), and the wall time since it was made."""
+
+    def __init__(self, first_timed: int) -> None:
+        self.first_timed, self.seconds, self.steps = first_timed, 0.0, 0
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def timing(self, step: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if step >= self.first_timed:
+            self.seconds += time.perf_counter() - start
+            self.steps += 1
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def mean_over_ranks(values: list[float]) -> float:
@@ -194,12 +225,6 @@ def mean_over_ranks(values: list[float]) -> float:
     total = torch.tensor([float(np.mean(values))], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total[0]) / dist.get_world_size()
-
-
-def _detached(state: object) -> object:
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
 
 
 def _validate(model: torch.nn.Module, adam: torch.optim.Adam, config: dict[str, object],
@@ -210,8 +235,8 @@ def _validate(model: torch.nn.Module, adam: torch.optim.Adam, config: dict[str, 
 
 def _finish(args: argparse.Namespace, model: torch.nn.Module, adam: torch.optim.Adam,
             config: dict[str, object], val_ids: np.ndarray, val_curve: list,
-            train_bits: float | None, steps: int, seconds: float, world: int, first_step: int,
-            description: str) -> dict[str, object]:
+            train_bits: float | None, steps: int, clock: StepClock, world: int,
+            first_step: int, description: str) -> dict[str, object]:
     """Rank 0: checkpoint, sample, figures."""
     numpy_model, numpy_adam = to_numpy(model, adam, config)
     config["step"] = max(args.steps, first_step)
@@ -228,10 +253,12 @@ def _finish(args: argparse.Namespace, model: torch.nn.Module, adam: torch.optim.
         "final_train_bits_per_char": train_bits,
         "steps": config["step"],
         "steps_this_run": steps,
-        "wall_seconds": seconds,
-        "seconds_per_step": seconds / max(1, steps),
-        "sequences_per_second": steps * args.batch / seconds if seconds > 0 else None,
-        "chars_per_second": steps * args.batch * args.seq_len / seconds if seconds > 0 else None,
+        "wall_seconds": clock.wall(),
+        "timed_steps": clock.steps,
+        "seconds_per_step": clock.seconds / clock.steps if clock.steps else None,
+        "sequences_per_second": clock.steps * args.batch / clock.seconds if clock.steps else None,
+        "chars_per_second": (clock.steps * args.batch * args.seq_len / clock.seconds
+                             if clock.steps else None),
         "processes": world,
         "threads_per_process": torch.get_num_threads(),
         "rnn_layers": "torch.nn" if args.torch_rnn else "pyrnn.torch",
@@ -250,8 +277,9 @@ def run_train(args: argparse.Namespace) -> int:
         args.parser.error(f"--text: no such file {args.text!r}")
     figures = train(args)
     if figures is not None:
+        speed = figures["sequences_per_second"]
         print(f"validation {figures['val_bits_per_char']:.3f} bits/char after "
-              f"{figures['steps']} steps, {figures['wall_seconds']:.1f} s, "
-              f"{figures['sequences_per_second']:.1f} sequences/s")
+              f"{figures['steps']} steps, {figures['wall_seconds']:.1f} s"
+              + (f", {speed:.1f} sequences/s" if speed else ""))
         _common.write_json(args.json, figures)
     return 0
