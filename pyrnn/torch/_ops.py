@@ -69,13 +69,14 @@ _tapes_lock = threading.Lock()
 _next_key = itertools.count(1)
 
 
-def _new_handle(tape: object) -> Tensor:
+def _new_handle(tape: object) -> tuple[Tensor, _TapeHandle]:
+    """A handle tensor for the tape, and its memory (which holds the tape)."""
     key = next(_next_key)
     memory = np.array([key], dtype=np.int64).view(_TapeHandle)
     memory.tape = tape
     with _tapes_lock:
         _tapes[key] = memory
-    return torch.from_numpy(memory)
+    return torch.from_numpy(memory), memory
 
 
 def _tape_memory(handle: Tensor) -> _TapeHandle | None:
@@ -114,8 +115,7 @@ def _kernel_weights(weights: Sequence[Tensor], has_biases: bool, entries: int
     return [(arrays[2 * k], arrays[2 * k + 1], zeros, zeros) for k in range(entries)]
 
 
-def _kernels():
-    return _backend.kernels("cpp" if _backend.cpp_available() else "numpy")
+_KERNELS = _backend.kernels("cpp" if _backend.cpp_available() else "numpy")
 
 
 # ------------------------------------------------------------------------ registration
@@ -129,6 +129,25 @@ _lib.define("rnn_forward" + FORWARD_SCHEMA)
 _lib.define("rnn_backward" + BACKWARD_SCHEMA)
 
 
+def _stack_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
+                   has_biases: bool, bidirectional: bool, lengths: Tensor | None,
+                   dropout_masks: list[Tensor], keep_tape: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, _TapeHandle | None]:
+    """The kernel call: _forward_cpu's outputs and the handle's memory (None without a tape)."""
+    kernel_threads()
+    out, h_n, c_n, tape = _KERNELS.stack_forward(
+        cell, _array(x), _array(h0), None if c0 is None else _array(c0),
+        _kernel_weights(weights, has_biases, h0.shape[0]), bidirectional,
+        None if lengths is None else _array(lengths),
+        [_array(m) for m in dropout_masks] or None, keep_tape)
+    c_n = torch.from_numpy(c_n) if c_n is not None else x.new_empty(0)
+    if keep_tape:
+        handle, memory = _new_handle(tape)
+    else:
+        handle, memory = x.new_empty(0, dtype=torch.int64), None
+    return torch.from_numpy(out), torch.from_numpy(h_n), c_n, handle, memory
+
+
 def _forward_cpu(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
                  has_biases: bool, bidirectional: bool, lengths: Tensor | None,
                  dropout_masks: list[Tensor], keep_tape: bool
@@ -136,15 +155,8 @@ def _forward_cpu(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: l
     """x (T, B, I), h0 and c0 (L*D, B, H), weights as torch's _flat_weights, lengths int64 (B,)
     or None, dropout_masks [] or L-1 tensors (T, B, D*H). Returns (out (T, B, D*H), h_n, c_n (an
     empty tensor unless cell is "lstm"), handle (empty unless keep_tape))."""
-    kernel_threads()
-    out, h_n, c_n, tape = _kernels().stack_forward(
-        cell, _array(x), _array(h0), None if c0 is None else _array(c0),
-        _kernel_weights(weights, has_biases, h0.shape[0]), bidirectional,
-        None if lengths is None else _array(lengths),
-        [_array(m) for m in dropout_masks] or None, keep_tape)
-    c_n = torch.from_numpy(c_n) if c_n is not None else x.new_empty(0)
-    handle = _new_handle(tape) if keep_tape else x.new_empty(0, dtype=torch.int64)
-    return torch.from_numpy(out), torch.from_numpy(h_n), c_n, handle
+    return _stack_forward(cell, x, h0, c0, weights, has_biases, bidirectional, lengths,
+                          dropout_masks, keep_tape)[:4]
 
 
 def _forward_fake(cell, x, h0, c0, weights, has_biases, bidirectional, lengths, dropout_masks,
@@ -170,8 +182,14 @@ def _backward_cpu(handle: Tensor, d_out: Tensor, d_h_n: Tensor | None, d_c_n: Te
                                "(keep_tape=False); run it with keep_tape=True")
         raise RuntimeError("pyrnn::rnn_backward: the tape of this forward pass has been freed "
                            "(its graph was released)")
+    return _stack_backward(memory, d_out, d_h_n, d_c_n, has_biases)
+
+
+def _stack_backward(memory: _TapeHandle, d_out: Tensor, d_h_n: Tensor | None,
+                    d_c_n: Tensor | None, has_biases: bool) -> list[Tensor]:
+    """The kernel call under _backward_cpu, given the handle's memory."""
     kernel_threads()
-    dx, dh0, dc0, d_weights = _kernels().stack_backward(
+    dx, dh0, dc0, d_weights = _KERNELS.stack_backward(
         memory.tape, _array(d_out), None if d_h_n is None else _array(d_h_n),
         None if d_c_n is None else _array(d_c_n))
     kept = 4 if has_biases else 2  # the gradients of the zero biases that stood in are dropped
@@ -203,39 +221,69 @@ torch.library.register_fake("pyrnn::rnn_backward", _backward_fake, lib=_lib)
 
 # ---------------------------------------------------------------------------- autograd
 
-def _below_autograd(op, *args):
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(*tensors: Tensor) -> bool:
+    """Whether a call below autograd may run the CPU implementation itself rather than go back
+    through the dispatcher to it: plain CPU tensors and no dispatch mode active (fake tensors,
+    functionalization and tracing all take the dispatcher). It saves a crossing into C++ and
+    back with the arguments converted both ways."""
+    return (torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors))
+
+
+def _forward_below_autograd(*args):
+    if _direct(args[1], args[2]):  # x, h0
+        return _forward_cpu(*args)
     with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+        return torch.ops.pyrnn.rnn_forward.default(*args)
+
+
+def _backward_below_autograd(*args):
+    if _direct(args[0], args[1]):  # handle, d_out
+        return _backward_cpu(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.pyrnn.rnn_backward.default(*args)
 
 
 class _StackFunction(torch.autograd.Function):
-    """The forward operator under autograd: x, h0, c0 and the weights are its tensor inputs (c0
-    None for cells without one), the rest plain arguments."""
+    """The forward operator under autograd. meta = (cell, has_biases, bidirectional, lengths,
+    dropout_masks); the tensor inputs are x, h0, c0 (None for cells without one), weights."""
 
     @staticmethod
-    def forward(ctx, cell, has_biases, bidirectional, lengths, dropout_masks, n_weights, x, h0,
-                c0, *weights):
-        out, h_n, c_n, handle = _below_autograd(
-            torch.ops.pyrnn.rnn_forward.default, cell, x, h0, c0, list(weights), has_biases,
-            bidirectional, lengths, dropout_masks, True)
+    def forward(ctx, meta, x, h0, c0, *weights):
+        cell, has_biases, bidirectional, lengths, dropout_masks = meta
+        args = (cell, x, h0, c0, list(weights), has_biases, bidirectional, lengths,
+                dropout_masks, True)
+        if _direct(x, h0):
+            out, h_n, c_n, handle, memory = _stack_forward(*args)
+        else:  # tracing: fake tensors, no tape to hold
+            with torch._C._AutoDispatchBelowAutograd():
+                out, h_n, c_n, handle = torch.ops.pyrnn.rnn_forward.default(*args)
+            memory = None
         ctx.save_for_backward(handle)
         ctx.mark_non_differentiable(handle)
         ctx.meta = (cell, x.shape[2], h0.shape[0] // (2 if bidirectional else 1), bidirectional,
                     has_biases)
         # Eager mode: the autograd node holds the tape too, so that it outlives any copy that
-        # saved-tensor hooks (offloading, say) make of the handle. Tracing meets fake handles.
-        ctx.tape = _tape_memory(handle)
+        # saved-tensor hooks (offloading, say) make of the handle.
+        ctx.tape = memory
         return out, h_n, c_n, handle
 
     @staticmethod
     def backward(ctx, d_out, d_h_n, d_c_n, _d_handle):
-        (handle,) = ctx.saved_tensors
         cell, input_size, num_layers, bidirectional, has_biases = ctx.meta
-        grads = torch.ops.pyrnn.rnn_backward.default(
-            handle, d_out, d_h_n, d_c_n if cell == "lstm" else None, cell, input_size, num_layers,
-            bidirectional, has_biases)
+        d_c_n = d_c_n if cell == "lstm" else None
+        if ctx.tape is not None and not torch.is_grad_enabled() and _direct(d_out):
+            grads = _stack_backward(ctx.tape, d_out, d_h_n, d_c_n, has_biases)
+        else:  # tracing, or create_graph=True: through the operator (and its autograd)
+            (handle,) = ctx.saved_tensors
+            grads = torch.ops.pyrnn.rnn_backward.default(
+                handle, d_out, d_h_n, d_c_n, cell, input_size, num_layers, bidirectional,
+                has_biases)
         dc0 = grads[2] if cell == "lstm" else None
-        return (None,) * 6 + (grads[0], grads[1], dc0, *grads[3:])
+        return (None, grads[0], grads[1], dc0, *grads[3:])
 
 
 def _forward_autograd(cell, x, h0, c0, weights, has_biases, bidirectional, lengths,
@@ -244,10 +292,10 @@ def _forward_autograd(cell, x, h0, c0, weights, has_biases, bidirectional, lengt
         x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
         or any(w.requires_grad for w in weights))
     if not needs_grad:
-        return _below_autograd(torch.ops.pyrnn.rnn_forward.default, cell, x, h0, c0, weights,
-                               has_biases, bidirectional, lengths, dropout_masks, keep_tape)
-    return _StackFunction.apply(cell, has_biases, bidirectional, lengths, dropout_masks,
-                                len(weights), x, h0, c0, *weights)
+        return _forward_below_autograd(cell, x, h0, c0, weights, has_biases, bidirectional,
+                                       lengths, dropout_masks, keep_tape)
+    meta = (cell, has_biases, bidirectional, lengths, dropout_masks)
+    return _StackFunction.apply(meta, x, h0, c0, *weights)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -255,7 +303,7 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, args, *tensors):
-        return tuple(_below_autograd(torch.ops.pyrnn.rnn_backward.default, *args))
+        return tuple(_backward_below_autograd(*args))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -272,7 +320,7 @@ def _backward_autograd(handle, d_out, d_h_n, d_c_n, cell, input_size, num_layers
     tensors = [t for t in (d_out, d_h_n, d_c_n) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return list(_NoDoubleBackward.apply(args, *tensors))
-    return _below_autograd(torch.ops.pyrnn.rnn_backward.default, *args)
+    return _backward_below_autograd(*args)
 
 
 _lib.impl("rnn_forward", _forward_autograd, "Autograd")

@@ -170,20 +170,19 @@ class _RNNBase(torch.nn.RNNBase):
     # ---------------------------------------------------------------- fallback
 
     def _fallback_reason(self, input: Tensor, states: tuple[Tensor, ...]) -> str | None:
-        """Why pyrnn's operator cannot run this call (None: it can)."""
-        tensors = (input, *states, *self._flat_weights)
-        for t in tensors:
+        """Why pyrnn's operator cannot run this call (None: it can). The weights are all of one
+        device and dtype, as torch requires; torch's checks have compared the input's dtype."""
+        weight = self._flat_weights[0]
+        for t in (input, *states, weight):
             if _device_type(t) != "cpu":
                 return f"its tensors are on {t.device}, and pyrnn's core runs on the CPU"
         if input.dtype not in _DTYPES:
             return f"the input is {input.dtype}, and pyrnn's core runs float32 and float64"
-        if any(t.dtype != input.dtype for t in tensors):
-            return "its input, states and parameters are of different dtypes"
         if self.proj_size > 0:
             return "proj_size > 0 (projected LSTM) is not in pyrnn's core yet"
         if not _backend.cpp_available():
             return "pyrnn's C++ core is unavailable"
-        if not torch.compiler.is_compiling() and _in_transform(tensors):
+        if not torch.compiler.is_compiling() and _in_transform():
             return ("forward-mode AD and torch.func transforms (vmap, jvp, grad) are not "
                     "supported by pyrnn's operators")
         return None
@@ -302,10 +301,7 @@ def _device_type(t: Tensor) -> str:
     return t.device.type
 
 
-def _in_transform(tensors: tuple[Tensor, ...]) -> bool:
+def _in_transform() -> bool:
     """True inside forward-mode AD or a torch.func transform, which pyrnn's operators lack."""
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for t in tensors)
-
+    return (torch.autograd.forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active())
