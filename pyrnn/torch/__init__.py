@@ -12,6 +12,12 @@ backward run as the operators ``torch.ops.pyrnn.rnn_forward`` / ``rnn_backward``
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _error:
+    raise ImportError("pyrnn.torch needs PyTorch, which is not installed here: "
+                      "pip install 'pyrnn[torch]'") from _error
+
 from ._convert import convert
 from ._ops import kernel_threads
 from .modules import GRU, LSTM, RNN, from_module
