@@ -1,22 +1,22 @@
 """pyrnn's stack of recurrent layers as two torch operators, ``pyrnn::rnn_forward`` and
-``pyrnn::rnn_backward``, registered with ``torch.library.custom_op``.
+``pyrnn::rnn_backward``, defined with ``torch.library``.
 
 The forward operator runs the kernel contract's ``stack_forward`` (``pyrnn/_backend.py``) on the
 tensors' own memory: contiguous CPU float32/float64 tensors are passed to the core without a copy,
 and the outputs are NumPy arrays the returned tensors share. In training it also returns a
-*handle*: a one-element int64 tensor holding a key of the kernel's tape. The tape lives as long as
-that tensor's storage (the storage owns it), and in eager mode also as long as the autograd node
-that saved it; ``rnn_backward`` finds it again by its key. So the tape is freed with the graph,
-backward never runs a second forward, and any number of graphs may be alive in any threads.
-Under ``torch.compile`` the handle is an ordinary graph tensor, which is why the fake (meta)
-implementations below let ``fullgraph=True`` trace through both operators.
+*handle*: a one-element int64 tensor (of value 0) whose memory owns the kernel's tape. The tape
+lives as long as that memory (the tensor's storage), and in eager mode also as long as the
+autograd node that saved it; ``rnn_backward`` finds it again by the memory's address, which no
+other live handle shares. So the tape is freed with the graph, backward never runs a second
+forward, and any number of graphs may be alive in any threads. Under ``torch.compile`` the handle
+is an ordinary graph tensor, and the fake (meta) implementations below let ``fullgraph=True``
+trace through both operators; every call returns equal values, as torch.library.opcheck requires.
 
 Arguments are checked by the modules (``pyrnn.torch.modules``) before they call these.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 from collections.abc import Sequence
@@ -58,24 +58,24 @@ def kernel_threads() -> int:
 # ------------------------------------------------------------------------------------ tapes
 
 class _TapeHandle(np.ndarray):
-    """The handle's memory: one int64, the key, with the kernel tape as an attribute, so that
+    """The handle's memory: one int64 (0), with the kernel tape as an attribute, so that
     whatever owns the memory (the handle tensor's storage) owns the tape."""
 
     tape: object
 
 
+# Live handles' memory by address. An entry leaves when its memory is freed; a later handle at the
+# same address replaces it only after that (the weak dictionary drops dead entries only).
 _tapes: weakref.WeakValueDictionary[int, _TapeHandle] = weakref.WeakValueDictionary()
 _tapes_lock = threading.Lock()
-_next_key = itertools.count(1)
 
 
 def _new_handle(tape: object) -> tuple[Tensor, _TapeHandle]:
     """A handle tensor for the tape, and its memory (which holds the tape)."""
-    key = next(_next_key)
-    memory = np.array([key], dtype=np.int64).view(_TapeHandle)
+    memory = np.zeros(1, dtype=np.int64).view(_TapeHandle)
     memory.tape = tape
     with _tapes_lock:
-        _tapes[key] = memory
+        _tapes[memory.ctypes.data] = memory
     return torch.from_numpy(memory), memory
 
 
@@ -84,9 +84,8 @@ def _tape_memory(handle: Tensor) -> _TapeHandle | None:
     a handle whose tape was freed)."""
     if type(handle) is not torch.Tensor or handle.device.type != "cpu" or handle.numel() != 1:
         return None
-    key = int(handle.detach().numpy()[0])
     with _tapes_lock:
-        return _tapes.get(key)
+        return _tapes.get(handle.data_ptr())
 
 
 def live_tapes() -> int:
