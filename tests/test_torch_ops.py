@@ -4,6 +4,7 @@ torch.library's own checks of the registrations, and torch.compile(fullgraph=Tru
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import pytest
@@ -237,3 +238,13 @@ def test_torch_nns_own_lstm_cannot_compile_fullgraph():
     """The premise of the test above: Dynamo refuses torch.nn.LSTM under fullgraph."""
     with pytest.raises(Exception, match="Attempted to wrap RNN, GRU, or LSTM"):
         torch.compile(torch.nn.LSTM(2, 3), fullgraph=True, backend="eager")(torch.randn(4, 1, 2))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
+def test_the_core_and_torch_share_one_openmp_runtime():
+    """Why the core's teams and torch's intra-op pool never oversubscribe the cores: both
+    libraries link libgomp.so.1, and the process loads it once (whichever is imported first)."""
+    pt.GRU(2, 3)(torch.randn(3, 1, 2))  # both have run a call
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
