@@ -243,8 +243,10 @@ def test_torch_nns_own_lstm_cannot_compile_fullgraph():
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
 def test_the_core_and_torch_share_one_openmp_runtime():
     """Why the core's teams and torch's intra-op pool never oversubscribe the cores: both
-    libraries link libgomp.so.1, and the process loads it once (whichever is imported first)."""
+    libraries link libgomp.so.1, and the process loads it once (whichever is imported first).
+    (Wheels that bundle a renamed copy, as scikit-learn's libgomp-<hash>.so.1, keep their own.)"""
     pt.GRU(2, 3)(torch.randn(3, 1, 2))  # both have run a call
     with open("/proc/self/maps", encoding="utf-8") as f:
-        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
-    assert len(runtimes) == 1, runtimes
+        paths = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    shared = {p for p in paths if os.path.basename(p).startswith(("libgomp.so", "libiomp5.so"))}
+    assert len(shared) == 1, paths
