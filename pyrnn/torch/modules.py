@@ -10,6 +10,11 @@ one warning per module and reason.
 
 They are deliberately not subclasses of torch.nn.RNN/LSTM/GRU: Dynamo refuses to trace those
 classes, and these trace into the pyrnn operators under ``torch.compile(fullgraph=True)``.
+
+pyrnn's cell variants (peephole, coupled_gates, reset_after, residual, and proj_size in the core)
+are to join as keyword-only constructor arguments after ``dtype``, their extra parameters
+registered under pyrnn's names, and as schema arguments of the operators with defaults (so that
+existing calls and traced graphs keep their meaning); _fallback_reason then stops naming them.
 """
 
 from __future__ import annotations
