@@ -285,6 +285,10 @@ def test_convert_keeps_the_parameter_objects_and_hooks():
                                                        model.gru._flat_weights, strict=True))
     model(torch.randint(0, 11, (2, 7)))
     assert calls == [1]
+    shared = torch.nn.GRU(3, 3)
+    twice = torch.nn.Sequential(shared, torch.nn.Sequential(shared))
+    pt.convert(twice)
+    assert type(twice[0]) is pt.GRU and twice[1][0] is twice[0]
     lone = torch.nn.RNN(3, 4)
     assert type(pt.convert(lone)) is pt.RNN and pt.convert(lone).weight_hh_l0 is lone.weight_hh_l0
 

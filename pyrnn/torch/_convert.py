@@ -25,10 +25,13 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model) in _REPLACEMENTS:
         return adopt(model)
+    replaced: dict[int, _RNNBase] = {}  # a layer registered in two places stays one layer
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if child is not None and type(child) in _REPLACEMENTS:
-                setattr(parent, name, adopt(child))
+                if id(child) not in replaced:
+                    replaced[id(child)] = adopt(child)
+                setattr(parent, name, replaced[id(child)])
     return model
 
 
