@@ -4,6 +4,7 @@ char-RNN application's --distributed mode trains and checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -17,6 +18,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pyrnn.apps import charrnn, charrnn_torch  # noqa: E402
+from pyrnn.apps._common import AppError  # noqa: E402
+from pyrnn.cli import build_parser, main  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not pyrnn.backend_info()["cpp_available"],
@@ -95,15 +98,12 @@ def test_distributed_charrnn_trains_as_one_process_and_writes_charrnns_checkpoin
     common = ["charrnn", "train", "--steps", "6", "--eval-every", "3", "--hidden", "16",
               "--embed", "8", "--corpus-chars", "20000", "--seq-len", "16", "--batch", "4",
               "--sample-length", "10", "--no-progress", "--threads", "1"]
-    from pyrnn.cli import main
-
     results = {}
     for mode in ("numpy", "distributed"):
         path = tmp_path / f"{mode}.npz"
         json_path = tmp_path / f"{mode}.json"
         flags = ["--distributed"] if mode == "distributed" else []
         assert main([*common, *flags, "--checkpoint", str(path), "--json", str(json_path)]) == 0
-        import json
         results[mode] = json.loads(json_path.read_text())
     assert results["distributed"]["processes"] == 1
     assert results["distributed"]["rnn_layers"] == "pyrnn.torch"
@@ -123,9 +123,6 @@ def test_distributed_rejects_a_batch_the_ranks_cannot_share(monkeypatch):
 
     monkeypatch.setattr(charrnn_torch, "init_process_group", World())
     monkeypatch.setattr(charrnn_torch.dist, "destroy_process_group", lambda: None)
-    from pyrnn.apps._common import AppError
-    from pyrnn.cli import build_parser
-
     args = build_parser().parse_args(["charrnn", "train", "--distributed", "--batch", "4"])
     with pytest.raises(AppError, match="--batch 4 must be divisible by the number of "
                                        "processes, 3"):
