@@ -117,11 +117,7 @@ def test_distributed_charrnn_trains_as_one_process_and_writes_charrnns_checkpoin
 
 
 def test_distributed_rejects_a_batch_the_ranks_cannot_share(monkeypatch):
-    class World:
-        def __call__(self):
-            return 0, 3
-
-    monkeypatch.setattr(charrnn_torch, "init_process_group", World())
+    monkeypatch.setattr(charrnn_torch, "init_process_group", lambda: (0, 3))  # rank 0 of 3
     monkeypatch.setattr(charrnn_torch.dist, "destroy_process_group", lambda: None)
     args = build_parser().parse_args(["charrnn", "train", "--distributed", "--batch", "4"])
     with pytest.raises(AppError, match="--batch 4 must be divisible by the number of "
