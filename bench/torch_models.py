@@ -170,6 +170,10 @@ class LatencyRunner:
         _backend.set_core_threads(self.threads)  # as the operators would (kernel runs none)
         return contextlib.nullcontext()
 
+    def call_op(self, keep_tape: bool) -> tuple[torch.Tensor, ...]:
+        return torch.ops.pyrnn.rnn_forward(self.cell, self.x, self.h0, self.c0, self.weights,
+                                           True, False, None, [], keep_tape)
+
     def call(self) -> object:
         train = self.mode == "train"
         if self.layer == "kernel":
@@ -182,13 +186,47 @@ class LatencyRunner:
             return out
         if self.layer == "op":
             with contextlib.nullcontext() if train else torch.no_grad():
-                out = torch.ops.pyrnn.rnn_forward(self.cell, self.x, self.h0, self.c0,
-                                                  self.weights, True, False, None, [], False)[0]
+                out = self.call_op(keep_tape=False)[0]
         else:
             with contextlib.nullcontext() if train else torch.no_grad():
                 out = self.module(self.x)[0]
         if train:
             out.backward(self.d_out)
+        return out
+
+
+class _NoWork(torch.autograd.Function):
+    """The operator's autograd bookkeeping without its work: the same tensor inputs, a saved
+    tensor, outputs shaped like the operator's and gradients for every input (made once)."""
+
+    @staticmethod
+    def forward(ctx, outputs, grads, x, h0, c0, *weights):
+        ctx.save_for_backward(outputs[3])
+        ctx.mark_non_differentiable(outputs[3])
+        ctx.grads = grads
+        return tuple(t.new_empty(t.shape) for t in outputs)
+
+    @staticmethod
+    def backward(ctx, *d_outputs):
+        return (None, None, *ctx.grads)
+
+
+class AutogradFloor:
+    """What torch's autograd costs around any operator with these inputs: _NoWork forward and
+    backward. Subtracted from the operator's time, it leaves what pyrnn's boundary adds."""
+
+    def __init__(self, config: dict, cell: str, mode: str, threads: int, layer: str):
+        self.op = LatencyRunner(config, cell, mode, threads, "op")
+        tensors = [self.op.x, self.op.h0, self.op.c0, *self.op.weights]
+        self.grads = [torch.zeros_like(t) if t is not None else None for t in tensors]
+        self.outputs = [t.detach() for t in self.op.call_op(keep_tape=False)]
+        self.outputs[3] = torch.zeros(1, dtype=torch.int64)
+        self.scope = self.op.scope
+
+    def call(self) -> object:
+        out = _NoWork.apply(self.outputs, self.grads, self.op.x, self.op.h0, self.op.c0,
+                            *self.op.weights)[0]
+        out.backward(self.op.d_out)
         return out
 
 
@@ -198,6 +236,8 @@ LATENCY_LAYERS = ("kernel", "op", "pyrnn.torch", "torch.nn")
 def latency_row(config: dict, cell: str, mode: str, threads: int, args) -> dict:
     runners = {layer: LatencyRunner(config, cell, mode, threads, layer)
                for layer in LATENCY_LAYERS}
+    if mode == "train":
+        runners["autograd floor"] = AutogradFloor(config, cell, mode, threads, "op")
     row = {"config": config["name"], "cell": cell, "mode": mode, "threads": threads,
            "shape": {k: config[k] for k in ("T", "B", "I", "H", "L")}}
     row.update(time_runners(runners, args))
@@ -205,6 +245,9 @@ def latency_row(config: dict, cell: str, mode: str, threads: int, args) -> dict:
     calls = 2 if mode == "train" else 1  # operator calls: forward, and backward in training
     row["overhead_us"] = (us["op"] - us["kernel"]) / calls
     row["module_overhead_us"] = (us["pyrnn.torch"] - us["kernel"]) / calls
+    if mode == "train":  # what pyrnn adds beyond torch's autograd around any such operator
+        row["overhead_beyond_autograd_us"] = (us["op"] - us["kernel"]
+                                              - us["autograd floor"]) / calls
     row["targets"] = [{"id": r["id"], "need": r["max"], "got": row["overhead_us"],
                        "ok": row["overhead_us"] <= r["max"]} for r in cfg.torch_rules_for(row)]
     return row
@@ -340,14 +383,16 @@ def report(results: dict) -> str:
                      f"{_num(r['ratio'])} | {_num(r['cpu_ratio'])} | "
                      f"{_num(r['host_other_pct'], 0)} | {_verdict(r)} |")
     lines += ["", "| latency | mode | thr | kernel µs | op µs | pyrnn.torch µs | torch.nn µs | "
-              "op boundary µs/call | module overhead µs/call | target |", "|" + "---|" * 10]
+              "autograd floor µs | op boundary µs/call | beyond autograd µs/call | "
+              "module overhead µs/call | target |", "|" + "---|" * 13]
     for r in latency:
         us = {n: 1e3 * e["ms"] for n, e in r["backends"].items()}
         lines.append(f"| {r['cell']} T={r['shape']['T']} B={r['shape']['B']} "
                      f"H={r['shape']['H']} | {r['mode']} | {r['threads']} | "
                      + " | ".join(f"{us[n]:.1f}" for n in LATENCY_LAYERS)
-                     + f" | {r['overhead_us']:.1f} | {r['module_overhead_us']:.1f} | "
-                     f"{_verdict(r)} |")
+                     + f" | {_num(us.get('autograd floor'), 1)} | {r['overhead_us']:.1f} | "
+                     f"{_num(r.get('overhead_beyond_autograd_us'), 1)} | "
+                     f"{r['module_overhead_us']:.1f} | {_verdict(r)} |")
     if results.get("scaling"):
         lines += ["", "| processes × threads | layers | sequences/s | runs |", "|---|---|---|---|"]
         for s in results["scaling"]:

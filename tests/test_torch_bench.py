@@ -40,10 +40,13 @@ def test_runner_writes_json_then_the_tables(tmp_path):
         assert row["max_rel_err"] <= torch_models.TOLERANCE
         assert set(row["backends"]) == {"torch.nn", "pyrnn.torch"} and row["ratio"] > 0
         assert row["targets"] == []  # targets apply at 2 threads only
-    latency = results["rows"][4]
-    assert set(latency["backends"]) == set(torch_models.LATENCY_LAYERS)
-    assert latency["overhead_us"] == pytest.approx(
-        (latency["backends"]["op"]["ms"] - latency["backends"]["kernel"]["ms"]) * 1e3 / 2)
+    latency = results["rows"][4]  # training: the forward and the backward operator
+    ms = {name: entry["ms"] for name, entry in latency["backends"].items()}
+    assert set(ms) == {*torch_models.LATENCY_LAYERS, "autograd floor"}
+    assert latency["overhead_us"] == pytest.approx((ms["op"] - ms["kernel"]) * 1e3 / 2)
+    assert latency["overhead_beyond_autograd_us"] == pytest.approx(
+        (ms["op"] - ms["kernel"] - ms["autograd floor"]) * 1e3 / 2)
+    assert set(results["rows"][5]["backends"]) == set(torch_models.LATENCY_LAYERS)
     table = (tmp_path / "torch_results.md").read_text()
     assert "| tiny | gru | infer | 1 |" in table and "op boundary µs/call" in table
 
