@@ -30,7 +30,7 @@ import pyrnn
 
 from . import configs as cfg
 from . import timing
-from .backends import BACKENDS, GATES, Case, make_data, pyrnn_api
+from .backends import BACKENDS, Case, make_data, num_gates, pyrnn_api
 
 SCHEMA_VERSION = 1
 # An output differing from the reference by more than this (relative to the array's scale,
@@ -106,7 +106,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quiet-wait-s must be >= 0, got {args.quiet_wait_s}")
     if args.settle_s < 0:
         raise ValueError(f"--settle-s must be >= 0, got {args.settle_s}")
+    check_thread_counts(args.threads)
+    check_out_folder(args.out)
     suite_of(args)  # raises on unknown names
+
+
+def check_thread_counts(threads: list[int]) -> None:
+    """Each count must be one the core can run (pyrnn.set_num_threads says), found before the
+    first row rather than at the row that uses it."""
+    before = pyrnn.get_num_threads()
+    try:
+        for n in threads:
+            pyrnn.set_num_threads(n)
+    except ValueError as exc:
+        raise ValueError(f"--threads: {exc}") from None
+    finally:
+        pyrnn.set_num_threads(before)
+
+
+def check_out_folder(out: str) -> None:
+    """--out must be a folder, or one that can be made, before anything is measured."""
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -117,7 +142,7 @@ def forward_flops(case: Case, lengths: np.ndarray | None) -> float:
     total = 0.0
     for k in range(case.L):
         fan_in = case.I if k == 0 else case.D * case.H
-        total += case.D * 2.0 * steps * GATES[case.cell] * case.H * (fan_in + case.H)
+        total += case.D * 2.0 * steps * num_gates(case.cell) * case.H * (fan_in + case.H)
     return total
 
 

@@ -39,7 +39,6 @@ from . import configs as cfg
 from . import timing
 from .run import git_commit, machine_info, versions, write_json
 
-GATES = {"lstm": 4, "gru": 3}
 TORCH_NN = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 TOLERANCE = 1e-3  # largest gradient or logit difference, relative to max(1, |torch.nn's|)
 
@@ -162,7 +161,7 @@ class LatencyRunner:
         self.d_out = torch.randn(T, B, H)
         self.weights = list(self.module._flat_weights)
         self.arrays = [tuple(w.detach().numpy() for w in self.weights)]
-        self.kernels = _backend.kernels("cpp")
+        self.kernels = _backend.prechecked("cpp")  # as the operators call them
         self.cell, self.mode, self.threads, self.layer = cell, mode, threads, layer
 
     def scope(self) -> contextlib.AbstractContextManager:
@@ -299,7 +298,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"short rounds: {cfg.TORCH_QUICK}")
     p.add_argument("--configs", nargs="+", choices=[c["name"] for c in cfg.TORCH_MODELS]
                    + [cfg.TORCH_LATENCY["name"]])
-    p.add_argument("--cells", nargs="+", choices=list(GATES))
+    p.add_argument("--cells", nargs="+", choices=list(TORCH_NN))
     p.add_argument("--modes", nargs="+", choices=cfg.TORCH_MODES)
     p.add_argument("--threads", nargs="+", type=int)
     p.add_argument("--scaling", action="store_true",

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import pyrnn.torch as pt
 
-from .. import checkpoint, optim
+from .. import optim
 from . import _common, charrnn
 
 _LAYERS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
@@ -108,7 +108,7 @@ def from_numpy(path: str, model: torch.nn.Module, adam: torch.optim.Adam,
     """Load a charrnn checkpoint (model and Adam) into the torch model and Adam; its step."""
     numpy_model = charrnn.build_model(config)
     numpy_adam = optim.Adam(numpy_model)
-    metadata = checkpoint.load(path, numpy_model, numpy_adam)
+    charrnn.load_weights("--resume", path, numpy_model, numpy_adam)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in numpy_model.state_dict().items()})
     step = numpy_adam.step_count
     for name, param in model.named_parameters():
@@ -117,7 +117,7 @@ def from_numpy(path: str, model: torch.nn.Module, adam: torch.optim.Adam,
             adam.state[param] = {"step": torch.tensor(float(step)),
                                  **{k: torch.from_numpy(buffers[k].copy())
                                     for k in ("exp_avg", "exp_avg_sq")}}
-    return int(metadata["step"])
+    return int(config["step"])
 
 
 # ---------------------------------------------------------------- training
@@ -142,6 +142,7 @@ WARMUP_STEPS = 3  # left out of the timing: DDP builds its buckets, the kernels 
 def _train(args: argparse.Namespace, rank: int, world: int) -> dict[str, object] | None:
     text, description = charrnn.load_corpus(args)
     config = charrnn.model_config(args, text)
+    _common.check_fits(charrnn.memory_parts(config, args), np.dtype(np.float32).itemsize)
     train_ids, val_ids = charrnn.split_text(text, config["vocab"], args.val_fraction,
                                             args.seq_len)
     torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks, as their data
@@ -155,6 +156,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict[str, object]
               f"thread(s), {description}, {config['cell']} {config['hidden']}x{config['layers']}"
               f", {'torch.nn' if args.torch_rnn else 'pyrnn.torch'} layers")
     rows = torch.from_numpy(shard(charrnn.streams(train_ids, args.batch), rank, world))
+    saver = charrnn.Saver(args.checkpoint, first_step if args.resume else None, args.lr)
     clock = StepClock(first_step + min(WARMUP_STEPS, (args.steps - first_step) // 2))
     losses, val_curve, state = [], [], None
     bar = _common.progress(range(first_step, args.steps), desc="training",
@@ -168,13 +170,17 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict[str, object]
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             train_bits = mean_over_ranks(losses[-50:])  # every rank takes part
             if lead:
-                val_curve.append((step + 1, _validate(model, adam, config, val_ids,
-                                                      args.seq_len)))
+                numpy_model, numpy_adam = to_numpy(model, adam, config)
+                val_curve.append((step + 1, charrnn.bits_per_char(numpy_model, val_ids,
+                                                                  args.seq_len)))
+                saver.save(numpy_model, numpy_adam, config, step + 1, val_curve[-1][1])
                 bar.write(f"step {step + 1}: train {train_bits:.3f}, validation "
                           f"{val_curve[-1][1]:.3f} bits/char, {clock.wall():.0f} s")
     train_bits = mean_over_ranks(losses[-50:]) if losses else None
     if not lead:
         return None
+    if saver.saved_step is not None:
+        print(f"saved {args.checkpoint}")
     return _finish(args, model, adam, config, val_ids, val_curve, train_bits, len(losses),
                    clock, world, first_step, description)
 
@@ -227,24 +233,15 @@ def mean_over_ranks(values: list[float]) -> float:
     return float(total[0]) / dist.get_world_size()
 
 
-def _validate(model: torch.nn.Module, adam: torch.optim.Adam, config: dict[str, object],
-              val_ids: np.ndarray, seq_len: int) -> float:
-    numpy_model, _ = to_numpy(model, adam, config)
-    return charrnn.bits_per_char(numpy_model, val_ids, seq_len)
-
-
 def _finish(args: argparse.Namespace, model: torch.nn.Module, adam: torch.optim.Adam,
             config: dict[str, object], val_ids: np.ndarray, val_curve: list,
             train_bits: float | None, steps: int, clock: StepClock, world: int,
             first_step: int, description: str) -> dict[str, object]:
-    """Rank 0: checkpoint, sample, figures."""
-    numpy_model, numpy_adam = to_numpy(model, adam, config)
+    """Rank 0: sample, figures."""
+    numpy_model, _ = to_numpy(model, adam, config)
     config["step"] = max(args.steps, first_step)
     val_bits = val_curve[-1][1] if val_curve else charrnn.bits_per_char(numpy_model, val_ids,
                                                                         args.seq_len)
-    checkpoint.save(args.checkpoint, numpy_model, numpy_adam,
-                    metadata={**config, "val_bits_per_char": val_bits})
-    print(f"saved {args.checkpoint}")
     text_out = charrnn.sample(numpy_model, config["vocab"], args.prime, args.sample_length,
                               args.temperature, np.random.default_rng(args.seed))
     print(f"\n--- sample (temperature {args.temperature}) ---\n{text_out}\n---")
@@ -271,10 +268,8 @@ def _finish(args: argparse.Namespace, model: torch.nn.Module, adam: torch.optim.
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``charrnn train --distributed``: rank 0 prints the result and writes --json."""
-    _common.check_common_arguments(args.parser, args)
-    if args.text and not os.path.isfile(args.text):
-        args.parser.error(f"--text: no such file {args.text!r}")
+    """``charrnn train --distributed`` (its arguments checked by charrnn.run_train): rank 0
+    prints the result and writes --json."""
     figures = train(args)
     if figures is not None:
         speed = figures["sequences_per_second"]

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import _backend
-from ..functional import GATES
+from .. import _backend, _checks
+from .._cells import CELLS
 
 __all__ = ["rnn_forward", "rnn_backward", "kernel_threads"]
 
@@ -62,6 +62,8 @@ class _TapeHandle(np.ndarray):
     whatever owns the memory (the handle tensor's storage) owns the tape."""
 
     tape: object
+    spec: object  # the forward's Cell and (T, B, I, H, L, D), to weigh the backward's memory
+    dims: tuple[int, ...]
 
 
 # Live handles' memory by address. An entry leaves when its memory is freed; a later handle at the
@@ -114,7 +116,11 @@ def _kernel_weights(weights: Sequence[Tensor], has_biases: bool, entries: int
     return [(arrays[2 * k], arrays[2 * k + 1], zeros, zeros) for k in range(entries)]
 
 
-_KERNELS = _backend.kernels("cpp" if _backend.cpp_available() else "numpy")
+# The kernels without their argument checks: the modules have checked the arguments with torch's
+# checks, and tensors' arrays are native, aligned and C-contiguous (_array), lengths int64. What a
+# direct call to the operators gets wrong meets the core's guards, which raise.
+_BACKEND = "cpp" if _backend.cpp_available() else "numpy"
+_KERNELS = _backend.prechecked(_BACKEND)
 
 
 # ------------------------------------------------------------------------ registration
@@ -134,6 +140,12 @@ def _stack_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights:
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, _TapeHandle | None]:
     """The kernel call: _forward_cpu's outputs and the handle's memory (None without a tape)."""
     kernel_threads()
+    T, B, I = x.shape  # noqa: N806, E741
+    D = 2 if bidirectional else 1  # noqa: N806
+    L, H = h0.shape[0] // D, h0.shape[2]  # noqa: N806
+    _checks.call_fits("x", x.shape, _checks.stack_bytes(
+        CELLS[cell], (T, B, I, H, L, D), x.element_size(), "train" if keep_tape else "infer",
+        _BACKEND, (lengths is not None) * I), _checks.STACK_CALL)
     out, h_n, c_n, tape = _KERNELS.stack_forward(
         cell, _array(x), _array(h0), None if c0 is None else _array(c0),
         _kernel_weights(weights, has_biases, h0.shape[0]), bidirectional,
@@ -142,6 +154,7 @@ def _stack_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights:
     c_n = torch.from_numpy(c_n) if c_n is not None else x.new_empty(0)
     if keep_tape:
         handle, memory = _new_handle(tape)
+        memory.spec, memory.dims = CELLS[cell], (T, B, I, H, L, D)
     else:
         handle, memory = x.new_empty(0, dtype=torch.int64), None
     return torch.from_numpy(out), torch.from_numpy(h_n), c_n, handle, memory
@@ -188,6 +201,9 @@ def _stack_backward(memory: _TapeHandle, d_out: Tensor, d_h_n: Tensor | None,
                     d_c_n: Tensor | None, has_biases: bool) -> list[Tensor]:
     """The kernel call under _backward_cpu, given the handle's memory."""
     kernel_threads()
+    _checks.call_fits("d_out", d_out.shape, _checks.stack_bytes(
+        memory.spec, memory.dims, d_out.element_size(), "backward", _BACKEND),
+        _checks.STACK_CALL)
     dx, dh0, dc0, d_weights = _KERNELS.stack_backward(
         memory.tape, _array(d_out), None if d_h_n is None else _array(d_h_n),
         None if d_c_n is None else _array(d_c_n))
@@ -201,7 +217,7 @@ def _backward_fake(handle, d_out, d_h_n, d_c_n, cell, input_size, num_layers, bi
                    has_biases):
     T, B, DH = d_out.shape  # noqa: N806
     D = 2 if bidirectional else 1  # noqa: N806
-    H, GH = DH // D, GATES[cell] * (DH // D)  # noqa: N806
+    H, GH = DH // D, CELLS[cell].num_gates * (DH // D)  # noqa: N806
     dc0 = d_out.new_empty((num_layers * D, B, H)) if cell == "lstm" else d_out.new_empty(0)
     flat = []
     for layer in range(num_layers):
