@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _child import child_env
 
 from pyrnn import checkpoint
 from pyrnn.layers import Linear
 from pyrnn.module import Module
 from pyrnn.optim import Adam
-
-from _child import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE = 1_500_000_000  # bytes a lying member declares: more than a test may allocate

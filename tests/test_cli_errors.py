@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _child import child_env
 
 from pyrnn import checkpoint
 from pyrnn.apps import _common, charrnn
 from pyrnn.cli import main
-
-from _child import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = _common.matplotlib_available()

@@ -15,12 +15,11 @@ import sys
 
 import numpy as np
 import pytest
+from _child import child_env
 
 import pyrnn
 from pyrnn import _backend, _checks, functional, optim, reference
 from pyrnn._cells import CELLS
-
-from _child import child_env
 
 GIB = 2**30
 BILLION_STEPS = np.broadcast_to(np.float32(0), (10**9, 1, 4))  # 4 bytes of memory
