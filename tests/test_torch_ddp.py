@@ -131,3 +131,11 @@ def _no_torchrun_environment(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     yield
     assert "RANK" not in os.environ
+
+
+def test_distributed_refuses_the_numpy_backend(tmp_path, capsys):
+    assert main(["charrnn", "train", "--distributed", "--backend", "numpy", "--steps", "1",
+                 "--checkpoint", str(tmp_path / "c.npz")]) == 2
+    assert "--backend numpy: --distributed trains with pyrnn.torch's layers" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "c.npz").exists()

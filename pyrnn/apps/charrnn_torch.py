@@ -270,6 +270,9 @@ def _finish(args: argparse.Namespace, model: torch.nn.Module, adam: torch.optim.
 def run_train(args: argparse.Namespace) -> int:
     """``charrnn train --distributed`` (its arguments checked by charrnn.run_train): rank 0
     prints the result and writes --json."""
+    if args.backend == "numpy":
+        raise _common.AppError("--backend numpy: --distributed trains with pyrnn.torch's layers, "
+                               "which run the C++ core (or torch's own, with --torch-rnn)")
     figures = train(args)
     if figures is not None:
         speed = figures["sequences_per_second"]

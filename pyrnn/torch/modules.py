@@ -14,7 +14,7 @@ classes, and these trace into the pyrnn operators under ``torch.compile(fullgrap
 pyrnn's cell variants (peephole, coupled_gates, reset_after, residual, and proj_size in the core)
 are to join as keyword-only constructor arguments after ``dtype``, their extra parameters
 registered under pyrnn's names, and as schema arguments of the operators with defaults (so that
-existing calls and traced graphs keep their meaning); _fallback_reason then stops naming them.
+existing calls and traced graphs keep their meaning); _variant_reason then stops naming them.
 """
 
 from __future__ import annotations
@@ -183,13 +183,23 @@ class _RNNBase(torch.nn.RNNBase):
                 return f"its tensors are on {t.device}, and pyrnn's core runs on the CPU"
         if input.dtype not in _DTYPES:
             return f"the input is {input.dtype}, and pyrnn's core runs float32 and float64"
-        if self.proj_size > 0:
-            return "proj_size > 0 (projected LSTM) is not in pyrnn's core yet"
+        variant = self._variant_reason()
+        if variant is not None:
+            return variant
         if not _backend.cpp_available():
             return "pyrnn's C++ core is unavailable"
         if not torch.compiler.is_compiling() and _in_transform():
             return ("forward-mode AD and torch.func transforms (vmap, jvp, grad) are not "
                     "supported by pyrnn's operators")
+        return None
+
+    def _variant_reason(self) -> str | None:
+        """Why pyrnn's core cannot run this module's cell variant (None: it can). The one place
+        the variants plug in: once the core runs proj_size (and peephole, coupled_gates,
+        reset_after, residual as constructor arguments), its test leaves here and _run_pyrnn
+        passes it to the operators as a schema argument with a default."""
+        if self.proj_size > 0:
+            return "proj_size > 0 (projected LSTM) is not in pyrnn's core yet"
         return None
 
     def _warn_once(self, reason: str) -> None:
