@@ -7,9 +7,10 @@ Three parts, configurations in ``bench/configs.py`` (TORCH_*):
   training step, and inference under ``torch.no_grad``. Both start from the same weights; their
   logits and gradients are compared before timing.
 * latency rows (batch 1, one step): the C++ kernel on NumPy arrays, the same call as the operator
-  ``torch.ops.pyrnn.rnn_forward`` on tensors, pyrnn.torch's module and torch.nn's. The operator
-  boundary is the operator's time less the kernel's (in training, per operator call: the forward
-  and the backward operator).
+  on tensors (through ``pyrnn.torch._ops.rnn_forward``, as the modules call it: in eager mode it
+  skips the dispatcher's crossing into C++ and back), pyrnn.torch's module and torch.nn's. The
+  operator boundary is the operator's time less the kernel's (in training, per operator call:
+  the forward and the backward operator).
 * ``--scaling``: ``charrnn train --distributed`` as 1 process of 2 threads and as 2 processes
   (torchrun) of 1 thread, with pyrnn.torch's layers and with torch.nn's: sequences per second.
 
@@ -34,6 +35,7 @@ import torch
 import pyrnn
 import pyrnn.torch as pt
 from pyrnn import _backend
+from pyrnn.torch import _ops
 
 from . import configs as cfg
 from . import timing
@@ -170,8 +172,8 @@ class LatencyRunner:
         return contextlib.nullcontext()
 
     def call_op(self, keep_tape: bool) -> tuple[torch.Tensor, ...]:
-        return torch.ops.pyrnn.rnn_forward(self.cell, self.x, self.h0, self.c0, self.weights,
-                                           True, False, None, [], keep_tape)
+        return _ops.rnn_forward(self.cell, self.x, self.h0, self.c0, self.weights, True, False,
+                                None, [], keep_tape)
 
     def call(self) -> object:
         train = self.mode == "train"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import warnings
 
 import pytest
 
 import pyrnn
 from pyrnn import _backend
+from pyrnn._cells import CELLS
 
 torch = pytest.importorskip("torch")
 import pyrnn.torch as pt  # noqa: E402
@@ -19,7 +21,6 @@ from pyrnn.torch import _ops  # noqa: E402
 pytestmark = pytest.mark.skipif(not pyrnn.backend_info()["cpp_available"],
                                 reason="pyrnn.torch runs the C++ core")
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def op_inputs(cell, T=4, B=3, I=2, H=3, L=2, D=2, bias=True, lengths=None,  # noqa: N803, E741
@@ -28,7 +29,7 @@ def op_inputs(cell, T=4, B=3, I=2, H=3, L=2, D=2, bias=True, lengths=None,  # no
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype,  # noqa: E731
                                       requires_grad=True)
-    G = GATES[cell]  # noqa: N806
+    G = CELLS[cell].num_gates  # noqa: N806
     weights = []
     for layer in range(L):
         for _ in range(D):
@@ -40,17 +41,23 @@ def op_inputs(cell, T=4, B=3, I=2, H=3, L=2, D=2, bias=True, lengths=None,  # no
                 bidirectional=D == 2, lengths=lengths)
 
 
-def stack(cell, x, h0, c0, weights, has_biases, bidirectional, lengths):
-    out, h_n, c_n, _ = _ops.rnn_forward(cell, x, h0, c0, weights, has_biases, bidirectional,
-                                        lengths, [], False)
+def stack(cell, x, h0, c0, weights, has_biases, bidirectional, lengths, call=None):
+    call = call or _ops.rnn_forward
+    out, h_n, c_n, _ = call(cell, x, h0, c0, weights, has_biases, bidirectional, lengths, [],
+                            False)
     return (out, h_n, c_n) if cell == "lstm" else (out, h_n)
+
+
+# the eager entry point (which calls the Autograd kernel itself) and the dispatcher's operator
+CALLS = {"eager": _ops.rnn_forward, "dispatcher": torch.ops.pyrnn.rnn_forward.default}
 
 
 @pytest.mark.parametrize("cell,bias,lengths", [
     ("lstm", True, None), ("gru", True, [4, 2, 3]), ("rnn_tanh", False, None),
     ("rnn_relu", True, [1, 4, 4]), ("lstm", False, [3, 4, 1]),
 ])
-def test_gradcheck_float64(cell, bias, lengths):
+@pytest.mark.parametrize("call", list(CALLS))
+def test_gradcheck_float64(cell, bias, lengths, call):
     args = op_inputs(cell, bias=bias, lengths=None if lengths is None else torch.tensor(lengths))
     tensors = [args["x"], args["h0"]] + ([args["c0"]] if cell == "lstm" else []) + args["weights"]
     n_states = 2 if cell == "lstm" else 1
@@ -58,7 +65,7 @@ def test_gradcheck_float64(cell, bias, lengths):
     def f(x, *rest):
         states, weights = rest[:n_states], list(rest[n_states:])
         c0 = states[1] if cell == "lstm" else None
-        return stack(cell, x, states[0], c0, weights, bias, True, args["lengths"])
+        return stack(cell, x, states[0], c0, weights, bias, True, args["lengths"], CALLS[call])
 
     # fast_mode: checks random projections of the Jacobian, not its ~500 columns one by one
     assert torch.autograd.gradcheck(f, tuple(tensors), atol=1e-7, rtol=1e-6, fast_mode=True)
@@ -250,3 +257,15 @@ def test_the_core_and_torch_share_one_openmp_runtime():
         paths = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     shared = {p for p in paths if os.path.basename(p).startswith(("libgomp.so", "libiomp5.so"))}
     assert len(shared) == 1, paths
+
+
+def test_profiler_and_tracer_see_the_operator():
+    """Eager calls skip the dispatcher; a profiler or torch.jit.trace still records the op."""
+    gru, x = pt.GRU(2, 3), torch.randn(3, 1, 2)
+    with torch.profiler.profile() as prof:
+        gru(x)
+    assert "pyrnn::rnn_forward" in {e.name for e in prof.events()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings
+        traced = torch.jit.trace(gru, (x,), check_trace=False)
+    assert "pyrnn::rnn_forward" in str(traced.graph)

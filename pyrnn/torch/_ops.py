@@ -342,11 +342,27 @@ _lib.impl("rnn_forward", _forward_autograd, "Autograd")
 _lib.impl("rnn_backward", _backward_autograd, "Autograd")
 
 
+def _eager() -> bool:
+    """Whether nothing but autograd would run between a call of the operator and its kernels:
+    no compiler, tracer, profiler, torch.func transform or torch-function mode, which must see
+    the operator itself."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active()
+                or torch.autograd.profiler._is_profiler_enabled)
+
+
 def rnn_forward(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
                 has_biases: bool, bidirectional: bool, lengths: Tensor | None,
                 dropout_masks: list[Tensor], keep_tape: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``torch.ops.pyrnn.rnn_forward``: see _forward_cpu for the arguments."""
+    """``torch.ops.pyrnn.rnn_forward`` (see _forward_cpu for the arguments). In plain eager
+    mode on plain CPU tensors, its Autograd kernel is called here rather than through the
+    dispatcher, which would call that same kernel after a crossing into C++ and back with every
+    argument converted both ways (about 20 us a call)."""
+    if _eager() and _direct(x, h0):
+        return _forward_autograd(cell, x, h0, c0, weights, has_biases, bidirectional, lengths,
+                                 dropout_masks, keep_tape)
     return torch.ops.pyrnn.rnn_forward.default(cell, x, h0, c0, weights, has_biases,
                                                bidirectional, lengths, dropout_masks, keep_tape)
 
