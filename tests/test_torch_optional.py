@@ -3,19 +3,16 @@ how to install it. Runs with or without torch installed."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parents[1])
+from _child import child_env
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT,
-                                                                    os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120)
+    """Run code in a child Python on the pyrnn this test imported (see _child)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=child_env(), timeout=120)
 
 
 def test_import_pyrnn_does_not_import_torch():
