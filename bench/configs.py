@@ -86,3 +86,45 @@ def rules_for(config: str, cell: str, mode: str, threads: int) -> list[dict]:
         return []
     row = {"configs": config, "cells": cell, "modes": mode}
     return [r for r in TARGETS if all(row[k] in r[k] for k in row if k in r)]
+
+
+# ------------------------------------------------------------------- pyrnn.torch (torch_models)
+
+# bench/torch_models.py: a whole PyTorch model, Embedding(vocab, E) -> RNN(E, H, num_layers=L)
+# -> Linear(H, vocab) with cross-entropy and Adam, on time-major ids (T, B), timed as torch.nn
+# builds it and after pyrnn.torch.convert; and the operator boundary at batch 1 (latency).
+TORCH_MODELS: list[dict] = [
+    {"name": "charrnn", "vocab": 96, "E": 64, "H": 256, "L": 2, "B": 32, "T": 64,
+     "cells": ("lstm", "gru")},
+    {"name": "medium", "vocab": 96, "E": 128, "H": 512, "L": 2, "B": 32, "T": 64,
+     "cells": ("lstm", "gru")},
+]
+TORCH_LATENCY: dict = {"name": "latency", "T": 1, "B": 1, "I": 64, "H": 128, "L": 1,
+                       "cells": ("lstm", "gru")}
+TORCH_MODES = ("train", "infer")
+# Issue 32's targets: "ratio" rules need torch.nn ms / pyrnn.torch ms >= min on a model row;
+# the "overhead_us" rule needs the latency rows' operator boundary (a call of the operator less
+# the same kernel call on NumPy arrays; in training, per operator call) <= max.
+TORCH_TARGETS: list[dict] = [
+    {"id": "lstm train >= 1.2x torch.nn", "cells": ["lstm"], "modes": ["train"], "min": 1.2},
+    {"id": "gru train >= 1.6x torch.nn", "cells": ["gru"], "modes": ["train"], "min": 1.6},
+    {"id": "lstm infer >= 1.1x torch.nn", "cells": ["lstm"], "modes": ["infer"], "min": 1.1},
+    {"id": "gru infer >= 1.4x torch.nn", "cells": ["gru"], "modes": ["infer"], "min": 1.4},
+    {"id": "op boundary <= 30 us", "metric": "overhead_us", "max": 30.0},
+]
+TORCH_DEFAULTS = {"threads": [2], "rounds": 7, "round_s": 0.4, "max_calls": 400,
+                  "warmup_s": 0.3, "budget_s": 20.0, "quiet_pct": 25.0, "quiet_wait_s": 20.0,
+                  "settle_s": 0.1}
+TORCH_QUICK = {"threads": [2], "rounds": 3, "round_s": 0.15, "max_calls": 100,
+               "warmup_s": 0.1, "budget_s": 4.0, "quiet_pct": 25.0, "quiet_wait_s": 2.0,
+               "settle_s": 0.05}
+
+
+def torch_rules_for(row: dict) -> list[dict]:
+    """The TORCH_TARGETS rules that apply to a torch_models row (at TARGET_THREADS only)."""
+    if row["threads"] != TARGET_THREADS:
+        return []
+    if "overhead_us" in row:
+        return [r for r in TORCH_TARGETS if r.get("metric") == "overhead_us"]
+    return [r for r in TORCH_TARGETS if "metric" not in r
+            and row["cell"] in r["cells"] and row["mode"] in r["modes"]]

@@ -236,15 +236,32 @@ def new_pack_cache(backend: str) -> Any:
     return _core.PackCache() if backend == "cpp" else None
 
 
+_threads_set_by_user = False  # pyrnn.torch's operators follow torch's thread count until then
+
+
 def set_num_threads(n: int) -> None:
     """Set how many threads the C++ kernels use (the NumPy reference is unaffected), from 1 to
     the core's ``max_threads`` (1024)."""
+    global _threads_set_by_user
     if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
     if _core is not None:
         if n > _core.max_threads:
             raise ValueError(f"set_num_threads: n must be at most {_core.max_threads}, got {n}")
         _core.set_num_threads(int(n))
+    _threads_set_by_user = True
+
+
+def threads_set_by_user() -> bool:
+    """Whether set_num_threads has been called in this process."""
+    return _threads_set_by_user
+
+
+def set_core_threads(n: int) -> None:
+    """Set the core's thread count (1 <= n <= max_threads) as a default, not as the user's
+    choice: pyrnn.torch keeps it equal to torch's until the user calls set_num_threads."""
+    if _core is not None:
+        _core.set_num_threads(min(max(1, int(n)), _core.max_threads))
 
 
 def get_num_threads() -> int:

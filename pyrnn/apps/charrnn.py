@@ -383,6 +383,24 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_train_arguments(args)
+    if args.distributed:  # the data-parallel trainer, in PyTorch: charrnn_torch
+        try:
+            from . import charrnn_torch
+        except ModuleNotFoundError as error:
+            raise _common.AppError(f"--distributed needs PyTorch ({error}): "
+                                   "pip install 'pyrnn[torch]'") from None
+        return charrnn_torch.run_train(args)
+    figures = train(args)
+    print(f"validation {figures['val_bits_per_char']:.3f} bits/char after {figures['steps']} "
+          f"steps, {figures['wall_seconds']:.1f} s")
+    _common.write_json(args.json, figures)
+    return 0
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """Fail before any work: a missing --text or --resume checkpoint, unwritable outputs, or a
+    --checkpoint path holding a file that is not a pyrnn checkpoint."""
     if args.text and not os.path.isfile(args.text):
         what = "is a folder" if os.path.isdir(args.text) else "no such file"
         raise _common.AppError(f"--text {args.text}: {what}")
@@ -395,11 +413,6 @@ def run_train(args: argparse.Namespace) -> int:
         except (OSError, KeyError, ValueError):
             raise _common.AppError(f"--checkpoint {args.checkpoint}: the file exists and is not "
                                    "a pyrnn checkpoint; not overwriting it") from None
-    figures = train(args)
-    print(f"validation {figures['val_bits_per_char']:.3f} bits/char after {figures['steps']} "
-          f"steps, {figures['wall_seconds']:.1f} s")
-    _common.write_json(args.json, figures)
-    return 0
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -477,6 +490,11 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
                         "%(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from --checkpoint up to --steps total")
+    parser.add_argument("--distributed", action="store_true",
+                        help="train data-parallel in PyTorch, one process per rank (launch with "
+                        "torchrun; see docs/torch.md)")
+    parser.add_argument("--torch-rnn", action="store_true",
+                        help="with --distributed: torch.nn's recurrent layers, for comparison")
     _add_sampling(parser, "--sample-length", 500)
     _common.add_common_arguments(parser)
     parser.set_defaults(run=run_train, parser=parser)
