@@ -41,9 +41,10 @@ struct DirWeights {
 template <typename S>
 struct DirTape {
   Buffer<S> gates;   // (T, B, G*H) activated gates
-  Buffer<S> aux;     // (T, B, H) lstm: tanh(c); gru: W_hn h_prev + b_hn
   Buffer<S> h_prev;  // (T, B, H) the state each step started from
   Buffer<S> c_prev;  // (T, B, H) lstm
+  Buffer<S> tanh_c;  // (T, B, H) lstm: tanh(c_t)
+  Buffer<S> hn;      // (T, B, H) gru: W_hn h_prev + b_hn
   // The weights as backward multiplies by them, packed during forward: the tape's own copy of
   // them and backward's packing in one. W_hh (G*H, H) right of d_gates in BPTT, gru's n rows
   // apart (they multiply d_hn, so that no copy of the r and z gradients is written for them);
@@ -294,7 +295,9 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if (tape && step < T) return tape->h_prev.data() + time_at(step, T, reverse) * B * H;
     return h_buf.data() + (step % 2) * B * H;
   };
-  Buffer<S> c(Cell::has_c ? B * H : 0), aux_scratch(Cell::has_aux && !tape ? B * H : 0);
+  Buffer<S> c(Cell::has_c ? B * H : 0);
+  // Without a tape, what a step keeps for backward goes to scratch blocks (B, H).
+  Buffer<S> tanh_c_scratch(Cell::has_tanh_c && !tape ? B * H : 0), hn_scratch(Cell::has_hn && !tape ? B * H : 0);
   if (link) threads = 1;
   const bool awaits = link && link->await_input;
   const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
@@ -406,7 +409,8 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
       if (w > 0 && n > 0) {
         if (team.size > 1 && !plan.by_rows) prefetch_shared(h_prev, n * H);
         packed_gemm(n, h_prev + my.row0 * H, ld_h, w_hh, hh.data(), G * w, false);
-        S* aux = Cell::has_aux ? (tape ? tape->aux.data() + t * B * H : aux_scratch.data()) : nullptr;
+        S* tanh_c = Cell::has_tanh_c ? (tape ? tape->tanh_c.data() + t * B * H : tanh_c_scratch.data()) : nullptr;
+        S* hn = Cell::has_hn ? (tape ? tape->hn.data() + t * B * H : hn_scratch.data()) : nullptr;
         StepForward<S> step_io{n, w, H, ld_h,
                                {xp_at(t), ld_xp, gate_stride},
                                {hh.data(), G * w, w},
@@ -414,7 +418,8 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
                                h_prev + at_h,
                                h + at_h,
                                Cell::has_c ? c.data() + at_h : nullptr,
-                               aux ? aux + at_h : nullptr};
+                               tanh_c ? tanh_c + at_h : nullptr,
+                               hn ? hn + at_h : nullptr};
         Cell::forward(step_io);
       }
       copy_cols(h + at_h, ld_h, h_prev + at_h, ld_h, n, my_b, w);  // finished (or not yet started) rows keep their state
@@ -434,11 +439,11 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
 // Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
 template <class Cell, typename S>
 void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, int threads) {
-  const Index GH = Cell::G * H, rows_from_d_gates = Cell::has_d_hn ? GH - H : GH;
+  const Index GH = Cell::G * H, rows_from_d_gates = Cell::has_hn ? GH - H : GH;
   const Index padded_h = round_up(H, kPacket<S>);
   tape.w_hh_for_d_gates.pack_rows(rows_from_d_gates, H, padded_h, [&](Index k) { return wt.w_hh + k * H; },
                                   threads);
-  if constexpr (Cell::has_d_hn)
+  if constexpr (Cell::has_hn)
     tape.w_hh_for_d_hn.pack_rows(H, H, padded_h, [&](Index k) { return wt.w_hh + (rows_from_d_gates + k) * H; },
                                  threads);
   tape.w_ih_for_dx.pack_rows(GH, I, I, [&](Index k) { return wt.w_ih + k * I; }, threads);
@@ -470,7 +475,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
     static_assert(kUnitAlign % P == 0, "a share of units must start on a panel's edge");
     const Index wp = round_up(w, P), q0 = my.j0 / P, q1 = q0 + wp / P;
     const PackedB<S> w_hh_for_d_gates = tape.w_hh_for_d_gates.columns(q0, q1, wp);
-    const PackedB<S> w_hh_for_d_hn = Cell::has_d_hn ? tape.w_hh_for_d_hn.columns(q0, q1, wp) : PackedB<S>();
+    const PackedB<S> w_hh_for_d_hn = Cell::has_hn ? tape.w_hh_for_d_hn.columns(q0, q1, wp) : PackedB<S>();
     Buffer<S> dh_hh(B * wp);
     if (d_h_n) copy_cols(dh.data() + at_h, ld_h, d_h_n + at_h, ld_h, 0, my_b, w);
     else zero_cols(dh.data() + at_h, ld_h, 0, my_b, w);
@@ -483,32 +488,33 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
       const Index t = time_at(step, T, reverse), n = my.rows(s.batch_sizes[t]);
       const Index at_t = t * B * H;
       S* dg_t = d_gates + t * B * GH;
-      S* d_hn_t = Cell::has_d_hn ? d_hn + at_t : nullptr;
+      S* d_hn_t = Cell::has_hn ? d_hn + at_t : nullptr;
       if (link && link->await_input) link->await_input(T - step);
       if (w > 0) {
         mat(dh.data() + at_h, n, w, ld_h) += cmat(d_out + t * B * ld_dout + my.at(ld_dout), n, w, my.stride(ld_dout));
         StepBackward<S> step_io{n, w, ld_h,
                                 {tape.gates.data() + t * B * GH + at_g, ld_g, H},
-                                Cell::has_aux ? tape.aux.data() + at_t + at_h : nullptr,
+                                Cell::has_tanh_c ? tape.tanh_c.data() + at_t + at_h : nullptr,
+                                Cell::has_hn ? tape.hn.data() + at_t + at_h : nullptr,
                                 tape.h_prev.data() + at_t + at_h,
                                 Cell::has_c ? tape.c_prev.data() + at_t + at_h : nullptr,
                                 dh.data() + at_h,
                                 Cell::has_c ? dc.data() + at_h : nullptr,
                                 {dg_t + at_g, ld_g, H},
-                                Cell::has_d_hn ? d_hn_t + at_h : nullptr};
+                                Cell::has_hn ? d_hn_t + at_h : nullptr};
         Cell::backward(step_io);
         for (Index g = 0; g < G; ++g) zero_cols(dg_t + at_g + g * H, ld_g, n, my_b, w);
-        if constexpr (Cell::has_d_hn) zero_cols(d_hn_t + at_h, ld_h, n, my_b, w);
+        if constexpr (Cell::has_hn) zero_cols(d_hn_t + at_h, ld_h, n, my_b, w);
       }
       if (!plan.by_rows) team.barrier();  // the recurrent GEMM below reads every thread's d_gates
       if (link && link->wrote) link->wrote(T - step);
       if (w > 0 && n > 0) {
         if (team.size > 1 && !plan.by_rows) {
           prefetch_shared(dg_t, n * GH);
-          if constexpr (Cell::has_d_hn) prefetch_shared(d_hn_t, n * H);
+          if constexpr (Cell::has_hn) prefetch_shared(d_hn_t, n * H);
         }
         packed_gemm(n, dg_t + my.row0 * GH, ld_g, w_hh_for_d_gates, dh_hh.data(), wp, false);
-        if constexpr (Cell::has_d_hn)
+        if constexpr (Cell::has_hn)
           packed_gemm(n, d_hn_t + my.row0 * H, ld_h, w_hh_for_d_hn, dh_hh.data(), wp, true);
         auto dh_prev = mat(dh.data() + at_h, n, w, ld_h);
         const auto from_w_hh = cmat(dh_hh.data(), n, w, wp);

@@ -356,7 +356,7 @@ void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, 
       const Index state = l * B * H;
       sequence_backward<Cell>(shape, false, tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
                               d_h_n ? d_h_n + state : nullptr, d_c_n ? d_c_n + state : nullptr, d_gates[l].data(),
-                              Cell::has_d_hn ? d_hn[l].data() : nullptr, dh0 + state,
+                              Cell::has_hn ? d_hn[l].data() : nullptr, dh0 + state,
                               Cell::has_c ? dc0 + state : nullptr, 1, &link);
     }
   }
@@ -386,8 +386,9 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
       keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / D), H, threads);
       dt.gates.allocate(T * B * GH);
       dt.h_prev.allocate(T * B * H);
-      if (Cell::has_aux) dt.aux.allocate(T * B * H);
       if (Cell::has_c) dt.c_prev.allocate(T * B * H);
+      if (Cell::has_tanh_c) dt.tanh_c.allocate(T * B * H);
+      if (Cell::has_hn) dt.hn.allocate(T * B * H);
     }
   }
 
@@ -449,11 +450,11 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   const LayerPlan plan(kLayersBackward, dm, Cell::G, sizeof(S), threads);
   const int lanes = plan.lanes();
   const Index kept = lanes > 1 ? L : D;
-  std::vector<Buffer<S>> d_gates(kept), d_hn(Cell::has_d_hn ? kept : 0);
+  std::vector<Buffer<S>> d_gates(kept), d_hn(Cell::has_hn ? kept : 0);
   for (auto& b : d_gates) b.allocate(T * B * GH);
   for (auto& b : d_hn) b.allocate(T * B * H);
   auto d_gates_of = [&](Index layer, Index d) { return d_gates[lanes > 1 ? layer : d].data(); };
-  auto d_hn_of = [&](Index layer, Index d) { return Cell::has_d_hn ? d_hn[lanes > 1 ? layer : d].data() : nullptr; };
+  auto d_hn_of = [&](Index layer, Index d) { return Cell::has_hn ? d_hn[lanes > 1 ? layer : d].data() : nullptr; };
   auto layer_weight_grads = [&](Index layer) {
     const Index Ik = dm.input_size(layer);
     const bool input_raw = !tape.layer_input[layer].empty();
