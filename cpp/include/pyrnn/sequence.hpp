@@ -8,7 +8,6 @@
 #pragma once
 
 #include <algorithm>
-#include <chrono>
 #include <functional>
 #include <initializer_list>
 #include <memory>
@@ -16,6 +15,7 @@
 
 #include "pyrnn/cells.hpp"
 #include "pyrnn/gemm.hpp"
+#include "pyrnn/team_plan.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
 #include "pyrnn/workspace.hpp"
@@ -50,96 +50,6 @@ struct DirTape {
   // apart (they multiply d_hn, so that no copy of the r and z gradients is written for them);
   // W_ih (G*H, I) right of d_gates for dx.
   PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
-};
-
-// The kinds of time loop, and of a stack's passes over its layers, for TeamChoice.
-enum LoopKind { kForwardInference, kForwardTraining, kBackward, kLayersInference, kLayersTraining, kLayersBackward };
-
-// Steps small enough that the host's slow periods decide whether a team sharing out units pays
-// (see TeamChoice): in them two threads took about 3.5 us more per step (char-RNN LSTM training,
-// 0.18 ms over 50 steps), where 2^20 multiply-adds take each of them about 10 us.
-constexpr Index kChoiceMaxMacs = Index(1) << 20;
-
-// Hidden units are handed to threads in multiples of this (one or two SIMD registers).
-constexpr Index kUnitAlign = 16;
-
-// Rows each thread needs before the batch is shared out by rows: for a W_hh that fits in L2, and
-// for one streamed from L3, where each thread's GEMM then takes W_hh a chunk of panels at a time
-// against all of its rows (see packed_gemm_targets), each chunk fetched once per step.
-constexpr Index kMinRowsPerThread = 8;
-constexpr Index kMinStreamingRowsPerThread = kMinRowsToChunkB;
-
-// How a time loop is shared. By units, the threads must meet after every step (each step reads
-// every unit of h_prev), and half of each h_prev crosses between cores; by rows, sequences are
-// independent and nobody waits, but every thread reads all of W_hh each step, so that is chosen
-// when W_hh fits in a core's L2 and each thread has enough rows to amortise reading it, or when
-// each thread has enough rows for the GEMM to stream W_hh from L3 in chunks. Against sharing out
-// units there, paired rounds on two threads (GRU and LSTM, H = 512, W_hh 3-4 MB) took 0.90-0.91
-// of the time for a training step and 0.97-1.01 in inference at batch 64, 0.96-0.97 in both at
-// batch 32, and 0.89-0.91 and 0.94-0.99 at batch 24; the DeepBench LSTM with H = 1024 at batch 32
-// (16 MB) was even (0.99-1.01). With 8 rows a thread (DeepBench H = 512, batch 16), inference took
-// 5 % longer: a GEMM of fewer than two row blocks streams all of W_hh once per block.
-//
-// By units, each thread keeps the same units at every step. Handing out 16-unit slices from a
-// shared counter at each step instead was tried for W_hh shares past L2 (DeepBench h512 LSTM):
-// it ran 7-10 % slower, each slice's gates and c read from the core that last wrote them and the
-// cell run one packet wide per call, where the threads had waited for each other 1.5-4 % of a
-// step (timed step by step).
-struct StepPlan {
-  int team;
-  bool by_rows;
-};
-
-// When a time loop is worth a team: from `min_macs` multiply-adds per step (below, a barrier
-// costs more than the step) and, sharing out units, from `min_w_hh_bytes` of W_hh (each thread
-// streams its part of W_hh from L2 every step; below, what that saves is less than what meeting
-// costs). Measured on the 2-core machine at batch 1-8, two threads against one, paired rounds
-// (float32; KB = 1024 bytes, as in the thresholds):
-// - inference: GRU char-RNN (W_hh 117 KB) 20 % faster on two when the host was quiet; LSTM H = 80
-//   (100 KB) and batch 8 with H = 48 (36 KB) 10 % slower, batch-4 LSTM H = 64 (64 KB) even;
-// - training (forward writing the tape, and BPTT): LSTM H = 128 (256 KB) 23 % faster, GRU H = 128
-//   15 %, RNN H = 200 and LSTM H = 100 (156 KB) 5 %; GRU H = 100 (117 KB) and RNN H = 160 (100 KB)
-//   even, LSTM H = 64-80 5-10 % slower.
-struct TeamThresholds {
-  Index min_macs, min_w_hh_bytes;
-};
-constexpr TeamThresholds kInferenceTeam{Index(24) << 10, Index(112) << 10};
-constexpr TeamThresholds kTrainingTeam{Index(24) << 10, Index(128) << 10};
-
-inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int threads, TeamThresholds min) {
-  const Index macs = B * H * G * H, w_hh_bytes = G * H * H * scalar_bytes;
-  if (threads <= 1 || macs < min.min_macs) return {1, false};
-  const bool w_hh_in_l2 = w_hh_bytes <= static_cast<Index>(kL2Bytes);
-  if (w_hh_in_l2 && B >= kMinRowsPerThread * 2)
-    return {static_cast<int>(std::min<Index>(threads, B / kMinRowsPerThread)), true};
-  if (!w_hh_in_l2 && B >= kMinStreamingRowsPerThread * threads) return {threads, true};
-  if (w_hh_bytes < min.min_w_hh_bytes) return {1, false};
-  return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
-}
-
-// A time loop's plan as it runs: the planned team, or one thread where TeamChoice finds that
-// faster now, which it may only for a team that shares out the units of small steps (see
-// kChoiceMaxMacs) and when the caller lets it. finished() tells TeamChoice what the call took.
-class RunPlan {
- public:
-  RunPlan(const StepPlan& planned, bool may_choose, const TeamChoice::Key& key)
-      : choosing_(may_choose && planned.team > 1 && !planned.by_rows &&
-                  key.B * key.G * key.H * key.H < kChoiceMaxMacs),
-        key_(key),
-        option_(choosing_ ? team_choice().pick(key) : TeamChoice::team),
-        plan_(option_ == TeamChoice::alone ? StepPlan{1, false} : planned),
-        start_(std::chrono::steady_clock::now()) {}
-  const StepPlan& plan() const { return plan_; }
-  void finished(Index steps) const {
-    if (choosing_) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, steps)));
-  }
-
- private:
-  bool choosing_;
-  TeamChoice::Key key_;
-  TeamChoice::Option option_;
-  StepPlan plan_;
-  std::chrono::steady_clock::time_point start_;
 };
 
 // One thread's share of a time loop: rows row0, row0 + row_step, ... below row_end, and units
@@ -300,12 +210,9 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
   Buffer<S> tanh_c_scratch(Cell::has_tanh_c && !tape ? B * H : 0), hn_scratch(Cell::has_hn && !tape ? B * H : 0);
   if (link) threads = 1;
   const bool awaits = link && link->await_input;
-  const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, tape ? kTrainingTeam : kInferenceTeam);
-  // Kept packs are laid out for the planned team: one thread would have to pack for itself, which
-  // for a char-RNN GRU cost what the team lost in the host's slow periods.
-  const RunPlan run_plan(planned, !kept,
-                         {tape ? kForwardTraining : kForwardInference, B, I, H, G, Index(sizeof(S)), planned.team});
-  const StepPlan& plan = run_plan.plan();
+  // Kept packs are laid out for the planned team: one thread would have to pack for itself.
+  const LoopPlan loop_plan(tape ? kForwardTraining : kForwardInference, B, I, H, G, sizeof(S), threads, !kept);
+  const StepPlan plan = loop_plan.steps();
   const bool project_up_front = plan.team < threads;
   ForwardPacks<S> made;
   ForwardPacks<S>& packs = kept ? *kept : made;
@@ -433,7 +340,7 @@ void sequence_forward(const SeqShape& s, const DirWeights<S>& wt, bool reverse, 
     if constexpr (Cell::has_c) copy_cols(c_n + at_h, ld_h, c.data() + at_h, ld_h, 0, my_b, w);
   });
   if (fill) packs.filled = true;  // only the filling call writes: others may be reading these packs
-  run_plan.finished(T);
+  loop_plan.finished(T);
 }
 
 // Pack one direction's weights onto its tape (see DirTape). Up to `threads` threads share it.
@@ -461,9 +368,8 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
   const Index T = s.T, B = s.B, H = s.H, GH = G * H;
   Buffer<S> dh(B * H), dc(Cell::has_c ? B * H : 0);
   if (link) threads = 1;
-  const StepPlan planned = plan_steps(B, H, G, sizeof(S), threads, kTrainingTeam);
-  const RunPlan run_plan(planned, true, {kBackward, B, 0, H, G, Index(sizeof(S)), planned.team});
-  const StepPlan& plan = run_plan.plan();
+  const LoopPlan loop_plan(kBackward, B, 0, H, G, sizeof(S), threads, true);
+  const StepPlan plan = loop_plan.steps();
 
   run_team(plan.team, [&](const Team& team) {
     const Share my = Share::of(plan, team.tid, team.size, s);
@@ -525,7 +431,7 @@ void sequence_backward(const SeqShape& s, bool reverse, const DirTape<S>& tape, 
     copy_cols(dh0 + at_h, ld_h, dh.data() + at_h, ld_h, 0, my_b, w);
     if constexpr (Cell::has_c) copy_cols(dc0 + at_h, ld_h, dc.data() + at_h, ld_h, 0, my_b, w);
   });
-  run_plan.finished(T);
+  loop_plan.finished(T);
 }
 
 // The B of a weight gradient, a (rows, n) matrix stored by rows at b (a layer's input, or its

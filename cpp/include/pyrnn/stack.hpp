@@ -6,7 +6,6 @@
 #pragma once
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <numeric>
@@ -16,6 +15,7 @@
 
 #include "pyrnn/cells.hpp"
 #include "pyrnn/sequence.hpp"
+#include "pyrnn/team_plan.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
 #include "pyrnn/workspace.hpp"
@@ -149,44 +149,6 @@ void for_each_direction(Index D, int threads, F&& f) {
     for (int d = 0; d < D; ++d) f(d, threads);
   }
 }
-
-// Threads that run the layers of a stack at once (1: layer after layer, each with all threads).
-// Layer l runs on thread l % lanes, its time loop on that thread alone, a few steps behind layer
-// l - 1 (see LayerLink): its steps need no meeting of threads, where a team that shares out the
-// units of a small step meets at every one. Only unidirectional stacks (a bidirectional layer's
-// first output needs its whole input), and only when every thread gets as many layers.
-inline int layer_lanes(const Dims& dm, int threads) {
-  return dm.D == 1 && threads > 1 && dm.L % threads == 0 ? threads : 1;
-}
-
-// How one pass of a stack runs its layers: at once where they may (layer_lanes) and TeamChoice
-// finds that faster now, as it does for a time loop's team ("team": one layer after another,
-// each with all threads; "alone": each layer on a thread of its own). Both give the same bits.
-// Measured on the 2-core machine against one layer after another (2 layers, paired rounds): at
-// once 5-35 % faster for batch 1-8 with H = 128 (most for GRU and RNN) and for T = 1000, batch 8,
-// H = 256; in training up to 8 % slower for batch 16 with H = 512 (GRU), when the layer above
-// computed all of the gradient reaching the layer below while that one waited (it now computes
-// half).
-class LayerPlan {
- public:
-  LayerPlan(LoopKind kind, const Dims& dm, Index G, Index scalar_bytes, int threads)
-      : lanes_(layer_lanes(dm, threads)),
-        key_{kind, dm.B, dm.I, dm.H, G, scalar_bytes, threads, dm.L},
-        option_(lanes_ > 1 ? team_choice().pick(key_) : TeamChoice::team),
-        start_(std::chrono::steady_clock::now()) {}
-  // Threads that run the layers at once, or 1: one layer after another.
-  int lanes() const { return option_ == TeamChoice::alone ? lanes_ : 1; }
-  // Tells TeamChoice what the pass over T steps took.
-  void finished(Index T) const {
-    if (lanes_ > 1) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, T)));
-  }
-
- private:
-  int lanes_;
-  TeamChoice::Key key_;
-  TeamChoice::Option option_;
-  std::chrono::steady_clock::time_point start_;
-};
 
 // Initial and final states of every layer and direction, (L*D, B, H) each, in sorted row order.
 template <typename S>
@@ -447,7 +409,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
   std::vector<S> dh0(L * D * B * H), dc0(Cell::has_c ? L * D * B * H : 0);
 
   // d_gates (and gru's d_hn) of one layer's directions, or of every layer when they run at once.
-  const LayerPlan plan(kLayersBackward, dm, Cell::G, sizeof(S), threads);
+  const LayerPlan plan(kLayersBackward, dm.B, dm.I, dm.H, dm.L, dm.D, Cell::G, sizeof(S), threads);
   const int lanes = plan.lanes();
   const Index kept = lanes > 1 ? L : D;
   std::vector<Buffer<S>> d_gates(kept), d_hn(Cell::has_hn ? kept : 0);
@@ -519,8 +481,9 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
 // packs, which are laid out for it.
 template <typename S>
 LayerPlan forward_layer_plan(const StackInputs<S>& in, bool keep_tape, int threads) {
-  return LayerPlan(keep_tape ? kLayersTraining : kLayersInference, in.dims, gate_count(in.cell), Index(sizeof(S)),
-                   threads);
+  const Dims& dm = in.dims;
+  return LayerPlan(keep_tape ? kLayersTraining : kLayersInference, dm.B, dm.I, dm.H, dm.L, dm.D, gate_count(in.cell),
+                   Index(sizeof(S)), threads);
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
