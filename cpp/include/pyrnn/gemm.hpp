@@ -38,6 +38,10 @@ constexpr Index kMinRowsToChunkB = 2 * kRowBlock;  // rows of A from which a B p
 constexpr Index kMinPackPerThread = Index(1) << 15;  // elements: less is packed faster by one thread
 constexpr Index kPackAhead = 8;  // depth rows of a transposed A requested ahead of its copy
 constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed together (see pack_row_tile)
+// Rows of C each thread needs before a large GEMM is split by rows: an input projection, dx or a
+// dense layer (A's rows), a weight gradient (its output rows, A read transposed).
+constexpr Index kMinGemmRowsPerThread = 32;
+constexpr Index kMinGradRowsPerThread = 8;
 
 // B as column panels of kPacket<S> columns, cut into depth blocks of kKBlock rows: block k0 holds
 // every panel's rows [k0, k0 + kc) one panel after another, each panel taking panel_rows(kc) rows

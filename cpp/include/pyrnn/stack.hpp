@@ -14,7 +14,8 @@
 #include <vector>
 
 #include "pyrnn/cells.hpp"
-#include "pyrnn/sequence.hpp"
+#include "pyrnn/sequence_backward.hpp"
+#include "pyrnn/sequence_forward.hpp"
 #include "pyrnn/team_plan.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
@@ -178,10 +179,10 @@ void forward_layer_by_layer(const StackInputs<S>& in, const Index* batch_sizes, 
     for_each_direction(D, threads, [&](int d, int dir_threads) {
       const Index k = layer * D + d;
       const Index state = k * B * H;
-      sequence_forward<Cell>(shape, in.weights[k], d == 1, x, states.h0 + state,
+      const DirForward<S> io{shape, &in.weights[k], d == 1, x, states.h0 + state,
                              Cell::has_c ? states.c0 + state : nullptr, y + d * H, DH, states.h_n + state,
-                             Cell::has_c ? states.c_n + state : nullptr, tape ? &tape->dirs[k] : nullptr,
-                             packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
+                             Cell::has_c ? states.c_n + state : nullptr, tape ? &tape->dirs[k] : nullptr, nullptr};
+      sequence_forward<Cell>(io, packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
     });
     if (last) break;
     // The next layer's input: this layer's output through its dropout mask.
@@ -244,11 +245,11 @@ void forward_layers_at_once(const StackInputs<S>& in, const Index* batch_sizes, 
       if (l + 1 < L) link.wrote = [&](Index steps) { written[l].publish(steps); };
       const SeqShape shape{T, B, dm.input_size(l), H, batch_sizes};
       const Index state = l * B * H;
-      sequence_forward<Cell>(shape, in.weights[l], false, input_of(l), states.h0 + state,
+      const DirForward<S> io{shape, &in.weights[l], false, input_of(l), states.h0 + state,
                              Cell::has_c ? states.c0 + state : nullptr, l + 1 == L ? y_last : outs[l].data(), H,
                              states.h_n + state, Cell::has_c ? states.c_n + state : nullptr,
-                             tape ? &tape->dirs[l] : nullptr, packs && !tape ? &packs->dirs[l] : nullptr, 1,
-                             &link);
+                             tape ? &tape->dirs[l] : nullptr, &link};
+      sequence_forward<Cell>(io, packs && !tape ? &packs->dirs[l] : nullptr, 1);
     }
   }
   if (!tape) return;
