@@ -73,6 +73,23 @@ struct DirForward {
   const LayerLink* link;  // null: the layers do not run at once
 };
 
+// BPTT through one direction (see sequence_backward).
+template <typename S>
+struct DirBackward {
+  SeqShape s;
+  bool reverse;
+  const DirTape<S>* tape;
+  const S* d_out;         // (T, B, H): this direction's slice of a (T, B, ld_dout) buffer
+  Index ld_dout;
+  const S* d_h_n;         // (B, H), or null: zero
+  const S* d_c_n;         // (B, H), lstm, or null: zero
+  S* d_gates;             // (T, B, G*H) out; rows past a sequence's end zero
+  S* d_hn;                // (T, B, H) out, gru (else null); rows past a sequence's end zero
+  S* dh0;                 // (B, H) out
+  S* dc0;                 // (B, H) out, lstm
+  const LayerLink* link;  // null: the layers do not run at once
+};
+
 // One thread's share of a time loop: rows row0, row0 + row_step, ... below row_end, and units
 // [j0, j0 + w). `team` is the number of threads running, which OpenMP makes fewer than planned
 // inside another parallel region (each direction of a bidirectional layer runs in one).

@@ -317,10 +317,11 @@ void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, 
         sent = steps;
       };
       const Index state = l * B * H;
-      sequence_backward<Cell>(shape, false, tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
+      const DirBackward<S> io{shape, false, &tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
                               d_h_n ? d_h_n + state : nullptr, d_c_n ? d_c_n + state : nullptr, d_gates[l].data(),
                               Cell::has_hn ? d_hn[l].data() : nullptr, dh0 + state,
-                              Cell::has_c ? dc0 + state : nullptr, 1, &link);
+                              Cell::has_c ? dc0 + state : nullptr, &link};
+      sequence_backward<Cell>(io, 1);
     }
   }
 }
@@ -452,11 +453,12 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_
       for_each_direction(D, threads, [&](int d, int dir_threads) {
         const Index k = layer * D + d;
         const Index state = k * B * H;
-        sequence_backward<Cell>(shape, d == 1, tape.dirs[k], d_y + d * H, DH,
+        const DirBackward<S> io{shape, d == 1, &tape.dirs[k], d_y + d * H, DH,
                                 d_h_n.empty() ? nullptr : d_h_n.data() + state,
                                 d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates_of(layer, d),
                                 d_hn_of(layer, d), dh0.data() + state, Cell::has_c ? dc0.data() + state : nullptr,
-                                dir_threads);
+                                nullptr};
+        sequence_backward<Cell>(io, dir_threads);
       });
       layer_weight_grads(layer);
       if (layer == 0) break;
