@@ -618,7 +618,8 @@ py::object gemm_for_tests_impl(const py::object& a_obj, const py::sequence& bs, 
     pyrnn::Buffer<S> bias_row;
     if (has_bias) bias_row = pyrnn::padded_row(bias.data(), ops[0].N, packed[0].padded_cols());
     pyrnn::packed_gemm_targets<S>(n, a.data(), a_transposed ? 1 : K, a_transposed ? n : 1, targets.data(),
-                                  targets.size(), accumulate, bias_row.data(), row_sums ? sums.mutable_data() : nullptr);
+                                  targets.size(), accumulate, bias_row.data(),
+                                  row_sums ? sums.mutable_data() : nullptr);
   }
   return row_sums ? py::object(sums) : py::none();
 }
@@ -718,5 +719,6 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
   m.def("get_num_threads", &pyrnn::get_num_threads, "Threads the kernels may use.");
   m.def("_gemm_for_tests", &gemm_for_tests, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate") = false,
         py::arg("bias") = py::none(), py::arg("layout") = "columns", py::arg("a_transposed") = false,
-        py::arg("row_sums") = false, py::arg("threads") = 1, "For the tests: the core's packed GEMM (see gemm_for_tests).");
+        py::arg("row_sums") = false, py::arg("threads") = 1,
+        "For the tests: the core's packed GEMM (see gemm_for_tests).");
 }

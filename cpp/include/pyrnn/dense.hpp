@@ -2,7 +2,7 @@
 //
 // It runs on the core's own threads. A head multiplied by NumPy runs on the BLAS library's pool,
 // whose idle threads keep spinning for a while after each product, on the very cores the next
-// time loop needs: a char-RNN training step took twice as long as its parts did alone.
+// time loop needs.
 #pragma once
 
 #include <algorithm>

@@ -1,11 +1,11 @@
 // Packed weights kept between inference calls on weights that do not change.
 //
-// Each forward pass packs W_ih and W_hh into the panels its GEMMs read; for a small model that is
-// 5-15 % of the call. A caller that runs the same weights many times (a frozen module) keeps a
-// PackCache: the first call with a given batch size and thread count fills a set of packs, and
-// later calls with the same ones read it. The step plan, and so the layout of the packs, depends
-// on both and on whether the layers run at once (see LayerPlan), hence one set per such triple,
-// the few most recently used kept.
+// Each forward pass packs W_ih and W_hh into the panels its GEMMs read, which for a small model
+// is a good part of the call. A caller that runs the same weights many times (a frozen module)
+// keeps a PackCache: the first call with a given batch size and thread count fills a set of packs,
+// and later calls with the same ones read it. The step plan, and so the layout of the packs,
+// depends on both and on whether the layers run at once (see LayerPlan), hence one set per such
+// triple, the few most recently used kept.
 #pragma once
 
 #include <algorithm>

@@ -437,7 +437,8 @@ std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const s
 // The caller's x (T, B, I) with its rows sorted by length, and zero past each sequence's end:
 // padding never reaches a gradient, even as 0 * NaN.
 template <typename S>
-Buffer<S> sorted_input(const StackInputs<S>& in, const std::vector<Index>& order, const std::vector<Index>& batch_sizes) {
+Buffer<S> sorted_input(const StackInputs<S>& in, const std::vector<Index>& order,
+                       const std::vector<Index>& batch_sizes) {
   const Dims& dm = in.dims;
   Buffer<S> x(dm.T * dm.B * dm.I);
   gather_rows(in.x, x.data(), dm.T, dm.B, dm.I, order);

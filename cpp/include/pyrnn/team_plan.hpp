@@ -171,7 +171,8 @@ inline double ns_since(std::chrono::steady_clock::time_point start) {
 class LoopPlan {
  public:
   LoopPlan(LoopKind kind, Index B, Index I, Index H, Index G, Index scalar_bytes, int threads, bool may_learn)
-      : planned_(plan_steps(B, H, G, scalar_bytes, threads, kind == kForwardInference ? kInferenceTeam : kTrainingTeam)),
+      : planned_(
+            plan_steps(B, H, G, scalar_bytes, threads, kind == kForwardInference ? kInferenceTeam : kTrainingTeam)),
         learning_(may_learn && planned_.team > 1 && !planned_.by_rows && B * G * H * H < kChoiceMaxMacs),
         key_{kind, B, I, H, G, scalar_bytes, planned_.team},
         option_(learning_ ? team_choice().pick(key_) : TeamChoice::team),

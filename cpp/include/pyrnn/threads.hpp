@@ -44,13 +44,13 @@ inline void cpu_pause() {
 }
 
 // A barrier for one team. libgomp's `omp barrier` makes a futex system call at every crossing,
-// whether or not a thread sleeps: 0.25-0.5 us against 35 ns for a crossing without one (two
-// threads, measured here), paid at every step of a time loop that shares out units. As libgomp
-// does, a waiter here spins, then sleeps on a futex; unlike it, the last thread to arrive makes
-// the call only when somebody sleeps. A waiter does not yield while it spins (a first version
-// did): a yielded core may go to another library's spinning pool thread for a whole time slice,
-// while a sleeper that is woken gets its core back at once. With more threads than cores a
-// waiter sleeps after a short spin, since the thread it waits for may need its core.
+// whether or not a thread sleeps, which costs several crossings without one, and a time loop that
+// shares out units crosses at every step. As libgomp does, a waiter here spins, then sleeps on a
+// futex; unlike it, the last thread to arrive makes the call only when somebody sleeps. A waiter
+// does not yield while it spins: a yielded core may go to another library's spinning pool thread
+// for a whole time slice, while a sleeper that is woken gets its core back at once. With more
+// threads than cores a waiter sleeps after a short spin, since the thread it waits for may need
+// its core.
 class TeamBarrier {
  public:
   // Every thread of a team of `team_size` calls this; none returns before all have called it,
