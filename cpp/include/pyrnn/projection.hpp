@@ -66,11 +66,12 @@ constexpr Index kProjectionBytes = Index(1) << 20;
 template <typename S>
 class StepInputs {
  public:
-  // all: the (T, B, G*H) array, or null; made: whether it already holds every step's projection.
-  // w_ih: this share's projection (null when made).
-  StepInputs(const DirForward<S>& io, Index G, const Share& share, const GateProjection<S>* w_ih, S* all, bool made)
+  // all: the (T, B, G*H) array, or null; all_projected: whether it already holds every step's
+  // projection. w_ih: this share's projection (null when all_projected).
+  StepInputs(const DirForward<S>& io, Index G, const Share& share, const GateProjection<S>* w_ih, S* all,
+             bool all_projected)
       : io_(io), share_(share), w_ih_(w_ih), all_(all), G_(G), rows_(share.rows(io.s.B)),
-        step_values_(rows_ * G * share.w), own_(!made && share.w > 0),
+        step_values_(rows_ * G * share.w), own_(!all_projected && share.w > 0),
         chunk_steps_(chunk_steps(io.s.T, rows_, step_values_)),
         chunk_(own_ && !all ? chunk_steps_ * step_values_ : 0) {}
 
@@ -114,13 +115,13 @@ class StepInputs {
     }
     for (Index t = t0; t < t0 + n; ++t) {
       const GateView<S> to = at_time(t);
-      w_ih_->run(rows_, io_.x + t * s.B * s.I + share_.at(s.I), share_.stride(s.I), to.p, to.ld, to.gate_stride);
+      w_ih_->run(rows_, io_.x + t * s.B * s.I + share_.offset(s.I), share_.stride(s.I), to.p, to.ld, to.gate_stride);
     }
   }
   // Time t's gates of this share: in `all`, or in the chunk.
   GateView<S> at_time(Index t) {
     const Index GH = G_ * io_.s.H;
-    if (all_) return {all_ + t * io_.s.B * GH + share_.at(GH), share_.stride(GH), io_.s.H};
+    if (all_) return {all_ + t * io_.s.B * GH + share_.offset(GH), share_.stride(GH), io_.s.H};
     return {chunk_.data() + (t - chunk_t0_) * step_values_, G_ * share_.w, share_.w};
   }
 

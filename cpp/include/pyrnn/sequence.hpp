@@ -116,7 +116,7 @@ struct Share {
   // Whether this share has every row of a (B, ·) batch.
   bool all_rows(Index B) const { return row0 == 0 && row_step == 1 && row_end >= B; }
   // Where this share starts in a (rows, ld) buffer, and how far apart its rows are there.
-  Index at(Index ld) const { return row0 * ld + j0; }
+  Index offset(Index ld) const { return row0 * ld + j0; }
   Index stride(Index ld) const { return ld * row_step; }
 };
 

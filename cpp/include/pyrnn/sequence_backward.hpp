@@ -36,8 +36,8 @@ template <class Cell, typename S>
 class BackwardShare {
  public:
   BackwardShare(const DirBackward<S>& io, BackwardState<Cell, S>& state, const Share& share)
-      : io_(io), share_(share), H_(io.s.H), GH_(Cell::G * io.s.H), at_h_(share.at(H_)), ld_h_(share.stride(H_)),
-        at_g_(share.at(GH_)), ld_g_(share.stride(GH_)), rows_(share.rows(io.s.B)),
+      : io_(io), share_(share), H_(io.s.H), GH_(Cell::G * io.s.H), offset_h_(share.offset(H_)), ld_h_(share.stride(H_)),
+        offset_g_(share.offset(GH_)), ld_g_(share.stride(GH_)), rows_(share.rows(io.s.B)),
         wp_(round_up(share.w, kPacket<S>)), dh_(state.dh.data()), dc_(state.dc.data()), dh_hh_(io.s.B * wp_) {
     // This share's columns [j0, j0 + w) of the tape's W_hh panels, whole panels (j0 falls on a
     // panel's edge; past H they are zero): dh_hh receives d_gates W_hh (+ d_hn W_hn) for them.
@@ -57,23 +57,23 @@ class BackwardShare {
   // dh += d_out_t, then the cell's backward on the n active rows; rows past them get zero
   // d_gates (and d_hn).
   void pointwise(Index step, Index n) const {
-    const Index t = time(step), w = share_.w, at_t = t * io_.s.B * H_;
+    const Index t = time(step), w = share_.w, t_block = t * io_.s.B * H_;
     const DirTape<S>& tape = *io_.tape;
-    mat(dh_ + at_h_, n, w, ld_h_) +=
-        cmat(io_.d_out + t * io_.s.B * io_.ld_dout + share_.at(io_.ld_dout), n, w, share_.stride(io_.ld_dout));
-    S* dg_t = d_gates(t) + at_g_;
+    mat(dh_ + offset_h_, n, w, ld_h_) +=
+        cmat(io_.d_out + t * io_.s.B * io_.ld_dout + share_.offset(io_.ld_dout), n, w, share_.stride(io_.ld_dout));
+    S* dg_t = d_gates(t) + offset_g_;
     Cell::backward(StepBackward<S>{n, w, ld_h_,
-                                   {tape.gates.data() + t * io_.s.B * GH_ + at_g_, ld_g_, H_},
-                                   Cell::has_tanh_c ? tape.tanh_c.data() + at_t + at_h_ : nullptr,
-                                   Cell::has_hn ? tape.hn.data() + at_t + at_h_ : nullptr,
-                                   tape.h_prev.data() + at_t + at_h_,
-                                   Cell::has_c ? tape.c_prev.data() + at_t + at_h_ : nullptr,
-                                   dh_ + at_h_,
-                                   Cell::has_c ? dc_ + at_h_ : nullptr,
+                                   {tape.gates.data() + t * io_.s.B * GH_ + offset_g_, ld_g_, H_},
+                                   Cell::has_tanh_c ? tape.tanh_c.data() + t_block + offset_h_ : nullptr,
+                                   Cell::has_hn ? tape.hn.data() + t_block + offset_h_ : nullptr,
+                                   tape.h_prev.data() + t_block + offset_h_,
+                                   Cell::has_c ? tape.c_prev.data() + t_block + offset_h_ : nullptr,
+                                   dh_ + offset_h_,
+                                   Cell::has_c ? dc_ + offset_h_ : nullptr,
                                    {dg_t, ld_g_, H_},
-                                   Cell::has_hn ? d_hn(t) + at_h_ : nullptr});
+                                   Cell::has_hn ? d_hn(t) + offset_h_ : nullptr});
     for (Index g = 0; g < Cell::G; ++g) zero_cols(dg_t + g * H_, ld_g_, n, rows_, w);
-    if constexpr (Cell::has_hn) zero_cols(d_hn(t) + at_h_, ld_h_, n, rows_, w);
+    if constexpr (Cell::has_hn) zero_cols(d_hn(t) + offset_h_, ld_h_, n, rows_, w);
   }
 
   // Ask for the n active rows of d_gates (and d_hn) at once (see prefetch_shared).
@@ -88,15 +88,15 @@ class BackwardShare {
     packed_gemm(n, d_gates(t) + share_.row0 * GH_, ld_g_, w_hh_for_d_gates_, dh_hh_.data(), wp_, false);
     if constexpr (Cell::has_hn)
       packed_gemm(n, d_hn(t) + share_.row0 * H_, ld_h_, w_hh_for_d_hn_, dh_hh_.data(), wp_, true);
-    auto dh_prev = mat(dh_ + at_h_, n, w, ld_h_);
+    auto dh_prev = mat(dh_ + offset_h_, n, w, ld_h_);
     const auto from_w_hh = cmat(dh_hh_.data(), n, w, wp_);
     if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
     else dh_prev = from_w_hh;
   }
 
   void finish() const {
-    copy_cols(io_.dh0 + at_h_, ld_h_, dh_ + at_h_, ld_h_, 0, rows_, share_.w);
-    if constexpr (Cell::has_c) copy_cols(io_.dc0 + at_h_, ld_h_, dc_ + at_h_, ld_h_, 0, rows_, share_.w);
+    copy_cols(io_.dh0 + offset_h_, ld_h_, dh_ + offset_h_, ld_h_, 0, rows_, share_.w);
+    if constexpr (Cell::has_c) copy_cols(io_.dc0 + offset_h_, ld_h_, dc_ + offset_h_, ld_h_, 0, rows_, share_.w);
   }
 
  private:
@@ -104,13 +104,13 @@ class BackwardShare {
   S* d_hn(Index t) const { return io_.d_hn + t * io_.s.B * H_; }
   // The share of a gradient from the caller's (B, H) block, or zero.
   void start_with(S* d, const S* given) const {
-    if (given) copy_cols(d + at_h_, ld_h_, given + at_h_, ld_h_, 0, rows_, share_.w);
-    else zero_cols(d + at_h_, ld_h_, 0, rows_, share_.w);
+    if (given) copy_cols(d + offset_h_, ld_h_, given + offset_h_, ld_h_, 0, rows_, share_.w);
+    else zero_cols(d + offset_h_, ld_h_, 0, rows_, share_.w);
   }
 
   const DirBackward<S>& io_;
   const Share share_;
-  const Index H_, GH_, at_h_, ld_h_, at_g_, ld_g_, rows_, wp_;
+  const Index H_, GH_, offset_h_, ld_h_, offset_g_, ld_g_, rows_, wp_;
   S* const dh_;
   S* const dc_;
   PackedB<S> w_hh_for_d_gates_, w_hh_for_d_hn_;
@@ -120,17 +120,17 @@ class BackwardShare {
 // One thread's loop, sharing out rows: its rows are its own at every step, so it never waits.
 template <class Cell, typename S>
 void backward_by_rows(const DirBackward<S>& io, BackwardState<Cell, S>& state, const Share& share) {
-  BackwardShare<Cell, S> mine(io, state, share);
-  mine.start();
+  BackwardShare<Cell, S> part(io, state, share);
+  part.start();
   const Index T = io.s.T;
   for (Index step = T - 1; step >= 0; --step) {
     if (io.link && io.link->await_input) io.link->await_input(T - step);
-    const Index n = mine.active(step);
-    mine.pointwise(step, n);
+    const Index n = part.active(step);
+    part.pointwise(step, n);
     if (io.link && io.link->wrote) io.link->wrote(T - step);
-    if (n > 0) mine.through_w_hh(step, n);
+    if (n > 0) part.through_w_hh(step, n);
   }
-  mine.finish();
+  part.finish();
 }
 
 // One thread's loop, sharing out units: the product through W_hh reads every unit of d_gates, so
@@ -138,21 +138,21 @@ void backward_by_rows(const DirBackward<S>& io, BackwardState<Cell, S>& state, c
 template <class Cell, typename S>
 void backward_by_units(const DirBackward<S>& io, BackwardState<Cell, S>& state, const Team& team,
                        const Share& share) {
-  BackwardShare<Cell, S> mine(io, state, share);
-  mine.start();
+  BackwardShare<Cell, S> part(io, state, share);
+  part.start();
   const Index T = io.s.T;
   const bool has_units = share.w > 0;
   for (Index step = T - 1; step >= 0; --step) {
     if (io.link && io.link->await_input) io.link->await_input(T - step);
-    const Index n = mine.active(step);
-    if (has_units) mine.pointwise(step, n);
+    const Index n = part.active(step);
+    if (has_units) part.pointwise(step, n);
     team.barrier();
     if (io.link && io.link->wrote) io.link->wrote(T - step);
     if (!has_units || n == 0) continue;
-    if (team.size > 1) mine.prefetch_d_gates(step, n);
-    mine.through_w_hh(step, n);
+    if (team.size > 1) part.prefetch_d_gates(step, n);
+    part.through_w_hh(step, n);
   }
-  mine.finish();
+  part.finish();
 }
 
 // BPTT through one direction (see DirBackward). A linked loop (io.link) runs on one thread.

@@ -70,9 +70,9 @@ struct ForwardPacks {
                                Index I, Index H, const Share& share, bool with_w_ih) {
     if (!fill && this->team == team.size) return units[team.tid];
     if (fill && team.tid == 0) this->team = team.size;
-    UnitPacks<S>& made = fill ? units[team.tid] : own;
-    made.pack(wt, G, I, H, share, with_w_ih);
-    return made;
+    UnitPacks<S>& packed_now = fill ? units[team.tid] : own;
+    packed_now.pack(wt, G, I, H, share, with_w_ih);
+    return packed_now;
   }
 };
 
@@ -111,12 +111,12 @@ class ForwardShare {
  public:
   ForwardShare(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Share& share,
                const PackedB<S>& w_hh)
-      : io_(io), state_(state), share_(share), w_hh_(w_hh), H_(io.s.H), at_h_(share.at(H_)),
+      : io_(io), state_(state), share_(share), w_hh_(w_hh), H_(io.s.H), offset_h_(share.offset(H_)),
         ld_h_(share.stride(H_)), rows_(share.rows(io.s.B)), hh_(io.s.B * Cell::G * share.w) {}
 
   void start() const {
-    copy_cols(state_.h_before(0) + at_h_, ld_h_, io_.h0 + at_h_, ld_h_, 0, rows_, share_.w);
-    if constexpr (Cell::has_c) copy_cols(state_.c() + at_h_, ld_h_, io_.c0 + at_h_, ld_h_, 0, rows_, share_.w);
+    copy_cols(state_.h_before(0) + offset_h_, ld_h_, io_.h0 + offset_h_, ld_h_, 0, rows_, share_.w);
+    if constexpr (Cell::has_c) copy_cols(state_.c() + offset_h_, ld_h_, io_.c0 + offset_h_, ld_h_, 0, rows_, share_.w);
   }
   Index time(Index step) const { return time_at(step, io_.s.T, io_.reverse); }
   // This share's rows active at step `step`.
@@ -124,7 +124,8 @@ class ForwardShare {
   // With a tape, c before the step is kept on it.
   void keep_c_prev(Index step) const {
     if constexpr (Cell::has_c)
-      if (io_.tape) copy_cols(state_.c_prev(time(step)) + at_h_, ld_h_, state_.c() + at_h_, ld_h_, 0, rows_, share_.w);
+      if (io_.tape)
+        copy_cols(state_.c_prev(time(step)) + offset_h_, ld_h_, state_.c() + offset_h_, ld_h_, 0, rows_, share_.w);
   }
   // hh = h_prev W_hh^T for the share's first n active rows and its units.
   void recurrent_product(Index step, Index n) {
@@ -136,25 +137,25 @@ class ForwardShare {
   StepForward<S> cell_step(Index step, Index n, const GateView<S>& xp) {
     const Index t = time(step), w = share_.w;
     return {n, w, H_, ld_h_, xp, {hh_.data(), Cell::G * w, w}, io_.wt->b_hh + share_.j0,
-            state_.h_before(step) + at_h_, state_.h_before(step + 1) + at_h_,
-            Cell::has_c ? state_.c() + at_h_ : nullptr,
-            Cell::has_tanh_c ? state_.tanh_c(t) + at_h_ : nullptr,
-            Cell::has_hn ? state_.hn(t) + at_h_ : nullptr};
+            state_.h_before(step) + offset_h_, state_.h_before(step + 1) + offset_h_,
+            Cell::has_c ? state_.c() + offset_h_ : nullptr,
+            Cell::has_tanh_c ? state_.tanh_c(t) + offset_h_ : nullptr,
+            Cell::has_hn ? state_.hn(t) + offset_h_ : nullptr};
   }
   // After the step: rows past the first n (finished, or not yet started) keep their state; out
   // gets the new h of the n rows and zeros past them.
   void end_step(Index step, Index n) const {
     const Index t = time(step), w = share_.w;
-    const S* h_prev = state_.h_before(step) + at_h_;
-    S* h = state_.h_before(step + 1) + at_h_;
+    const S* h_prev = state_.h_before(step) + offset_h_;
+    S* h = state_.h_before(step + 1) + offset_h_;
     copy_cols(h, ld_h_, h_prev, ld_h_, n, rows_, w);
-    S* out_t = io_.out + t * io_.s.B * io_.ld_out + share_.at(io_.ld_out);
+    S* out_t = io_.out + t * io_.s.B * io_.ld_out + share_.offset(io_.ld_out);
     copy_cols(out_t, share_.stride(io_.ld_out), h, ld_h_, 0, n, w);
     zero_cols(out_t, share_.stride(io_.ld_out), n, rows_, w);
   }
   void finish() const {
-    copy_cols(io_.h_n + at_h_, ld_h_, state_.h_before(io_.s.T) + at_h_, ld_h_, 0, rows_, share_.w);
-    if constexpr (Cell::has_c) copy_cols(io_.c_n + at_h_, ld_h_, state_.c() + at_h_, ld_h_, 0, rows_, share_.w);
+    copy_cols(io_.h_n + offset_h_, ld_h_, state_.h_before(io_.s.T) + offset_h_, ld_h_, 0, rows_, share_.w);
+    if constexpr (Cell::has_c) copy_cols(io_.c_n + offset_h_, ld_h_, state_.c() + offset_h_, ld_h_, 0, rows_, share_.w);
   }
 
  private:
@@ -164,41 +165,41 @@ class ForwardShare {
   const ForwardState<Cell, S>& state_;
   const Share share_;
   const PackedB<S>& w_hh_;
-  const Index H_, at_h_, ld_h_, rows_;
+  const Index H_, offset_h_, ld_h_, rows_;
   Buffer<S> hh_;  // (rows, G*w) h_prev W_hh^T of the share
 };
 
 // A step shared out by rows: this thread's n active rows against all of W_hh, then the cell.
 template <class Cell, typename S>
-void step_by_rows(ForwardShare<Cell, S>& mine, Index step, Index n, const GateView<S>& xp) {
-  mine.recurrent_product(step, n);
-  Cell::forward(mine.cell_step(step, n, xp));
+void step_by_rows(ForwardShare<Cell, S>& part, Index step, Index n, const GateView<S>& xp) {
+  part.recurrent_product(step, n);
+  Cell::forward(part.cell_step(step, n, xp));
 }
 
 // A step shared out by units: the n active rows of h_prev, which the whole team wrote, against
 // this thread's units of W_hh, then the cell on those units.
 template <class Cell, typename S>
-void step_by_units(ForwardShare<Cell, S>& mine, const Team& team, Index step, Index n, const GateView<S>& xp) {
-  if (team.size > 1) mine.prefetch_h_prev(step, n);
-  mine.recurrent_product(step, n);
-  Cell::forward(mine.cell_step(step, n, xp));
+void step_by_units(ForwardShare<Cell, S>& part, const Team& team, Index step, Index n, const GateView<S>& xp) {
+  if (team.size > 1) part.prefetch_h_prev(step, n);
+  part.recurrent_product(step, n);
+  Cell::forward(part.cell_step(step, n, xp));
 }
 
 // One thread's loop, sharing out rows: its rows are its own at every step, so it never waits.
 template <class Cell, typename S>
 void forward_by_rows(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Share& share,
                      const PackedB<S>& w_hh, StepInputs<S>& inputs) {
-  ForwardShare<Cell, S> mine(io, state, share, w_hh);
-  mine.start();
+  ForwardShare<Cell, S> part(io, state, share, w_hh);
+  part.start();
   for (Index step = 0; step < io.s.T; ++step) {
-    const Index n = mine.active(step);
+    const Index n = part.active(step);
     const GateView<S> xp = inputs.at(step);
-    mine.keep_c_prev(step);
-    if (n > 0) step_by_rows<Cell>(mine, step, n, xp);
-    mine.end_step(step, n);
+    part.keep_c_prev(step);
+    if (n > 0) step_by_rows<Cell>(part, step, n, xp);
+    part.end_step(step, n);
     if (io.link && io.link->wrote) io.link->wrote(step + 1);
   }
-  mine.finish();
+  part.finish();
 }
 
 // One thread's loop, sharing out units: each step reads every unit of h_prev, so the team meets
@@ -206,19 +207,19 @@ void forward_by_rows(const DirForward<S>& io, const ForwardState<Cell, S>& state
 template <class Cell, typename S>
 void forward_by_units(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Team& team,
                       const Share& share, const PackedB<S>& w_hh, StepInputs<S>& inputs) {
-  ForwardShare<Cell, S> mine(io, state, share, w_hh);
-  mine.start();
+  ForwardShare<Cell, S> part(io, state, share, w_hh);
+  part.start();
   team.barrier();
   for (Index step = 0; step < io.s.T; ++step) {
-    const Index n = mine.active(step);
+    const Index n = part.active(step);
     const GateView<S> xp = inputs.at(step);
-    mine.keep_c_prev(step);
-    if (share.w > 0 && n > 0) step_by_units<Cell>(mine, team, step, n, xp);
-    mine.end_step(step, n);
+    part.keep_c_prev(step);
+    if (share.w > 0 && n > 0) step_by_units<Cell>(part, team, step, n, xp);
+    part.end_step(step, n);
     team.barrier();
     if (io.link && io.link->wrote) io.link->wrote(step + 1);
   }
-  mine.finish();
+  part.finish();
 }
 
 // Before the team starts: with `up_front` every step's projection into xp_all (T, B, G*H), by
