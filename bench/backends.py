@@ -19,8 +19,9 @@ import numpy as np
 
 import pyrnn
 from pyrnn import _backend
+from pyrnn._cells import CELLS
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+KERNEL_CELL = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}  # the bench's "rnn" is tanh's
 PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
@@ -54,6 +55,11 @@ class Data:
     extra: dict = field(default_factory=dict)
 
 
+def num_gates(cell: str) -> int:
+    """G of a bench cell ("lstm", "gru", "rnn"): its weights have G*H rows."""
+    return CELLS[KERNEL_CELL[cell]].num_gates
+
+
 def param_names(case: Case) -> list[str]:
     """PyTorch's parameter names in kernel-contract order (l0, l0_reverse, l1, ...)."""
     suffixes = ["", "_reverse"][: case.D]
@@ -63,7 +69,7 @@ def param_names(case: Case) -> list[str]:
 def make_data(case: Case, seed: int = 0) -> Data:
     """Seeded weights (PyTorch's init range), input, lengths and upstream gradient."""
     rng = np.random.default_rng(seed)
-    g_h, bound = GATES[case.cell] * case.H, 1.0 / np.sqrt(case.H)
+    g_h, bound = num_gates(case.cell) * case.H, 1.0 / np.sqrt(case.H)
     weights = {}
     for name in param_names(case):
         layer = int(name.split("_l")[1].split("_")[0])
@@ -168,7 +174,7 @@ class PyrnnKernelRunner(Runner):
         shape = (case.L * case.D, case.B, case.H)
         self.h0 = np.zeros(shape, np.float32)
         self.c0 = np.zeros(shape, np.float32) if case.cell == "lstm" else None
-        self.cell = "rnn_tanh" if case.cell == "rnn" else case.cell
+        self.cell = KERNEL_CELL[case.cell]
         self.names, self.case, self.data = names, case, data
 
     def scope(self):
@@ -302,7 +308,7 @@ ONNX_OP = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 
 def onnx_reorder(case: Case, w: np.ndarray) -> np.ndarray:
-    blocks = np.split(w, GATES[case.cell], axis=0)
+    blocks = np.split(w, num_gates(case.cell), axis=0)
     return np.concatenate([blocks[i] for i in ONNX_GATE_ORDER[case.cell]], axis=0)
 
 

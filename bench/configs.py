@@ -42,6 +42,11 @@ QUICK = {"configs": ["latency", "charrnn", "medium"], "threads": [2], "rounds": 
          "round_s": 0.1, "max_calls": 50, "warmup_s": 0.03, "budget_s": 3.0,
          "quiet_wait_s": 2.0, "settle_s": 0.05}
 
+# The --contention preset (bench/contention.py): the rows, and pyrnn's thread counts timed
+# beside its default; neighbours = spinning processes beside the timed one.
+CONTENTION = {"configs": ["latency", "medium"], "cells": ["lstm", "gru"], "threads": [1],
+              "neighbours": [1]}
+
 # Issue 4's targets. A rule applies to a row when every listed key matches (absent = any);
 # "peer" rules need ratio = peer ms / pyrnn-cpp ms >= min, "pct_gemm" rules need pyrnn-cpp's
 # share of the machine's GEMM rate >= min. Targets are stated at 2 threads.

@@ -18,7 +18,7 @@ RATIO_PEERS = (("torch", "×torch"), ("torch-nomkldnn", "×nomkldnn"), ("onnxrun
 
 
 def load(path: Path) -> dict:
-    """A results JSON, plain or gzipped (``.json.gz``, as older runs are kept in bench/runs/)."""
+    """A results JSON, plain or gzipped (``.json.gz``, as runs kept for bench.across may be)."""
     raw = Path(path).read_bytes()
     results = json.loads(gzip.decompress(raw) if Path(path).suffix == ".gz" else raw)
     if not isinstance(results, dict) or "rows" not in results or "gemm" not in results:

@@ -30,7 +30,7 @@ import pyrnn
 
 from . import configs as cfg
 from . import timing
-from .backends import BACKENDS, GATES, Case, make_data, pyrnn_api
+from .backends import BACKENDS, Case, make_data, num_gates, pyrnn_api
 
 SCHEMA_VERSION = 1
 # An output differing from the reference by more than this (relative to the array's scale,
@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "pyrnn-cpp-kernels (the C++ kernels without the modules) runs only "
                         "when named")
     p.add_argument("--modes", nargs="+", choices=cfg.MODES)
-    p.add_argument("--threads", nargs="+", type=int)
+    p.add_argument("--threads", nargs="+", type=int,
+                   help="thread counts of every backend (default: 2); with --contention, "
+                        "pyrnn's thread counts timed beside its default (default: 1)")
     p.add_argument("--rounds", type=int)
     p.add_argument("--round-s", type=float, help="target seconds per backend per round")
     p.add_argument("--max-calls", type=int, help="cap on calls per round")
@@ -73,6 +75,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results",
                    help="output directory (default: bench/results)")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
+    p.add_argument("--contention", action="store_true",
+                   help="speed under load instead of the suite: each row (default: "
+                        f"{cfg.CONTENTION['configs']}, cells {cfg.CONTENTION['cells']}, both "
+                        "modes) timed while busy processes (each in a session of its own, as "
+                        "another program's) spin beside this one, pyrnn at its "
+                        "default thread count and at one thread against torch at its default; "
+                        "the verdict per row is pyrnn's default time over its best thread "
+                        "count's (issue 33: at most 1.15 with one or two neighbours). Waits for "
+                        "quiet (--quiet-pct) before starting each count of neighbours; writes "
+                        "contention.json, then contention.md, in --out")
+    p.add_argument("--neighbours", nargs="+", type=int,
+                   help="with --contention: how many spinning processes to run beside the "
+                        "timed one; several counts run one after another, 0 = none "
+                        f"(default: {cfg.CONTENTION['neighbours']})")
 
 
 def parse_args(argv: list[str], prog: str = "python -m bench") -> argparse.Namespace:
@@ -85,9 +101,11 @@ def parse_args(argv: list[str], prog: str = "python -m bench") -> argparse.Names
 
 def with_presets(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the command line left unset from the full-run defaults or --quick; check it."""
-    preset = {**cfg.DEFAULTS, **(cfg.QUICK if args.quick else {})}
-    for key in ("configs", "threads", "rounds", "round_s", "max_calls", "warmup_s", "gemm_size",
-                "budget_s", "quiet_pct", "quiet_wait_s", "settle_s"):
+    contention = getattr(args, "contention", False)
+    preset = {**cfg.DEFAULTS, **(cfg.QUICK if args.quick else {}),
+              **(cfg.CONTENTION if contention else {})}
+    for key in ("configs", "cells", "threads", "rounds", "round_s", "max_calls", "warmup_s",
+                "gemm_size", "budget_s", "quiet_pct", "quiet_wait_s", "settle_s", "neighbours"):
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key))
     check_args(args)
@@ -106,7 +124,45 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quiet-wait-s must be >= 0, got {args.quiet_wait_s}")
     if args.settle_s < 0:
         raise ValueError(f"--settle-s must be >= 0, got {args.settle_s}")
+    check_contention_args(args)
+    check_thread_counts(args.threads)
+    check_out_folder(args.out)
     suite_of(args)  # raises on unknown names
+
+
+def check_contention_args(args: argparse.Namespace) -> None:
+    if not getattr(args, "contention", False):
+        if args.neighbours is not None:
+            raise ValueError("--neighbours applies only with --contention")
+        return
+    if args.backends:
+        raise ValueError("--backends does not apply with --contention (its contenders are pyrnn "
+                         "at its thread counts and torch at its default)")
+    if any(n < 0 for n in args.neighbours):
+        raise ValueError(f"--neighbours: every value must be >= 0, got {args.neighbours}")
+
+
+def check_thread_counts(threads: list[int]) -> None:
+    """Each count must be one the core can run (pyrnn.set_num_threads says), found before the
+    first row rather than at the row that uses it."""
+    before = pyrnn.get_num_threads()
+    try:
+        for n in threads:
+            pyrnn.set_num_threads(n)
+    except ValueError as exc:
+        raise ValueError(f"--threads: {exc}") from None
+    finally:
+        pyrnn.set_num_threads(before)
+
+
+def check_out_folder(out: str) -> None:
+    """--out must be a folder, or one that can be made, before anything is measured."""
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -117,7 +173,7 @@ def forward_flops(case: Case, lengths: np.ndarray | None) -> float:
     total = 0.0
     for k in range(case.L):
         fan_in = case.I if k == 0 else case.D * case.H
-        total += case.D * 2.0 * steps * GATES[case.cell] * case.H * (fan_in + case.H)
+        total += case.D * 2.0 * steps * num_gates(case.cell) * case.H * (fan_in + case.H)
     return total
 
 
@@ -160,8 +216,10 @@ def failure(status: str, exc: BaseException) -> dict:
             "traceback": traceback.format_exc(limit=4)}
 
 
-def check_agreement(case: Case, runners: dict, entries: dict) -> str | None:
-    """Run each backend once, compare with the reference; drop the ones that disagree."""
+def check_agreement(case: Case | None, runners: dict, entries: dict,
+                    reference_order: tuple | list = REFERENCE_ORDER) -> str | None:
+    """Run each backend once, compare with the reference (the first of reference_order that
+    ran); drop the ones that disagree."""
     outputs = {}
     for name in list(runners):
         try:
@@ -171,7 +229,7 @@ def check_agreement(case: Case, runners: dict, entries: dict) -> str | None:
         except Exception as exc:  # noqa: BLE001
             entries[name] = failure("error", exc)
             del runners[name]
-    ref = next((n for n in REFERENCE_ORDER if n in outputs), None)
+    ref = next((n for n in reference_order if n in outputs), None)
     for name in list(runners):
         entries[name] = {"status": "ok", "reference": ref}
         if name == ref:
@@ -453,6 +511,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite as the parsed arguments say, write the report; 1 if a backend failed."""
+    if args.contention:
+        from . import contention
+
+        return contention.run_command(args)
     out_dir = Path(args.out)
     results = run_suite(args, out_dir)
     print(f"wrote {out_dir / 'results.json'} ({results['wall_s']:.0f} s)", file=sys.stderr)

@@ -7,7 +7,14 @@ The hot loops run in a C++ core (Eigen + OpenMP); every kernel has a pure-NumPy 
 import importlib as _importlib
 
 from . import functional
-from ._backend import backend_info, get_num_threads, set_num_threads
+from ._backend import (
+    backend_info,
+    get_num_threads,
+    memory_info,
+    release_memory,
+    set_memory_cache_limit,
+    set_num_threads,
+)
 from .module import Module, is_grad_enabled, no_grad
 from .modules import GRU, LSTM, RNN, FrozenRNN
 
@@ -28,7 +35,10 @@ __all__ = [
     "functional",
     "get_num_threads",
     "is_grad_enabled",
+    "memory_info",
     "no_grad",
+    "release_memory",
+    "set_memory_cache_limit",
     "set_num_threads",
     *_LAZY_MODULES,
     *_LAZY_NAMES,

@@ -65,15 +65,23 @@ beta2, bias_correction2_sqrt, eps, weight_decay)``
     also takes other float types and layouts). The scalars as
     torch.optim.Adam derives them for the step: -lr / (1 - beta1^step), 1 - beta1, beta2,
     sqrt(1 - beta2^step), eps, weight_decay. Both backends give the same bits. Returns None.
+
+Checks: on either backend these functions check every argument (``pyrnn._checks``, the same
+checks and messages for both) before any work. ``prechecked(backend)`` gives the same functions
+without those checks, for callers that have checked their arguments themselves and bring them
+in the kernels' form (arrays native, C-contiguous and aligned, lengths int64): the functional
+layer and the layers, so that a call is checked once.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -128,6 +136,30 @@ def kernels(backend: str) -> ModuleType:
     return _core if backend == "cpp" else reference  # type: ignore[return-value]
 
 
+class Kernels(NamedTuple):
+    """The kernel contract's functions on arguments already checked (see the docstring)."""
+
+    stack_forward: Callable[..., Any]
+    stack_backward: Callable[..., Any]
+    linear_forward: Callable[..., Any]
+    linear_backward: Callable[..., Any]
+    adam_update: Callable[..., Any]
+
+
+def _prechecked(module: ModuleType) -> Kernels:
+    return Kernels(module._stack_forward, module._stack_backward, module._linear_forward,
+                   module._linear_backward, module._adam_update)
+
+
+_PRECHECKED = {"numpy": _prechecked(reference)} | (
+    {"cpp": _prechecked(_core)} if _core is not None else {})
+
+
+def prechecked(backend: str) -> Kernels:
+    """The kernel contract of a resolved backend name, minus the argument checks."""
+    return _PRECHECKED[backend]
+
+
 def new_pack_cache(backend: str) -> Any:
     """A PackCache for stack_forward's `packs` (C++), or None (NumPy has nothing to pack)."""
     return _core.PackCache() if backend == "cpp" else None
@@ -167,3 +199,60 @@ def backend_info() -> dict[str, Any]:
     else:
         info["import_error"] = str(_IMPORT_ERROR)
     return info
+
+
+def memory_info() -> dict[str, Any]:
+    """What the C++ core keeps for reuse between calls (its buffer pool), and its bounds.
+
+    ``cached_bytes``, ``cached_blocks``: memory held now for the next calls; ``limit_bytes``,
+    ``idle_seconds``: the bounds (see ``set_memory_cache_limit``); ``allocations``: blocks of
+    64 KiB or more taken from the system so far (a steady training loop stops adding to it
+    after its first steps). All zero when the C++ core is not loaded.
+    """
+    if _core is None:
+        return {"cached_bytes": 0, "cached_blocks": 0, "limit_bytes": 0, "idle_seconds": 0.0,
+                "allocations": 0}
+    return _core.memory_cache_info()
+
+
+def set_memory_cache_limit(limit_bytes: int | None = None, *,
+                           idle_seconds: float | None = None) -> None:
+    """Bound the memory the C++ core keeps between calls; None leaves a bound as it is.
+
+    The core keeps the blocks of 64 KiB or more that a call frees, to hand them to the next
+    call without the page faults of fresh memory. A kept block goes back to the system once it
+    has waited ``idle_seconds`` (default 5.0) without being reused, or when keeping it would
+    put the total over ``limit_bytes`` (default 1 GiB; the oldest go first): at the core's next
+    allocation or release, and at once for new bounds. ``0`` for either turns the cache off;
+    ``idle_seconds=math.inf`` keeps blocks however long they wait. When two builds of the core
+    are loaded (on AMD CPUs with AVX-512, batches of one run the AVX2 build), each has its own
+    cache under these bounds. Does nothing (but check its arguments) without the C++ core.
+    """
+    info = memory_info()
+    if limit_bytes is None:
+        limit_bytes = info["limit_bytes"]
+    elif not _is_int(limit_bytes) or not 0 <= limit_bytes <= sys.maxsize:
+        raise ValueError(f"set_memory_cache_limit: limit_bytes must be an int in "
+                         f"[0, {sys.maxsize}], got {limit_bytes!r}")
+    if idle_seconds is None:
+        idle_seconds = info["idle_seconds"]
+    elif (isinstance(idle_seconds, bool | np.bool_) or not isinstance(idle_seconds, numbers.Real)
+          or not idle_seconds >= 0):
+        raise ValueError(f"set_memory_cache_limit: idle_seconds must be a number >= 0 "
+                         f"(math.inf: no time bound), got {idle_seconds!r}")
+    if _core is not None:
+        _core.set_memory_cache_limit(int(limit_bytes), float(idle_seconds))
+
+
+def _is_int(n: object) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_)
+
+
+def release_memory() -> int:
+    """Give every block the C++ core keeps for reuse back to the system now; return the bytes.
+
+    What is still in use keeps its memory: arrays the core returned, a module's tape (kept from
+    a training forward until its backward) and packed weights. The next calls allocate afresh
+    (and take page faults once). Returns 0 when nothing is kept, as without the C++ core.
+    """
+    return int(_core.release_memory()) if _core is not None else 0

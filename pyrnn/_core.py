@@ -20,6 +20,8 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
+from . import _checks
+
 _V4_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}
 _V3_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}
 
@@ -96,10 +98,7 @@ Tape = _impl.Tape
 build_info = _impl.build_info
 get_num_threads = _impl.get_num_threads
 max_threads: int = _impl.max_threads
-# A dense layer's rows make a large GEMM whatever the batch: the primary build runs it.
-linear_forward = _impl.linear_forward
-linear_backward = _impl.linear_backward
-adam_update = _impl.adam_update
+_TAPES = tuple(_by_tape)
 
 
 def _for_input(x: object) -> ModuleType:
@@ -129,26 +128,87 @@ class PackCache:
         return f"<pyrnn._core.PackCache entries={held}>"
 
 
+# The kernel contract of pyrnn/_backend.py. Each function checks its arguments with
+# pyrnn._checks, as the NumPy reference does, and hands them to its twin with a leading
+# underscore, which takes them checked (what the functional layer calls, see
+# _backend.prechecked); the compiled modules keep only guards against out-of-bounds access.
+
+
 def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
                   lengths: Any, dropout_masks: Any, keep_tape: Any, packs: Any = None) -> Any:
-    """``stack_forward`` of the module chosen for x's batch size; see pyrnn/_backend.py."""
+    args = _checks.kernel_forward(cell, x, h0, c0, weights, bidirectional, lengths,
+                                  dropout_masks, keep_tape, "cpp")
+    return _stack_forward(*args, _checks.pack_cache(packs, PackCache, args.keep_tape))
+
+
+def _stack_forward(cell: str, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: bool,
+                   lengths: Any, dropout_masks: Any, keep_tape: bool, packs: Any = None) -> Any:
+    """On checked arguments, by the build chosen for x's batch size."""
     module = _for_input(x)
-    if packs is not None:
-        if not isinstance(packs, PackCache):
-            raise TypeError(f"packs: expected None or a pyrnn._core.PackCache, got "
-                            f"{type(packs).__name__}")
-        packs = packs.of(module)
+    packs = None if packs is None else packs.of(module)
     return module.stack_forward(cell, x, h0, c0, weights, bidirectional, lengths,
                                 dropout_masks, keep_tape, packs)
 
 
 def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
                    accumulate_into: Any = None) -> Any:
-    """``stack_backward`` of the module whose forward pass recorded the tape."""
-    return _by_tape.get(type(tape), _impl).stack_backward(tape, d_out, d_h_n, d_c_n,
-                                                          accumulate_into)
+    _checks.tape(tape, _TAPES, "pyrnn._core.stack_forward")
+    return _stack_backward(tape, *_checks.kernel_backward(tape_dims(tape), d_out, d_h_n, d_c_n,
+                                                          accumulate_into, "cpp"))
+
+
+def tape_dims(tape: Any) -> _checks.TapeDims:
+    return _checks.tape_dims(tape.cell, tape.dtype, tape.dims)
+
+
+def _stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
+                    accumulate_into: Any = None) -> Any:
+    """On checked arguments, by the build whose forward pass recorded the tape."""
+    return _by_tape[type(tape)].stack_backward(tape, d_out, d_h_n, d_c_n, accumulate_into)
+
+
+# A dense layer's rows make a large GEMM whatever the batch: the primary build runs it.
+def linear_forward(x: Any, weight: Any, bias: Any) -> Any:
+    return _impl.linear_forward(*_checks.kernel_linear_forward(x, weight, bias))
+
+
+def linear_backward(x: Any, weight: Any, d_y: Any, has_bias: Any,
+                    accumulate_into: Any = None) -> Any:
+    return _impl.linear_backward(*_checks.kernel_linear_backward(x, weight, d_y, has_bias,
+                                                                 accumulate_into))
+
+
+def adam_update(param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any,
+                neg_step_size: float, lerp_weight: float, beta2: float,
+                bias_correction2_sqrt: float, eps: float, weight_decay: float) -> None:
+    _checks.kernel_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    _impl.adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, neg_step_size,
+                      lerp_weight, beta2, bias_correction2_sqrt, eps, weight_decay)
+
+
+_linear_forward = _impl.linear_forward
+_linear_backward = _impl.linear_backward
+_adam_update = _impl.adam_update
 
 
 def set_num_threads(n: int) -> None:
     for module in _by_tape.values():
         module.set_num_threads(n)
+
+
+# Each build has its own buffer pool: these act on all of them, and sum what they hold.
+def memory_cache_info() -> dict[str, Any]:
+    pools = [module.memory_cache_info() for module in _by_tape.values()]
+    info = dict(pools[0])  # the bounds: every pool gets the same ones
+    for key in ("cached_bytes", "cached_blocks", "allocations"):
+        info[key] = sum(pool[key] for pool in pools)
+    return info
+
+
+def set_memory_cache_limit(limit_bytes: int, idle_seconds: float) -> None:
+    for module in _by_tape.values():
+        module.set_memory_cache_limit(limit_bytes, idle_seconds)
+
+
+def release_memory() -> int:
+    return sum(module.release_memory() for module in _by_tape.values())

@@ -22,33 +22,16 @@ def _check_seed(seed: object) -> np.random.Generator:
     return np.random.default_rng(_checks.seed(seed))
 
 
-def _check_indices(name: str, indices: object, upper: int) -> np.ndarray:
-    """An integer array with every entry in [0, upper)."""
-    array = np.asarray(indices)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() >= upper):
-        bad = array[(array < 0) | (array >= upper)].flat[0]
-        raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
-    return array
-
-
-def _check_float_array(name: str, value: object) -> np.ndarray:
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {array.dtype}")
-    return array
-
-
 def one_hot(indices: object, num_classes: int, dtype: object = np.float32) -> np.ndarray:
     """``(...,)`` integer indices in ``[0, num_classes)`` -> ``(..., num_classes)`` one-hot rows."""
     num_classes = _checks.positive_int("num_classes", num_classes)
-    array = _check_indices("indices", indices, num_classes)
+    array = np.asarray(indices)
     resolved = np.dtype(dtype)
     if not (np.issubdtype(resolved, np.number) or resolved == np.bool_):
         raise TypeError(f"dtype must be a numeric dtype, got {resolved}")
     _checks.fits_in_memory(f"one_hot(num_classes={num_classes}) of {array.size:,} indices",
                            array.size * num_classes, resolved.itemsize)
+    array = _checks.indices("indices", array, num_classes)
     out = np.zeros(array.shape + (num_classes,), dtype=resolved)
     np.put_along_axis(out, array[..., None], 1, axis=-1)
     return out
@@ -81,9 +64,10 @@ class Linear(Module):
         bias = _checks.flag("bias", bias)
         self.dtype = _checks.float_dtype(dtype)
         self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS))
-        _checks.fits_in_memory(
+        _checks.fits_in_memory(  # with the float64 draw that fills the weight
             f"Linear({self.in_features}, {self.out_features}) with its gradients",
-            2 * self.out_features * (self.in_features + 1), self.dtype.itemsize)
+            2 * self.out_features * (self.in_features + 1), self.dtype.itemsize,
+            arrays=4, scratch=8 * self.out_features * self.in_features)
         rng = _check_seed(seed)
         bound = 1.0 / np.sqrt(self.in_features)
         shape = (self.out_features, self.in_features)
@@ -97,17 +81,21 @@ class Linear(Module):
         return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
 
     def __call__(self, x: object) -> np.ndarray:
-        x = _check_float_array("x", x)
+        x = _checks.real_array("x", x)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have shape (..., {self.in_features}), got {x.shape}"
             )
         keep = self.training and is_grad_enabled()
+        rows = x.size // self.in_features
+        _checks.call_fits("x", x.shape, self.dtype.itemsize * rows * (
+            2 * self.in_features + self.out_features), "the input's copies and the output")
         # The tape is only the input, copied so a caller reusing its buffer cannot change it.
         x = np.array(x, dtype=self.dtype) if keep else x.astype(self.dtype, copy=False)
         # One GEMM over all leading axes (numpy would loop over them for a stacked matmul).
         rows = np.ascontiguousarray(x.reshape(-1, self.in_features))
-        y = _backend.kernels(self.backend).linear_forward(rows, self.weight, self.bias)
+        weight, bias = self._kernel_params()
+        y = _backend.prechecked(self.backend).linear_forward(rows, weight, bias)
         self._x = x if keep else None
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
@@ -118,22 +106,48 @@ class Linear(Module):
                 "Linear.backward needs a forward pass in training mode with gradients enabled "
                 "first (none recorded)"
             )
-        d_y = _check_float_array("d_y", d_y)
+        d_y = _checks.real_array("d_y", d_y)
+        self._check_grads()
         expected = self._x.shape[:-1] + (self.out_features,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        rows = d_y.size // self.out_features
+        _checks.call_fits("d_y", d_y.shape, self.dtype.itemsize * rows * (
+            self.in_features + self.out_features), "d_y's copy and the input's gradient")
         d_y_rows = np.ascontiguousarray(d_y.reshape(-1, self.out_features), dtype=self.dtype)
         x_rows = self._x.reshape(-1, self.in_features)
-        has_bias = self.bias is not None
-        targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
-        usable = all(t is None or _checks.core_writable(t, self.dtype) for t in targets)
-        dx, d_weight, d_bias = _backend.kernels(self.backend).linear_backward(
-            x_rows, self.weight, d_y_rows, has_bias, accumulate_into=targets if usable else None)
-        if not usable:  # grads replaced by arrays the kernel cannot add into: add here
+        weight, bias = self._kernel_params()
+        has_bias = bias is not None
+        targets = self._grad_targets((("d_y", d_y_rows), ("weight", weight)))
+        dx, d_weight, d_bias = _backend.prechecked(self.backend).linear_backward(
+            x_rows, weight, d_y_rows, has_bias, targets)
+        if targets is None:  # grads replaced by arrays the kernel cannot add into: add here
             self.grads["weight"] += d_weight
             if has_bias:
                 self.grads["bias"] += d_bias
         return dx.reshape(self._x.shape)
+
+    def _kernel_params(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """weight and bias as the kernels take them (checked: a user may have replaced them)."""
+        weight, bias, dtype = self.weight, self.bias, self.dtype
+        w_shape, b_shape = (self.out_features, self.in_features), (self.out_features,)
+        if _checks.is_ready(weight, dtype, w_shape) and (
+                bias is None or _checks.is_ready(bias, dtype, b_shape)):
+            return weight, bias
+        weight = _checks.array("weight", weight, dtype, w_shape)
+        return weight, None if bias is None else _checks.array("bias", bias, dtype, b_shape)
+
+    def _grad_targets(self, reads: tuple[tuple[str, np.ndarray], ...]) -> tuple | None:
+        """grads as the kernel's accumulate_into, or None when it cannot add into them."""
+        has_bias = self.bias is not None
+        targets = (self.grads["weight"], self.grads["bias"] if has_bias else None)
+        shapes = ((self.out_features, self.in_features), (self.out_features,))
+        if not all(t is None or (_checks.core_writable(t, self.dtype) and t.shape == s)
+                   for t, s in zip(targets, shapes, strict=True)):
+            return None
+        _checks.disjoint([*reads, ("grads['weight']", targets[0]), ("grads['bias']", targets[1])],
+                         first_written=len(reads))
+        return targets
 
     def __repr__(self) -> str:
         return (
@@ -161,16 +175,20 @@ class Embedding(Module):
         self.num_embeddings = _checks.positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         self.dtype = _checks.float_dtype(dtype)
-        _checks.fits_in_memory(
+        _checks.fits_in_memory(  # with the float64 draw that fills the weight
             f"Embedding({self.num_embeddings}, {self.embedding_dim}) with its gradients",
-            2 * self.num_embeddings * self.embedding_dim, self.dtype.itemsize)
+            2 * self.num_embeddings * self.embedding_dim, self.dtype.itemsize,
+            arrays=2, scratch=8 * self.num_embeddings * self.embedding_dim)
         rng = _check_seed(seed)
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight = self.add_param("weight", rng.standard_normal(shape).astype(self.dtype))
         self._indices: np.ndarray | None = None
 
     def __call__(self, indices: object) -> np.ndarray:
-        indices = _check_indices("indices", indices, self.num_embeddings)
+        indices = np.asarray(indices)
+        _checks.call_fits("indices", indices.shape, indices.size * (
+            self.embedding_dim * self.dtype.itemsize + 8), "the rows looked up and the tape")
+        indices = _checks.indices("indices", indices, self.num_embeddings)
         keep = self.training and is_grad_enabled()
         # A copy, so that a caller reusing its index buffer cannot change the tape.
         self._indices = indices.copy() if keep else None
@@ -183,10 +201,13 @@ class Embedding(Module):
                 "Embedding.backward needs a forward pass in training mode with gradients "
                 "enabled first (none recorded)"
             )
-        d_y = _check_float_array("d_y", d_y)
+        d_y = _checks.real_array("d_y", d_y)
+        self._check_grads()
         expected = self._indices.shape + (self.embedding_dim,)
         if d_y.shape != expected:
             raise ValueError(f"d_y must have shape {expected} (the output's), got {d_y.shape}")
+        _checks.call_fits("d_y", d_y.shape, d_y.size * 2 * self.dtype.itemsize
+                          + self._indices.size * 24, "the rows sorted by index and their sums")
         rows = d_y.reshape(-1, self.embedding_dim).astype(self.dtype, copy=False)
         indices = self._indices.reshape(-1)
         if indices.size == 0:

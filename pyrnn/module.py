@@ -120,6 +120,42 @@ class Module:
                 raise TypeError(
                     f"state_dict[{name!r}] has dtype {value.dtype}, expected a real number type"
                 )
-            incoming[name] = value
+            incoming[name] = _cast_without_overflow(f"state_dict[{name!r}]", value, target.dtype)
         for name, target in own.items():
             np.copyto(target, incoming[name], casting="unsafe")
+
+    def _check_grads(self) -> None:
+        """Before a backward pass adds into any of them: every gradient array must be a
+        writable ndarray of its parameter's shape and dtype (a user may have replaced one), so
+        that a refused backward has added nothing and can be retried once the array is fixed."""
+        grads = self.grads
+        for name, param in self.params.items():
+            grad = grads.get(name)
+            if not (isinstance(grad, np.ndarray) and grad.shape == param.shape
+                    and grad.dtype == param.dtype and grad.flags.writeable):
+                _refuse_grad(f"{type(self).__name__}.grads[{name!r}]", grad, param)
+
+
+def _refuse_grad(where: str, grad: object, param: np.ndarray) -> None:
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"{where}: expected a numpy array, got {type(grad).__name__}")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise ValueError(f"{where}: expected {param.dtype} {param.shape} (as its parameter), "
+                         f"got {grad.dtype} {grad.shape}")
+    raise ValueError(f"{where}: the array is read-only")
+
+
+def _cast_without_overflow(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """value as dtype; ValueError when a finite value would become inf (1e300 in float32)."""
+    with np.errstate(over="ignore"):  # reported below, naming the parameter
+        cast = value.astype(dtype, copy=False)
+    if value.dtype.kind == "f" and cast is not value and value.size:
+        overflow = np.isfinite(value) & ~np.isfinite(cast)
+        if overflow.any():
+            finite = value[np.isfinite(value)]
+            raise ValueError(
+                f"{name} holds values in [{finite.min():.6g}, {finite.max():.6g}], beyond "
+                f"{np.dtype(dtype)}'s largest finite magnitude {np.finfo(dtype).max:.6g}: they "
+                "would become inf"
+            )
+    return cast

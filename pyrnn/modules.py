@@ -15,16 +15,8 @@ from typing import Any
 import numpy as np
 
 from . import _backend, _checks
-from .functional import (
-    GATES,
-    Tape,
-    _check_weights,
-    _run_stack,
-    _time_major_input,
-    _user_layout,
-    rnn_backward,
-    rnn_forward,
-)
+from ._cells import CELLS
+from .functional import Tape, _run_backward, _run_stack, _upstream, _user_layout, rnn_forward
 from .module import Module, is_grad_enabled
 
 __all__ = ["RNN", "LSTM", "GRU", "FrozenRNN"]
@@ -61,7 +53,7 @@ class _RNNBase(Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.cell = cell
+        self.cell = cell  # the kernels' name for it
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
@@ -79,48 +71,59 @@ class _RNNBase(Module):
                 UserWarning,
                 stacklevel=3,
             )
-        _checks.fits_in_memory(  # the parameters and their gradients
-            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"num_layers={self.num_layers}) with its gradients", 2 * self._parameter_count(),
-            self.dtype.itemsize)
+        self._cell = CELLS[cell]
+        self._fits_in_memory()
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
         self._names = self._init_params()
         self._w_hh_shape = self.params[self._names[0][1]].shape
         self._tape: Tape | None = None
         self._no_tape_reason = _NO_FORWARD
-        # (name, array) pairs of self.grads last found usable by the kernel, and their layout
-        self._known_targets: tuple[list[tuple[str, Array]], list[tuple[Array | None, ...]]] | None
-        self._known_targets = None
+        # self.grads as last checked (see _checked_targets)
+        self._known_targets: tuple[list[tuple[str, Array]], Any, Any] | None = None
 
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    def _fits_in_memory(self) -> None:
+        """Refuse sizes whose parameters and gradients would not fit, before allocating any:
+        their numbers, the arrays holding them (a layer of small ones costs as much again) and
+        the float64 draw that fills the largest."""
+        H, D, L = self.hidden_size, self.num_directions, self.num_layers  # noqa: N806
+        per_entry = sum(not param.bias or self.bias for param in self._cell.params)
+        largest = max(math.prod(s) for s in self._cell.shapes(max(self.input_size, D * H), H))
+        _checks.fits_in_memory(
+            f"{type(self).__name__}(input_size={self.input_size}, hidden_size={H}, "
+            f"num_layers={L}) with its gradients", 2 * self._parameter_count(),
+            self.dtype.itemsize, arrays=2 * L * D * per_entry, scratch=8 * largest)
+
     def _parameter_count(self) -> int:
         """How many numbers _init_params will allocate (computed without allocating them)."""
-        G, H, D = GATES[self.cell], self.hidden_size, self.num_directions  # noqa: N806
-        first, later = (G * H * (fan_in + H + 2 * self.bias) for fan_in in (self.input_size, D * H))
+        H, D = self.hidden_size, self.num_directions  # noqa: N806
+        first, later = (self._cell.parameter_count(fan_in, H, self.bias)
+                        for fan_in in (self.input_size, D * H))
         return D * (first + (self.num_layers - 1) * later)
 
     def _init_params(self) -> list[tuple[str | None, ...]]:
         """Create the parameters in PyTorch's order, uniform(-1/sqrt(H), 1/sqrt(H)) like
         PyTorch's default; return their names per layer and direction (None: no bias)."""
-        G = GATES[self.cell]  # noqa: N806
         H, D = self.hidden_size, self.num_directions  # noqa: N806
         bound = 1 / math.sqrt(H)
         names = []
         for layer in range(self.num_layers):
+            fan_in = self.input_size if layer == 0 else D * H
             for d in range(D):
                 suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                I_k = self.input_size if layer == 0 else D * H  # noqa: N806
-                shapes = {"weight_ih": (G * H, I_k), "weight_hh": (G * H, H)}
-                if self.bias:
-                    shapes.update({"bias_ih": (G * H,), "bias_hh": (G * H,)})
-                for kind, shape in shapes.items():
+                entry = []
+                for param, shape in zip(self._cell.params, self._cell.shapes(fan_in, H),
+                                        strict=True):
+                    if param.bias and not self.bias:
+                        entry.append(None)
+                        continue
                     value = self._rng.uniform(-bound, bound, shape).astype(self.dtype)
-                    self.add_param(kind + suffix, value)
-                bias_names = ("bias_ih" + suffix, "bias_hh" + suffix) if self.bias else (None,) * 2
-                names.append(("weight_ih" + suffix, "weight_hh" + suffix, *bias_names))
+                    self.add_param(param.name + suffix, value)
+                    entry.append(param.name + suffix)
+                names.append(tuple(entry))
         return names
 
     def _weights(self) -> list[tuple[Array | None, ...]]:
@@ -154,7 +157,7 @@ class _RNNBase(Module):
     def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
         """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as PyTorch."""
         h0, c0 = self._split_hx(hx)
-        _check_input(x, self.dtype, self.input_size)
+        _checks.module_input(x, self.dtype, self.input_size)
         keep_tape = self.training and is_grad_enabled()
         out, h_n, c_n, tape = rnn_forward(
             self.cell, x, self._weights(), h0, c0,
@@ -180,12 +183,16 @@ class _RNNBase(Module):
     def backward(self, d_out: Array | None, d_hx: Any = None) -> tuple[Array, Any]:
         """Back-propagate the last forward pass: returns dx and the initial state's gradient,
         and adds every weight gradient into self.grads. d_out or d_hx may be None (zero)."""
-        if self._tape is None:
+        tape = self._tape
+        if tape is None:
             raise RuntimeError(f"{type(self).__name__}.backward: {self._no_tape_reason}")
+        self._check_grads()
         d_h_n, d_c_n = self._split_d_hx(d_hx)
-        targets = self._grad_targets()
-        dx, dh0, dc0, d_weights = rnn_backward(self._tape, d_out, d_h_n, d_c_n,
-                                               accumulate_into=targets)
+        _checks.rnn_backward_fits(tape.dims, d_out, tape.batch_first, tape.backend)
+        reads = (("d_out", d_out), ("d_h_n", d_h_n), ("d_c_n", d_c_n))
+        d_out, d_h_n, d_c_n = _upstream(tape, d_out, d_h_n, d_c_n)
+        targets = self._grad_targets(tape, reads)
+        dx, dh0, dc0, d_weights = _run_backward(tape, d_out, d_h_n, d_c_n, targets)
         if targets is None:
             for names, grads in zip(self._names, d_weights, strict=True):
                 for name, grad in zip(names, grads, strict=True):
@@ -195,31 +202,31 @@ class _RNNBase(Module):
         self._no_tape_reason = _USED
         return dx, self._pack_state(dh0, dc0)
 
-    def _grad_targets(self) -> list[tuple[Array | None, ...]] | None:
-        """self.grads laid out as the weights, for the kernel to add into in place (saving a
-        pass over every gradient and the arrays holding it); None when some array cannot
-        take it (replaced by a strided view, say), and backward adds them itself. Checked
-        once per set of arrays: a step of a small model is a few tens of microseconds."""
+    def _grad_targets(self, tape: Tape,
+                      reads: tuple[tuple[str, Any], ...]) -> list[tuple[Array, ...]] | None:
+        """self.grads laid out for the kernels to add into in place (saving a pass over every
+        gradient and the arrays holding it); None when they cannot take them (replaced by
+        strided views, say), and backward adds them itself. The arrays are checked once while
+        they stay the same (a step of a small model is a few tens of microseconds); the
+        upstream gradients (reads, as given) every call, as they may not lie in their memory."""
         grads, known = self.grads, self._known_targets
-        if known is not None and all(grads[n] is a for n, a in known[0]):
-            return known[1]
-        targets = self._usable_grad_targets()
-        self._known_targets = None if targets is None else (
-            [(n, grads[n]) for names in self._names for n in names if n], targets)
+        if known is None or not all(grads[n] is a for n, a in known[0]):
+            known = self._known_targets = self._checked_targets(tape)
+        _, written, targets = known
+        if targets is not None:
+            _checks.reads_apart(reads, written)
         return targets
 
-    def _usable_grad_targets(self) -> list[tuple[Array | None, ...]] | None:
-        targets, seen = self._laid_out(self.grads), set()
-        for names, entry in zip(self._names, targets, strict=True):
-            for grad, name in zip(entry, names, strict=True):
-                usable = name is None or (
-                    _checks.core_writable(grad, self.dtype)
-                    and grad.shape == self.params[name].shape and id(grad) not in seen
-                )
-                if not usable:
-                    return None
-                seen.add(id(grad))
-        return targets
+    def _checked_targets(self, tape: Tape) -> tuple[list[tuple[str, Array]], Any, Any]:
+        """(name, array) of self.grads, those arrays checked disjoint, and their layout for the
+        kernels; None for the last two when the kernels cannot add into them."""
+        keyed = [(n, self.grads[n]) for names in self._names for n in names if n]
+        try:
+            targets = _checks.rnn_targets(self._laid_out(self.grads), tape.dims, tape.bias_given,
+                                          (None, None, None))
+            return keyed, _checks.written_apart([(f"grads[{n!r}]", a) for n, a in keyed]), targets
+        except (TypeError, ValueError):
+            return keyed, None, None
 
     # --------------------------------------------------------------------------- repr
 
@@ -274,7 +281,7 @@ class RNN(_RNNBase):
         return _single_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
-        return _single_state("d_hx", d_hx), None
+        return _checks.single_state("d_hx", d_hx), None
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -309,7 +316,7 @@ class GRU(_RNNBase):
         return _single_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
-        return _single_state("d_hx", d_hx), None
+        return _checks.single_state("d_hx", d_hx), None
 
 
 class LSTM(_RNNBase):
@@ -342,7 +349,7 @@ class LSTM(_RNNBase):
         return _state_pair_hx(hx)
 
     def _split_d_hx(self, d_hx: Any) -> tuple[Array | None, Array | None]:
-        return _state_pair("d_hx", "(d_h_n, d_c_n)", d_hx)
+        return _checks.state_pair("d_hx", "(d_h_n, d_c_n)", d_hx)
 
     def _pack_state(self, h: Array, c: Array | None) -> Any:
         return h, c
@@ -368,26 +375,30 @@ class FrozenRNN:
         self.batch_first, self.dtype = module.batch_first, module.dtype
         self.backend = module.backend
         self._name = type(module).__name__
-        self._split_hx = _state_pair_hx if self.cell == "lstm" else _single_hx
+        self._cell = module._cell
+        self._has_c = module._cell.has_c
+        self._split_hx = _state_pair_hx if self._has_c else _single_hx
         # Checked once here (the module's arrays may have been replaced by anything), then
         # private and read-only: the packs stay true to them.
-        weights, _, _, _ = _check_weights(
-            self.cell, module._weights(), module.num_directions, self.input_size, self.dtype
-        )
+        weights = _checks.rnn_weights(module._cell, module._weights(), module.num_directions,
+                                      self.input_size, self.dtype).weights
         self._weights = [tuple(_frozen_copy(a) for a in entry) for entry in weights]
         self._packs = _backend.new_pack_cache(self.backend)
 
     def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
         """out (T, B, D*H) (batch_first: (B, T, D*H)) and the final state, as the module."""
         h0, c0 = self._split_hx(hx)
-        _check_input(x, self.dtype, self.input_size)
-        x = _time_major_input(x, self.batch_first)
+        _checks.module_input(x, self.dtype, self.input_size)
+        x = _checks.rnn_input(x, self.batch_first)
+        _checks.rnn_call_fits(self._cell, x, self.batch_first, self.hidden_size, self.num_layers,
+                              2 if self.bidirectional else 1, self.backend, "infer")
+        x = _checks.time_major(x, self.batch_first)
         out, h_n, c_n, _ = _run_stack(
             self.backend, self.cell, x, self._weights, h0, c0, lengths, self.bidirectional,
             None, False, self._packs,
         )
         out = _user_layout(out, self.batch_first)
-        return (out, (h_n, c_n)) if self.cell == "lstm" else (out, h_n)
+        return (out, (h_n, c_n)) if self._has_c else (out, h_n)
 
     forward = __call__
 
@@ -404,44 +415,10 @@ def _frozen_copy(a: Array) -> Array:
     return copy
 
 
-def _check_input(x: Any, dtype: np.dtype, input_size: int) -> None:
-    """x's dtype and input size against the module's: the functional layer would blame the
-    weights, but the user's mistake is x's."""
-    if not isinstance(x, np.ndarray):
-        return
-    x_dtype = x.dtype.newbyteorder("=")
-    if x_dtype in _checks.FLOAT_DTYPES and x_dtype != dtype:
-        raise TypeError(f"x: expected dtype {dtype} (the module's dtype), got {x.dtype}")
-    if x.ndim == 3 and x.shape[2] != input_size:
-        raise ValueError(
-            f"x: expected input size {input_size} (last dimension), got shape {x.shape}"
-        )
-
-
 # How RNN/GRU and LSTM read hx, shared by the modules and FrozenRNN.
 def _single_hx(hx: Any) -> tuple[Array | None, Array | None]:
-    return _single_state("hx", hx), None
+    return _checks.single_state("hx", hx), None
 
 
 def _state_pair_hx(hx: Any) -> tuple[Array | None, Array | None]:
-    return _state_pair("hx", "(h0, c0)", hx)
-
-
-def _single_state(name: str, value: Any) -> Array | None:
-    if isinstance(value, tuple | list):
-        raise TypeError(
-            f"{name}: expected one array (L*D, B, H) or None, got a {type(value).__name__} "
-            f"of {len(value)} (only LSTM takes an (h, c) pair)"
-        )
-    return value
-
-
-def _state_pair(name: str, spelled: str, value: Any) -> tuple[Array | None, Array | None]:
-    if value is None:
-        return None, None
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        got = f"{type(value).__name__} of {len(value)}" if isinstance(value, tuple | list) else (
-            type(value).__name__
-        )
-        raise TypeError(f"{name}: expected a pair {spelled} (either may be None), got {got}")
-    return value[0], value[1]
+    return _checks.state_pair("hx", "(h0, c0)", hx)

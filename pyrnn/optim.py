@@ -55,11 +55,13 @@ def _named_parameters(model: object, argument: str = "model") -> list[ParamEntry
 
 
 def _number(name: str, value: object, low: float = 0.0, high: float = math.inf,
-            high_open: bool = False) -> float:
-    """A real number in [low, high] (or [low, high)), as a float."""
+            high_open: bool = False, finite: bool = True) -> float:
+    """A real number in [low, high] (or [low, high)), as a float; finite unless told."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     above = value >= high if high_open else value > high
     if not low <= value or above or math.isnan(value):
         bracket = ")" if high_open else "]"
@@ -91,6 +93,10 @@ class Optimizer:
 
     HYPERPARAMS: tuple[str, ...] = ()
     BUFFERS: tuple[str, ...] = ()
+    # Buffers the first step creates and every later step reads: present exactly when step > 0.
+    STEP_BUFFERS: tuple[str, ...] = ()
+    # Buffers of squared gradients, whose square root the update takes.
+    NON_NEGATIVE: tuple[str, ...] = ()
 
     def __init__(self, model: object, **hyperparams: object) -> None:
         self._entries = _named_parameters(model)
@@ -99,6 +105,11 @@ class Optimizer:
                 raise TypeError(f"parameter {name!r} must be floating point, got {param.dtype}")
         for key, value in self._check_hyperparams(hyperparams).items():
             setattr(self, key, value)
+        params, buffers = [param for _, param, _ in self._entries], len(self.BUFFERS)
+        _checks.fits_in_memory(  # the buffers a step may make: refused before any is made
+            f"{type(self).__name__}'s state ({buffers} buffer{'s' * (buffers != 1)} per "
+            "parameter)", buffers * sum(p.size for p in params), max(p.itemsize for p in params),
+            arrays=buffers * len(params))
         self.step_count = 0
         self.state: dict[str, dict[str, np.ndarray]] = {
             name: self._initial_buffers(param) for name, param, _ in self._entries
@@ -173,9 +184,9 @@ class Optimizer:
         step = state_dict["step"]
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"state_dict['step'] must be an int >= 0, got {step!r}")
-        return hyperparams, int(step), self._check_buffers(state_dict["state"])
+        return hyperparams, int(step), self._check_buffers(state_dict["state"], int(step))
 
-    def _check_buffers(self, state: object) -> dict[str, dict[str, np.ndarray]]:
+    def _check_buffers(self, state: object, step: int) -> dict[str, dict[str, np.ndarray]]:
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict['state'] must be a mapping, got {type(state).__name__}")
         _expect_keys("state_dict['state']", state, set(self.param_names))
@@ -194,7 +205,28 @@ class Optimizer:
                 buffer: _checked_buffer(f"{name}/{buffer}", value, param)
                 for buffer, value in buffers.items()
             }
+            self._check_buffer_values(name, checked[name], step)
         return checked
+
+    def _check_buffer_values(self, name: str, buffers: dict[str, np.ndarray], step: int) -> None:
+        """What the algorithm needs of one parameter's buffers: the ones every step reads are
+        there once a step was taken (and not before), squared-gradient sums are >= 0."""
+        kind, where = type(self).__name__, f"state_dict['state'][{name!r}]"
+        present = [buffer for buffer in self.STEP_BUFFERS if buffer in buffers]
+        if step == 0 and present:
+            raise ValueError(f"{where} holds {present} at step 0; {kind} makes them at its "
+                             "first step")
+        missing = [buffer for buffer in self.STEP_BUFFERS if buffer not in buffers]
+        if step > 0 and missing:
+            raise KeyError(f"{where} lacks {missing} at step {step}; {kind} keeps them from its "
+                           "first step on")
+        for buffer in self.NON_NEGATIVE:
+            array = buffers.get(buffer)
+            if array is not None and array.size and array.min() < 0:
+                raise ValueError(
+                    f"optimizer buffer '{name}/{buffer}' holds negative values (down to "
+                    f"{array.min():.6g}); {kind}'s {buffer} sums squared gradients, so it is >= 0"
+                )
 
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value}" for key, value in self.hyperparams.items())
@@ -213,6 +245,8 @@ def _expect_keys(what: str, mapping: Mapping, expected: set) -> None:
 
 
 def _checked_buffer(name: str, value: object, param: np.ndarray) -> np.ndarray:
+    """A fresh copy of the buffer in the parameter's dtype; every value finite before and
+    after the conversion (a nan or inf buffer would write nan into the parameter)."""
     array = np.asarray(value)
     if array.shape != param.shape:
         raise ValueError(
@@ -220,7 +254,16 @@ def _checked_buffer(name: str, value: object, param: np.ndarray) -> np.ndarray:
         )
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"optimizer buffer {name!r} has dtype {array.dtype}, expected floating")
-    return np.array(array, dtype=param.dtype)
+    if not np.isfinite(array).all():
+        raise ValueError(f"optimizer buffer {name!r} holds nan or inf")
+    with np.errstate(over="ignore"):  # reported below, naming the buffer
+        cast = np.array(array, dtype=param.dtype)
+    if not np.isfinite(cast).all():
+        raise ValueError(
+            f"optimizer buffer {name!r} holds values in [{array.min():.6g}, {array.max():.6g}], "
+            f"beyond {param.dtype}'s largest finite magnitude {np.finfo(param.dtype).max:.6g}"
+        )
+    return cast
 
 
 def _with_weight_decay(grad: np.ndarray, param: np.ndarray, weight_decay: float) -> np.ndarray:
@@ -298,6 +341,7 @@ class Adagrad(Optimizer):
 
     HYPERPARAMS = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
     BUFFERS = ("sum",)
+    NON_NEGATIVE = ("sum",)
 
     def __init__(self, model: object, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
@@ -330,6 +374,8 @@ class RMSprop(Optimizer):
 
     HYPERPARAMS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
     BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
+    STEP_BUFFERS = ("square_avg",)
+    NON_NEGATIVE = ("square_avg",)
 
     def __init__(self, model: object, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
@@ -367,6 +413,8 @@ class Adam(Optimizer):
 
     HYPERPARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
     BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    STEP_BUFFERS = ("exp_avg", "exp_avg_sq")
+    NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, model: object, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -410,8 +458,8 @@ def clip_grad_norm(model: object, max_norm: float, norm_type: float = 2.0,
     unscaled (torch would fill them with nan).
     """
     entries = _named_parameters(model)
-    max_norm = _number("max_norm", max_norm)
-    norm_type = _number("norm_type", norm_type)
+    max_norm = _number("max_norm", max_norm, finite=False)
+    norm_type = _number("norm_type", norm_type, finite=False)
     error_if_nonfinite = _flag("error_if_nonfinite", error_if_nonfinite)
     if norm_type == 0:
         raise ValueError("norm_type must be > 0 (or inf), got 0.0")
@@ -445,6 +493,6 @@ def _vector_norm(values: np.ndarray, norm_type: float) -> float:
 
 def clip_grad_value(model: object, clip_value: float) -> None:
     """Clamp every gradient entry into ``[-clip_value, clip_value]`` in place."""
-    clip_value = _number("clip_value", clip_value)
+    clip_value = _number("clip_value", clip_value, finite=False)
     for _, _, grad in _named_parameters(model):
         np.clip(grad, -clip_value, clip_value, out=grad)

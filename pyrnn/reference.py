@@ -9,6 +9,11 @@ Variable lengths follow PyTorch's packed sequences. At step t a row b is *active
 t < lengths[b]; inactive rows keep their state and emit zeros, which gives the forward
 direction its state at its own last step and starts the reverse direction at its own last
 step from h0.
+
+Each public kernel checks its arguments with ``pyrnn._checks`` (as the C++ core's Python face
+does, with the same words) and hands them to its twin with a leading underscore
+(``stack_forward`` -> ``_stack_forward``), which takes them checked: the functional layer and
+the layers, having checked their own arguments, call the twins (``_backend.prechecked``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Tape", "stack_forward", "stack_backward", "CELLS"]
+from . import _checks
+from ._cells import CELLS
+
+__all__ = ["Tape", "stack_forward", "stack_backward", "linear_forward", "linear_backward",
+           "adam_update", "STEPS"]
 
 Array = np.ndarray
 # The kernels follow IEEE arithmetic silently, as the C++ core does: an overflow saturates and
@@ -116,18 +125,17 @@ def gru_step_backward(d_h, d_c, cache, h_prev, c_prev, w_hh):
     return d_ih, d_hh, d_h * z + d_hh @ w_hh, None
 
 
-class Cell(NamedTuple):
-    gates: int  # G: the weight matrices have G*H rows
+class Steps(NamedTuple):
     step: Callable[..., Any]
     step_backward: Callable[..., Any]
-    has_c: bool  # carries a cell state besides h
 
 
-CELLS: dict[str, Cell] = {
-    "rnn_tanh": Cell(1, rnn_tanh_step, rnn_tanh_step_backward, False),
-    "rnn_relu": Cell(1, rnn_relu_step, rnn_relu_step_backward, False),
-    "lstm": Cell(4, lstm_step, lstm_step_backward, True),
-    "gru": Cell(3, gru_step, gru_step_backward, False),
+# The step functions of each cell in pyrnn/_cells.py's table (which says everything else).
+STEPS: dict[str, Steps] = {
+    "rnn_tanh": Steps(rnn_tanh_step, rnn_tanh_step_backward),
+    "rnn_relu": Steps(rnn_relu_step, rnn_relu_step_backward),
+    "lstm": Steps(lstm_step, lstm_step_backward),
+    "gru": Steps(gru_step, gru_step_backward),
 }
 
 
@@ -159,7 +167,7 @@ def sequence_forward(cell, x, h0, c0, weights, active, reverse, keep_tape):
     Returns out (T, B, H), the final h and c, and the SequenceTape (None unless keep_tape).
     """
     w_ih, w_hh, b_ih, b_hh = weights
-    step = CELLS[cell].step
+    step = STEPS[cell].step
     T, B = x.shape[:2]
     H = h0.shape[1]
     x = np.where(active, x, 0)  # what lies past a sequence's end never reaches any result
@@ -189,7 +197,7 @@ def sequence_backward(cell, tape, active, d_out, d_h_n, d_c_n):
 
     Returns dx (T, B, I_k), dh0, dc0 (or None) and (dw_ih, dw_hh, db_ih, db_hh).
     """
-    step_backward = CELLS[cell].step_backward
+    step_backward = STEPS[cell].step_backward
     T, B, H = tape.h_prev.shape
     GH = tape.w_hh.shape[0]
     d_ih = np.zeros((T, B, GH), d_out.dtype)
@@ -260,25 +268,31 @@ def stack_forward(
     Returns (out (T, B, D*H), h_n (L*D, B, H), c_n or None, tape or None). `packs` must be None:
     NumPy multiplies by the weights as they are, so there is nothing to keep packed.
     """
-    args = _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks)
-    T, B, L, D, active = args
-    _check_flag("keep_tape", keep_tape)
-    if packs is not None:
-        raise TypeError(f"packs: the NumPy reference keeps no packs; expected None, got {packs!r}")
-    x, h0, c0 = native(x), native(h0), native(c0)
-    weights = [tuple(native(w) for w in entry) for entry in weights]
+    _checks.no_packs(packs)
+    return _stack_forward(*_checks.kernel_forward(cell, x, h0, c0, weights, bidirectional,
+                                                  lengths, dropout_masks, keep_tape, "numpy"))
+
+
+def _stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
+                   packs=None):
+    """stack_forward on arguments _checks.kernel_forward has checked and returned."""
+    T, B, I = x.shape  # noqa: N806, E741
+    D = 2 if bidirectional else 1  # noqa: N806
+    L = len(weights) // D  # noqa: N806
+    steps = T if lengths is None else lengths
+    active = (np.arange(T)[:, None] < steps)[:, :, None]  # (T, B, 1): row b steps at time t
     # owned copies: the tape outlives the call
-    masks = [np.array(m, dtype=x.dtype) for m in dropout_masks] if dropout_masks else None
+    masks = [np.array(m) for m in dropout_masks] if dropout_masks else None
     with np.errstate(**IEEE_ERRORS):
-        out, h_n, c_n, dirs = _stack_forward(cell, x, h0, c0, weights, active, masks, L, D,
-                                             keep_tape)
+        out, h_n, c_n, dirs = _forward_layers(cell, x, h0, c0, weights, active, masks, L, D,
+                                              keep_tape)
     if not keep_tape:
         return out, h_n, c_n, None
-    tape = Tape(cell, x.dtype, T, B, x.shape[2], h0.shape[2], L, D, active, masks, dirs)
+    tape = Tape(cell, x.dtype, T, B, I, h0.shape[2], L, D, active, masks, dirs)
     return out, h_n, c_n, tape
 
 
-def _stack_forward(cell, x, h0, c0, weights, active, masks, L, D, keep_tape):
+def _forward_layers(cell, x, h0, c0, weights, active, masks, L, D, keep_tape):
     """The stack itself, on checked arguments: layer k > 0 reads layer k-1's [fwd, bwd]."""
     h_n = np.empty(h0.shape, x.dtype)
     c_n = np.empty(h0.shape, x.dtype) if c0 is not None else None
@@ -312,14 +326,25 @@ def stack_backward(
     accumulate_into (arrays shaped like weights), the weight gradients are added into those
     arrays in place, and d_weights is them.
     """
-    d_h_n_given, d_c_n_given = d_h_n, d_c_n
-    d_h_n, d_c_n = _check_backward(tape, d_out, d_h_n, d_c_n)
-    if accumulate_into is not None:
-        reads = {"d_out": d_out, "d_h_n": d_h_n_given, "d_c_n": d_c_n_given}
-        _check_targets(accumulate_into, tape, {k: a for k, a in reads.items() if a is not None})
-    d_out, d_h_n, d_c_n = native(d_out), native(d_h_n), native(d_c_n)
+    _checks.tape(tape, Tape, "pyrnn.reference.stack_forward")
+    return _stack_backward(tape, *_checks.kernel_backward(tape_dims(tape), d_out, d_h_n, d_c_n,
+                                                          accumulate_into, "numpy"))
+
+
+def tape_dims(tape: Tape) -> _checks.TapeDims:
+    return _checks.TapeDims(tape.cell, tape.dtype, tape.T, tape.B, tape.I, tape.H, tape.L,
+                            tape.D)
+
+
+def _stack_backward(tape, d_out, d_h_n, d_c_n, accumulate_into=None):
+    """stack_backward on arguments _checks.kernel_backward has checked and returned."""
+    state_shape = (tape.L * tape.D, tape.B, tape.H)
+    if d_h_n is None:
+        d_h_n = np.zeros(state_shape, tape.dtype)
+    if d_c_n is None and CELLS[tape.cell].has_c:
+        d_c_n = np.zeros(state_shape, tape.dtype)
     with np.errstate(**IEEE_ERRORS):
-        dx, dh0, dc0, d_weights = _stack_backward(tape, d_out, d_h_n, d_c_n)
+        dx, dh0, dc0, d_weights = _backward_layers(tape, d_out, d_h_n, d_c_n)
     if accumulate_into is None:
         return dx, dh0, dc0, d_weights
     for targets, grads in zip(accumulate_into, d_weights, strict=True):
@@ -328,7 +353,7 @@ def stack_backward(
     return dx, dh0, dc0, [tuple(entry) for entry in accumulate_into]
 
 
-def _stack_backward(tape, d_out, d_h_n, d_c_n):
+def _backward_layers(tape, d_out, d_h_n, d_c_n):
     """BPTT from the last layer down; each layer's dx is the d_out of the layer below."""
     B, H, L, D = tape.B, tape.H, tape.L, tape.D
     has_c = CELLS[tape.cell].has_c
@@ -355,10 +380,10 @@ def _stack_backward(tape, d_out, d_h_n, d_c_n):
 
 def linear_forward(x: Array, weight: Array, bias: Array | None) -> Array:
     """y (N, M) = x (N, K) weight^T + bias, for weight (M, K) and bias (M,) or None."""
-    dtype, _, m = _check_linear(x, weight)
-    if bias is not None:
-        _check_array("bias", bias, (m,), dtype)
-    x, weight, bias = native(x), native(weight), native(bias)
+    return _linear_forward(*_checks.kernel_linear_forward(x, weight, bias))
+
+
+def _linear_forward(x, weight, bias):
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -371,20 +396,19 @@ def linear_backward(
 ) -> tuple[Array, Array, Array | None]:
     """Gradients of linear_forward for d_y (N, M): (dx (N, K), d_weight (M, K), d_bias (M,) or
     None). With accumulate_into (d_weight, d_bias or None), they are added into those arrays."""
-    _check_flag("has_bias", has_bias)
-    dtype, n, m = _check_linear(x, weight)
-    _check_array("d_y", d_y, (n, m), dtype)
-    reads = {"x": x, "weight": weight, "d_y": d_y}
-    x, weight, d_y = native(x), native(weight), native(d_y)
+    return _linear_backward(*_checks.kernel_linear_backward(x, weight, d_y, has_bias,
+                                                            accumulate_into))
+
+
+def _linear_backward(x, weight, d_y, has_bias, accumulate_into=None):
     d_weight, d_bias = d_y.T @ x, (d_y.sum(axis=0) if has_bias else None)
     dx = d_y @ weight
     if accumulate_into is None:
         return dx, d_weight, d_bias
-    targets = _check_linear_targets(accumulate_into, has_bias, d_weight, d_bias, reads)
-    for target, grad in zip(targets, (d_weight, d_bias), strict=True):
+    for target, grad in zip(accumulate_into, (d_weight, d_bias), strict=True):
         if target is not None:
             target += grad
-    return dx, targets[0], targets[1]
+    return dx, accumulate_into[0], accumulate_into[1]
 
 
 def adam_update(
@@ -395,7 +419,13 @@ def adam_update(
     """One Adam step in place, as torch.optim.Adam computes it: the moments move towards the
     gradient (plus weight_decay * param), and param by neg_step_size * exp_avg / denom, denom =
     sqrt(exp_avg_sq, or its running maximum max_exp_avg_sq) / bias_correction2_sqrt + eps."""
-    _check_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    _checks.kernel_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, neg_step_size, lerp_weight,
+                 beta2, bias_correction2_sqrt, eps, weight_decay)
+
+
+def _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, neg_step_size, lerp_weight,
+                 beta2, bias_correction2_sqrt, eps, weight_decay):
     if weight_decay != 0:
         grad = grad + weight_decay * param  # a new array: the stored gradient is untouched
     if abs(lerp_weight) < 0.5:  # torch.lerp's two branches, for its rounding
@@ -411,242 +441,3 @@ def adam_update(
     denom = np.sqrt(second_moment) / bias_correction2_sqrt
     denom += eps
     param += neg_step_size * exp_avg / denom
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks: every failure names the argument, what was expected and what it got.
-# ---------------------------------------------------------------------------------------------
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def native(a: Array | None) -> Array | None:
-    """a in the machine's byte order (a itself when it already is)."""
-    return None if a is None else a.astype(a.dtype.newbyteorder("="), copy=False)
-
-
-def _check_array(name: str, a: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """a is an array of shape and dtype (in either byte order)."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype.newbyteorder("=") != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-
-
-def _check_list(name: str, value: Any, n: int, what: str) -> None:
-    if not isinstance(value, list | tuple):
-        raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
-    if len(value) != n:
-        raise ValueError(f"{name}: expected {n} entries ({what}), got {len(value)}")
-
-
-def _check_lengths(lengths: Any, T: int, B: int) -> Array:
-    """lengths as int64 (B,), every value in [1, T]."""
-    if lengths is None:
-        return np.full(B, T, np.int64)
-    lengths = np.asarray(lengths)
-    if lengths.dtype.kind not in "iu":
-        raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
-    if lengths.shape != (B,):
-        raise ValueError(
-            f"lengths: expected shape ({B},) (one per sequence), got {lengths.shape}"
-        )
-    bad = np.flatnonzero((lengths < 1) | (lengths > T))
-    if bad.size:
-        b = int(bad[0])
-        raise ValueError(
-            f"lengths: every length must be in [1, T] = [1, {T}], got {lengths[b]} at index {b}"
-        )
-    return lengths.astype(np.int64)
-
-
-def _check_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks):
-    """Check every forward argument; return T, B, L, D and active (T, B, 1)."""
-    if not isinstance(cell, str) or cell not in CELLS:
-        raise ValueError(f"cell: expected one of {tuple(CELLS)}, got {cell!r}")
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x: expected a numpy array, got {type(x).__name__}")
-    dtype = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    if x.ndim != 3 or min(x.shape) < 1:
-        raise ValueError(f"x: expected shape (T, B, I) with every dimension >= 1, got {x.shape}")
-    T, B, I = x.shape  # noqa: E741
-    _check_flag("bidirectional", bidirectional)
-    D = 2 if bidirectional else 1
-    if h0 is None:
-        raise ValueError("h0: required, an array (L*D, B, H) (zeros for no initial state)")
-    if not isinstance(h0, np.ndarray):
-        raise TypeError(f"h0: expected a numpy array (L*D, B, H), got {type(h0).__name__}")
-    if h0.ndim != 3 or h0.shape[0] < 1 or h0.shape[2] < 1 or h0.shape[0] % D:
-        raise ValueError(
-            f"h0: expected shape (L*D, B, H) with L >= 1, D = {D}, H >= 1, got {h0.shape}"
-        )
-    LD, H = h0.shape[0], h0.shape[2]
-    _check_array("h0", h0, (LD, B, H), dtype)
-    if CELLS[cell].has_c:
-        if c0 is None:
-            raise ValueError("c0: required for cell 'lstm', got None")
-        _check_array("c0", c0, (LD, B, H), dtype)
-    elif c0 is not None:
-        raise ValueError(f"c0: only 'lstm' has a cell state; expected None for {cell!r}")
-    _check_weights(weights, cell, LD, D, I, H, dtype)
-    L = LD // D
-    active = (np.arange(T)[:, None] < _check_lengths(lengths, T, B))[:, :, None]
-    if dropout_masks is not None:
-        _check_list("dropout_masks", dropout_masks, L - 1, "one per layer but the last")
-        for k, mask in enumerate(dropout_masks):
-            _check_array(f"dropout_masks[{k}]", mask, (T, B, D * H), dtype)
-    return T, B, L, D, active
-
-
-def _check_weights(weights, cell, LD, D, I, H, dtype):  # noqa: E741
-    _check_list("weights", weights, LD, "one tuple per layer and direction, as h0")
-    for k, entry in enumerate(weights):
-        name = f"weights[{k}]"
-        _check_list(name, entry, 4, "w_ih, w_hh, b_ih, b_hh")
-        shapes = _weight_shapes(cell, k, D, I, H)
-        for part, a, shape in zip(("w_ih", "w_hh", "b_ih", "b_hh"), entry, shapes, strict=True):
-            _check_array(f"{name} {part}", a, shape, dtype)
-
-
-def _weight_shapes(cell, k, D, I, H):  # noqa: E741
-    """The shapes of weights[k] (w_ih, w_hh, b_ih, b_hh), and of their gradients."""
-    GH, I_k = CELLS[cell].gates * H, I if k < D else D * H
-    return (GH, I_k), (GH, H), (GH,), (GH,)
-
-
-def _check_targets(targets, tape, reads):
-    """accumulate_into: L*D tuples of writable C-contiguous arrays shaped like the weights, in
-    the tape's dtype, none sharing memory with another or with the arrays in `reads`."""
-    _check_list("accumulate_into", targets, tape.L * tape.D,
-                "one tuple per layer and direction, as weights")
-    seen = dict(reads)
-    for k, entry in enumerate(targets):
-        name = f"accumulate_into[{k}]"
-        _check_list(name, entry, 4, "dw_ih, dw_hh, db_ih, db_hh")
-        shapes = _weight_shapes(tape.cell, k, tape.D, tape.I, tape.H)
-        for part, a, shape in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), entry, shapes, strict=True):
-            label = f"{name} {part}"
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"{label}: expected a numpy array, got {type(a).__name__}")
-            if a.dtype != tape.dtype:
-                raise TypeError(
-                    f"{label}: expected dtype {tape.dtype} in native byte order (the tape's), "
-                    f"got {a.dtype}"
-                )
-            if a.shape != shape:
-                raise ValueError(f"{label}: expected shape {shape}, got {a.shape}")
-            if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
-                raise ValueError(
-                    f"{label}: expected a C-contiguous, aligned, writable array (the gradients "
-                    "are added into it in place)"
-                )
-            for other_name, other in seen.items():
-                if np.may_share_memory(a, other):
-                    raise ValueError(
-                        f"{label}: shares memory with {other_name}; every array of "
-                        "accumulate_into must be its own"
-                    )
-            seen[label] = a
-
-
-def _check_linear(x, weight):
-    """x (N, K) and weight (M, K) of one float dtype: returns that dtype, N and M."""
-    for name, a in (("x", x), ("weight", weight)):
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    dtype = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] < 1:
-        raise ValueError(f"x: expected shape (N, K) with K >= 1, got {x.shape}")
-    if weight.ndim != 2 or weight.shape[0] < 1:
-        raise ValueError(f"weight: expected shape (M, K) with M >= 1, got {weight.shape}")
-    (n, k), m = x.shape, weight.shape[0]
-    _check_array("weight", weight, (m, k), dtype)
-    return dtype, n, m
-
-
-def _check_linear_targets(targets, has_bias, d_weight, d_bias, reads):
-    """accumulate_into of linear_backward: (d_weight, d_bias or None, None iff not has_bias),
-    writable C-contiguous arrays of the gradients' shapes and dtype, each its own memory."""
-    _check_list("accumulate_into", targets, 2, "d_weight, d_bias")
-    seen = dict(reads)
-    for k, (part, a, grad) in enumerate(zip(("d_weight", "d_bias"), targets, (d_weight, d_bias),
-                                            strict=True)):
-        label = f"accumulate_into[{k}] {part}"
-        if grad is None:
-            if a is not None:
-                raise ValueError(f"{label}: expected None, as has_bias is False")
-            continue
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{label}: expected a numpy array, got {type(a).__name__}")
-        if a.dtype != grad.dtype:
-            raise TypeError(f"{label}: expected dtype {grad.dtype} in native byte order, "
-                            f"got {a.dtype}")
-        if a.shape != grad.shape:
-            raise ValueError(f"{label}: expected shape {grad.shape}, got {a.shape}")
-        if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
-            raise ValueError(f"{label}: expected a C-contiguous, aligned, writable array (the "
-                             "gradients are added into it in place)")
-        for other_name, other in seen.items():
-            if np.may_share_memory(a, other):
-                raise ValueError(f"{label}: shares memory with {other_name}; each array written "
-                                 "must be its own")
-        seen[label] = a
-    return tuple(targets)
-
-
-def _check_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
-    """Arrays of param's shape; those written (all but grad) writable and each its own."""
-    arrays = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if max_exp_avg_sq is not None:
-        arrays["max_exp_avg_sq"] = max_exp_avg_sq
-    seen = {}
-    for name, a in arrays.items():
-        if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
-            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-            raise TypeError(f"{name}: expected a floating-point numpy array, got {got}")
-        if a.shape != param.shape:
-            raise ValueError(f"{name}: expected shape {param.shape} (param's), got {a.shape}")
-        if name != "grad" and not a.flags.writeable:
-            raise ValueError(f"{name}: expected a writable array (it is updated in place)")
-        for other_name, other in seen.items():
-            if np.may_share_memory(a, other):
-                raise ValueError(f"{name}: shares memory with {other_name}; each array written "
-                                 "must be its own")
-        seen[name] = a
-
-
-def _check_backward(tape, d_out, d_h_n, d_c_n):
-    """Check the backward arguments; return d_h_n and d_c_n with None made zeros."""
-    if tape is None:
-        raise ValueError("tape: got None; run stack_forward with keep_tape=True to get one")
-    if not isinstance(tape, Tape):
-        raise TypeError(
-            "tape: expected the Tape returned by pyrnn.reference.stack_forward, "
-            f"got {type(tape).__name__}"
-        )
-    LD, state_shape = tape.L * tape.D, (tape.L * tape.D, tape.B, tape.H)
-    _check_array("d_out", d_out, (tape.T, tape.B, tape.D * tape.H), tape.dtype)
-    if d_h_n is None:
-        d_h_n = np.zeros(state_shape, tape.dtype)
-    _check_array("d_h_n", d_h_n, (LD, tape.B, tape.H), tape.dtype)
-    if not CELLS[tape.cell].has_c:
-        if d_c_n is not None:
-            raise ValueError(
-                f"d_c_n: only 'lstm' has a cell state; expected None for {tape.cell!r}"
-            )
-        return d_h_n, None
-    if d_c_n is None:
-        d_c_n = np.zeros(state_shape, tape.dtype)
-    _check_array("d_c_n", d_c_n, state_shape, tape.dtype)
-    return d_h_n, d_c_n

@@ -26,3 +26,17 @@ BACKEND_PARAMS = [
 def backend(request: pytest.FixtureRequest) -> str:
     """"numpy" and "cpp" (skipped when the extension is not built)."""
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory):
+    """The apps write under $XDG_CACHE_HOME/pyrnn by default: in tests, never the tester's own."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -16,9 +16,9 @@ if not _backend.cpp_available():
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
 from pyrnn import _core  # noqa: E402
+from pyrnn._cells import CELLS as CELL_TABLE  # noqa: E402
 
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+CELLS = tuple(CELL_TABLE)
 RTOL = {np.float32: 1e-4, np.float64: 1e-9}
 DTYPES = (np.float32, np.float64)
 
@@ -34,7 +34,7 @@ class Problem:
                  seed=0, masks=False):
         rng = np.random.default_rng(seed)
         self.cell, self.dtype, self.L, self.D, self.H = cell, dtype, L, D, H
-        G = GATES[cell]
+        G = CELL_TABLE[cell].num_gates
         scale = 1.0 / np.sqrt(H)
 
         def rand(*shape, s=1.0):

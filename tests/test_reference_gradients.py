@@ -17,9 +17,9 @@ import pytest
 
 import pyrnn
 from pyrnn import _backend, reference
+from pyrnn._cells import CELLS
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
-CELL_NAMES = tuple(GATES)
+CELL_NAMES = tuple(CELLS)
 T, B, I, H = 4, 3, 3, 2  # noqa: E741 - the contract's names
 UNSORTED_LENGTHS = np.array([3, 1, 4])  # unsorted, with a length-1 sequence
 EPS = 1e-6
@@ -48,7 +48,7 @@ class Problem:
         rng = np.random.default_rng(seed)
         T, B, I, H = sizes  # noqa: E741 - the contract's names
         D = 2 if bidirectional else 1
-        GH = GATES[cell] * H
+        GH = CELLS[cell].num_gates * H
         self.cell, self.bidirectional, self.lengths, self.L, self.D = (
             cell, bidirectional, lengths, layers, D)
         self.T, self.B = T, B
@@ -158,9 +158,9 @@ def relu_preactivations(problem, monkeypatch):
         seen.append(x_proj + h_prev @ w_hh.T + b_hh)
         return reference.rnn_relu_step(x_proj, h_prev, c_prev, w_hh, b_hh)
 
-    cell = reference.CELLS["rnn_relu"]._replace(step=recording_step)
+    steps = reference.STEPS["rnn_relu"]._replace(step=recording_step)
     with monkeypatch.context() as m:
-        m.setitem(reference.CELLS, "rnn_relu", cell)
+        m.setitem(reference.STEPS, "rnn_relu", steps)
         problem.forward(reference)
     T = problem.T  # noqa: N806
     lengths = problem.lengths if problem.lengths is not None else np.full(problem.B, T)
@@ -408,7 +408,7 @@ def test_non_native_byte_order_gives_the_same_results(kernels, cell):
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_cpp_matches_reference_on_random_configs(cell):
     core = _backend.kernels("cpp")
-    rng = np.random.default_rng(GATES[cell])
+    rng = np.random.default_rng(CELLS[cell].num_gates)
     for seed in range(20):
         t, b, i, h = (int(n) for n in rng.integers(1, 6, 4))  # sizes of 1 come up often
         layers, bidirectional = int(rng.integers(1, 4)), bool(rng.integers(2))

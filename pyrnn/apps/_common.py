@@ -1,4 +1,5 @@
-"""What every application shares: common flags, argument types, progress bar, JSON, plots."""
+"""What every application shares: common flags, argument types, checks made before any work
+(output paths, memory), progress bar, JSON, plots."""
 
 from __future__ import annotations
 
@@ -9,17 +10,38 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import _backend
+from .. import _backend, _checks
 from ..module import Module, no_grad
 
 
 class AppError(RuntimeError):
-    """A problem the user can fix (missing file, missing extra); printed without a traceback."""
+    """A problem the user can fix (a bad argument, a missing or damaged file, a missing extra):
+    printed on one line without a traceback; the command exits with status 2."""
+
+
+class Diverged(AppError):
+    """Training stopped at a loss or weights that are not finite; the command exits with 3."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as every other user error (the usage it
+    would print first is one --help away). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cache_dir() -> str:
+    """Where the apps write by default: $XDG_CACHE_HOME/pyrnn, else ~/.cache/pyrnn."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, or relative, which the XDG spec says to ignore
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pyrnn")
 
 
 # --- argument types: each raises ArgumentTypeError, which argparse turns into a clear message ---
@@ -102,16 +124,74 @@ def add_common_arguments(parser: argparse.ArgumentParser, plot_default: str | No
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fail before any work: unwritable output folders, --plot without matplotlib."""
-    for flag in ("json", "plot"):
-        path = getattr(args, flag, None)
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                parser.error(f"--{flag}: folder {folder!r} does not exist")
+def check_common_arguments(args: argparse.Namespace, *outputs: str) -> None:
+    """Fail before any work: --threads beyond the core's limit, --plot without matplotlib,
+    output paths (--json, --plot and the app's own `outputs` flags) that cannot be written."""
+    limit = getattr(_backend._core, "max_threads", None)
+    if args.threads is not None and limit is not None and args.threads > limit:
+        raise AppError(f"--threads {args.threads}: the C++ core runs at most {limit} threads")
     if getattr(args, "plot", None) and not matplotlib_available():
-        parser.error("--plot needs matplotlib, which is not installed: pip install 'pyrnn[plot]'")
+        raise AppError("--plot needs matplotlib, which is not installed: pip install 'pyrnn[plot]'")
+    check_outputs(args, ("json", "plot", *outputs))
+
+
+def check_outputs(args: argparse.Namespace, flags: Sequence[str]) -> None:
+    """Every output path given (or defaulted) can be written, and no two are the same file."""
+    seen: dict[str, str] = {}
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        target = check_output_path(f"--{flag.replace('_', '-')}", path)
+        if target in seen:
+            raise AppError(f"--{flag.replace('_', '-')} {path}: the same file as {seen[target]}")
+        seen[target] = f"--{flag.replace('_', '-')}"
+
+
+def check_output_path(flag: str, path: str) -> str:
+    """The file `path` names (a symbolic link followed, as writing it would), after checking
+    that it can be written: its folder exists (pyrnn's own cache folder is made) and is writable,
+    and it is not a folder or a read-only file."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    if folder == os.path.realpath(cache_dir()):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise AppError(f"{flag} {path}: cannot make {folder}: {error.strerror}") from None
+    if os.path.isdir(target):
+        raise AppError(f"{flag} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise AppError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AppError(f"{flag} {path}: folder {folder} is not writable")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise AppError(f"{flag} {path}: the file is not writable")
+    return target
+
+
+def check_fits(parts: Mapping[str, int], itemsize: int) -> None:
+    """Refuse a run whose arrays cannot fit in this machine's memory, before any is allocated.
+    parts: what needs how many numbers of `itemsize` bytes, each named by the flags that size
+    it; the message names the largest."""
+    largest = max(parts, key=lambda part: parts[part])
+    try:
+        _checks.fits_in_memory(f"{largest} (with the rest of the run)", sum(parts.values()),
+                               itemsize)
+    except ValueError as error:
+        raise AppError(str(error)) from None
+
+
+def check_finite_loss(loss: float, where: str, args: argparse.Namespace, kept: str = "") -> None:
+    """Stop at the first loss that is nan or inf, before its gradients reach the weights.
+    where: "step 12", say; kept: what the checkpoint holds, as the end of a sentence."""
+    if not math.isfinite(loss):
+        raise Diverged(f"training diverged at {where}: the loss is {loss}; try a smaller --lr "
+                       f"than {args.lr:g}{kept}")
+
+
+def weights_finite(model: Module) -> bool:
+    return all(np.isfinite(value).all() for _, value, _ in model.named_parameters())
 
 
 def setup_runtime(args: argparse.Namespace) -> str:
@@ -119,7 +199,7 @@ def setup_runtime(args: argparse.Namespace) -> str:
     try:
         backend = _backend.resolve(args.backend)
     except RuntimeError as error:
-        raise AppError(str(error)) from None
+        raise AppError(f"--backend {args.backend}: {error}") from None
     if args.threads is not None:
         _backend.set_num_threads(args.threads)
     single_threaded_blas()
@@ -197,9 +277,12 @@ def write_json(path: str | None, figures: dict[str, object]) -> None:
     """Write flat figures (numbers, strings, bools, short lists) as pretty JSON."""
     if not path:
         return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_plain(figures), f, indent=2, sort_keys=True)
-        f.write("\n")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_plain(figures), f, indent=2, sort_keys=True)
+            f.write("\n")
+    except OSError as error:
+        raise AppError(f"--json {path}: cannot write it: {error.strerror}") from None
     print(f"wrote {path}")
 
 
@@ -244,8 +327,18 @@ def plot_curves(path: str | None, curves: dict[str, tuple[Sequence[float], Seque
     if len(curves) > 1:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: object, path: str, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise AppError(f"--plot {path}: cannot write it: {error.strerror}") from None
+    finally:
+        plt.close(fig)
     print(f"wrote {path}")
 
 

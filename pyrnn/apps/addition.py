@@ -26,6 +26,8 @@ DIGITS = 3
 QUESTION_LEN = 2 * DIGITS + 1  # "535+61 " -> 7
 ANSWER_LEN = DIGITS + 1  # "596 " -> 4
 CELLS = {"lstm": pyrnn.LSTM, "gru": pyrnn.GRU}
+GATES = {"lstm": 4, "gru": 3}
+EVAL_BATCH = 2500  # questions answered per call in exact_match
 
 
 # ---------------------------------------------------------------- data
@@ -122,7 +124,7 @@ class Seq2Seq(pyrnn.Module):
         return np.stack(predicted)
 
 
-def exact_match(model: Seq2Seq, val: tuple[np.ndarray, ...], batch: int = 2500) -> float:
+def exact_match(model: Seq2Seq, val: tuple[np.ndarray, ...], batch: int = EVAL_BATCH) -> float:
     q, _, target = val
     right = 0
     for i in range(0, q.shape[1], batch):
@@ -156,6 +158,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         for idx in bar:
             model.zero_grad()
             losses.append(model.loss(*(part[:, idx] for part in train_set)))
+            _common.check_finite_loss(losses[-1], f"step {len(losses)}", args)
             optim.clip_grad_norm(model, args.clip)
             adam.step()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
@@ -191,15 +194,36 @@ CONFIG_KEYS = ("cell", "hidden", "layers", "dropout", "embed", "batch", "lr", "l
                "epochs", "examples", "held_out", "seed")
 
 
+def memory_parts(args: argparse.Namespace) -> dict[str, int]:
+    """The float32 numbers a run holds, by what sizes them (see _common.check_fits)."""
+    V, E, H, L, G, B = (len(VOCAB), args.embed, args.hidden, args.layers,  # noqa: N806
+                        GATES[args.cell], args.batch)
+    stack = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
+    params = 2 * V * E + 2 * stack + H * V + V
+    steps = QUESTION_LEN + ANSWER_LEN
+    return {
+        # weights, gradients and Adam's two moments
+        f"--embed {E} --hidden {H} --layers {L}: the weights": 4 * params,
+        # a step's embeddings, tapes, logits and their gradients; answering EVAL_BATCH questions
+        f"--batch {B} --embed {E} --hidden {H} --layers {L}: the activations":
+            2 * steps * B * (E + L * (G + 3) * H + 3 * V)
+            + steps * min(EVAL_BATCH, args.examples) * (E + L * (G + 1) * H + V),
+        # the questions and answers, int64 (two float32s each), in order and split
+        f"--examples {args.examples}: the data": 4 * steps * args.examples,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    _common.check_common_arguments(args.parser, args)
+    _common.check_common_arguments(args)
     if args.examples > 1000**2:
-        args.parser.error(f"--examples: at most {1000**2} distinct questions exist, "
-                          f"got {args.examples}")
+        raise _common.AppError(f"--examples: at most {1000**2} distinct questions exist, "
+                               f"got {args.examples}")
     n_val = int(round(args.examples * args.held_out))
     if not 1 <= n_val < args.examples:
-        args.parser.error(f"--held-out {args.held_out} of --examples {args.examples} leaves "
-                          f"{n_val} validation and {args.examples - n_val} training questions")
+        raise _common.AppError(f"--held-out {args.held_out} of --examples {args.examples} leaves "
+                               f"{n_val} validation and {args.examples - n_val} training "
+                               "questions")
+    _common.check_fits(memory_parts(args), np.dtype(np.float32).itemsize)
     figures = train(args)
     if figures["reached_target"]:
         print(f"reached {args.target:.2%} exact match after {figures['epochs_run']} epochs "

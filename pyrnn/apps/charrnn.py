@@ -8,6 +8,10 @@ text is held out and scored in bits per character.
 
 With no --text, it trains on a fixed set of the Python standard library's own source files,
 which exist on every machine: the samples it prints then look like Python.
+
+The checkpoint (default: charrnn.npz in $XDG_CACHE_HOME/pyrnn, else ~/.cache/pyrnn) is saved at
+every validation whose loss and weights are finite; training stops at the first loss that is
+not, leaving the last good checkpoint in place.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -26,6 +32,7 @@ from pyrnn.losses import cross_entropy, softmax
 from . import _common
 
 CELLS = {"lstm": pyrnn.LSTM, "gru": pyrnn.GRU, "rnn": pyrnn.RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # The default corpus: standard-library modules present in every CPython 3.11+, in this order.
 STDLIB_FILES = (
     "textwrap.py", "string.py", "bisect.py", "heapq.py", "copy.py", "contextlib.py",
@@ -133,19 +140,36 @@ def bits_per_char(model: CharRNN, ids: np.ndarray, seq_len: int, batch: int = 16
 
 def sample(model: CharRNN, vocab: str, prime: str, length: int, temperature: float,
            rng: np.random.Generator) -> str:
-    """Feed the prime, then draw `length` characters one at a time from softmax(logits / T)."""
+    """The prime (its characters the vocabulary has), then `length` drawn characters."""
+    return "".join(generate(model, vocab, prime, length, temperature, rng))
+
+
+def generate(model: CharRNN, vocab: str, prime: str, length: int, temperature: float,
+             rng: np.random.Generator) -> Iterator[str]:
+    """Yield the prime, then feed it and yield `length` characters drawn one at a time."""
     char_id = {ch: i for i, ch in enumerate(vocab)}
     prime = "".join(ch for ch in prime if ch in char_id) or vocab[0]
-    out = []
+    yield prime
     with _common.evaluating(model):
         rnn = model.rnn.frozen()  # a call per character: its weights packed once, not per call
         logits, state = model(np.array([[char_id[ch]] for ch in prime]), rnn=rnn)
         for _ in range(length):
-            probs = softmax(logits[-1, 0].astype(np.float64) / temperature)
-            token = int(rng.choice(len(vocab), p=probs / probs.sum()))
-            out.append(vocab[token])
+            token = draw(logits[-1, 0], temperature, rng)
+            yield vocab[token]
             logits, state = model(np.array([[token]]), state, rnn=rnn)
-    return prime + "".join(out)
+
+
+def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """A token from softmax(logits / temperature); the likeliest one when the temperature is so
+    low that logits / temperature overflows (the limit as it goes to 0)."""
+    if not np.isfinite(logits).all():
+        raise _common.AppError("the model's outputs are not finite: its weights are damaged")
+    with np.errstate(over="ignore"):
+        scaled = logits.astype(np.float64) / temperature
+    if not np.isfinite(scaled).all():
+        return int(np.argmax(logits))
+    probs = softmax(scaled)
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
 def cosine_lr(peak: float, step: int, steps: int) -> float:
@@ -159,8 +183,16 @@ def cosine_lr(peak: float, step: int, steps: int) -> float:
 
 # ---------------------------------------------------------------- train
 
+# Bytes a character of training text takes while it becomes ids: the text, the list of ids
+# split_text builds, the int64 array.
+BYTES_PER_CHAR = 17
+
+
 def load_corpus(args: argparse.Namespace) -> tuple[str, str]:
     if args.text:
+        size = os.path.getsize(args.text)  # an upper bound on its characters
+        _common.check_fits({f"--text {args.text} ({size:,} bytes): its characters": size},
+                           BYTES_PER_CHAR)
         text = read_text(args.text)
         return text, f"{args.text} ({len(text):,} characters)"
     text, description = stdlib_corpus(args.corpus_chars)
@@ -169,34 +201,131 @@ def load_corpus(args: argparse.Namespace) -> tuple[str, str]:
 
 def model_config(args: argparse.Namespace, text: str) -> dict[str, object]:
     if args.resume:
-        if not os.path.isfile(args.checkpoint):
-            raise _common.AppError(f"--resume: no checkpoint at {args.checkpoint!r}")
-        config = dict(checkpoint.read_metadata(args.checkpoint)["metadata"])
-        if config.get("app") != "charrnn":
-            raise _common.AppError(f"{args.checkpoint!r} is not a charrnn checkpoint")
-        return config
+        return read_config("--resume", args.checkpoint)
     return {"app": "charrnn", "vocab": "".join(sorted(set(text))), "cell": args.cell,
             "embed": args.embed, "hidden": args.hidden, "layers": args.layers,
             "dropout": args.dropout, "seed": args.seed, "step": 0}
+
+
+# What build_model and training read from a checkpoint's metadata: key -> (check, expected);
+# the defaults stand in for keys that early checkpoints lack.
+CONFIG_DEFAULTS = {"dropout": 0.0, "seed": 0}
+CONFIG_CHECKS = {
+    "vocab": (lambda v: isinstance(v, str) and len(v) == len(set(v)) > 0,
+              "a non-empty string of distinct characters"),
+    "cell": (lambda v: v in CELLS, f"one of {sorted(CELLS)}"),
+    "embed": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "hidden": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "layers": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
+    "seed": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "step": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+}
+
+
+def read_config(flag: str, path: str) -> dict[str, object]:
+    """The model configuration a charrnn checkpoint's metadata holds, checked: AppError names
+    the flag and what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise _common.AppError(f"{flag}: no checkpoint at {path}")
+    try:
+        config = {**CONFIG_DEFAULTS, **checkpoint.read_metadata(path)["metadata"]}
+    except (OSError, KeyError, ValueError) as error:
+        raise _common.AppError(f"{flag}: cannot read the checkpoint: {error}") from None
+    if config.get("app") != "charrnn":
+        raise _common.AppError(f"{flag}: {path} is not a charrnn checkpoint")
+    for key, (valid, expected) in CONFIG_CHECKS.items():
+        if key not in config or not valid(config[key]):
+            found = f"{config[key]!r}" if key in config else "nothing"
+            raise _common.AppError(f"{flag}: {path} is damaged: its metadata's {key!r} should be "
+                                   f"{expected}, found {found}")
+    return config
+
+
+def load_weights(flag: str, path: str, model: CharRNN, adam: optim.Adam | None = None) -> None:
+    """checkpoint.load, its errors (a damaged or mismatched file) as AppErrors naming flag."""
+    try:
+        checkpoint.load(path, model, adam)
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise _common.AppError(f"{flag}: cannot load the checkpoint: {error}") from None
+    if not _common.weights_finite(model):
+        raise _common.AppError(f"{flag}: {path} holds weights that are not finite (saved by a run "
+                               "that diverged?)")
+
+
+def memory_parts(config: dict[str, object], args: argparse.Namespace) -> dict[str, int]:
+    """The float32 numbers a training run holds, by what sizes them (see _common.check_fits)."""
+    V, E, H, L = len(config["vocab"]), config["embed"], config["hidden"], config["layers"]  # noqa: N806
+    G, T, B = GATES[config["cell"]], args.seq_len, args.batch  # noqa: N806
+    rnn = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
+    params = V * E + rnn + H * V + V
+    sizes = (f"--embed {E} --hidden {H} --layers {L}" if not args.resume
+             else f"the checkpoint's embed {E}, hidden {H}, layers {L}")
+    return {
+        # weights, gradients, Adam's two moments, the copies a checkpoint save makes; the frozen
+        # recurrent weights sampling packs
+        f"{sizes} (vocabulary {V}): the weights": 7 * params + rnn,
+        # a step's embeddings, each layer's tape, logits, probabilities and their gradients
+        f"--batch {B} --seq-len {T}: a step's activations":
+            2 * T * B * (E + L * (G + 3) * H + 3 * V),
+    }
+
+
+class Saver:
+    """Saves the checkpoint at validation points, only weights that are finite; knows what the
+    file holds, for the message of a run that diverges."""
+
+    def __init__(self, path: str, resumed_step: int | None, lr: float) -> None:
+        self.path, self.saved_step, self.resumed_step, self.lr = path, None, resumed_step, lr
+
+    def save(self, model: CharRNN, adam: optim.Adam, config: dict[str, object], step: int,
+             val_bits: float) -> None:
+        if not (math.isfinite(val_bits) and _common.weights_finite(model)):
+            raise _common.Diverged(f"training diverged by step {step}: the weights or the "
+                                   f"validation loss are not finite; try a smaller --lr than "
+                                   f"{self.lr:g}{self.kept()}")
+        try:
+            checkpoint.save(self.path, model, adam,
+                            metadata={**config, "step": step, "val_bits_per_char": val_bits})
+        except OSError as error:
+            raise _common.AppError(f"--checkpoint {self.path}: cannot write it: "
+                                   f"{error.strerror or error}") from None
+        self.saved_step = step
+
+    def kept(self) -> str:
+        """What the checkpoint file holds now, as the end of a sentence."""
+        if self.saved_step is not None:
+            return f"; {self.path} keeps the weights of step {self.saved_step}"
+        if self.resumed_step is not None:
+            return f"; {self.path} keeps the weights of step {self.resumed_step}, as resumed"
+        return "; nothing was saved"
 
 
 def train(args: argparse.Namespace) -> dict[str, object]:
     backend = _common.setup_runtime(args)
     text, description = load_corpus(args)
     config = model_config(args, text)
+    _common.check_fits(memory_parts(config, args), np.dtype(np.float32).itemsize)
     train_ids, val_ids = split_text(text, config["vocab"], args.val_fraction, args.seq_len)
+    if len(train_ids) // args.batch < args.seq_len + 1:
+        raise _common.AppError(f"--batch {args.batch}: the training text ({len(train_ids):,} "
+                               f"characters) cut into {args.batch} streams leaves fewer than "
+                               f"--seq-len {args.seq_len} + 1 characters in each")
     model = build_model(config)
     adam = optim.Adam(model, lr=args.lr)
     first_step = 0
     if args.resume:
-        first_step = int(checkpoint.load(args.checkpoint, model, adam)["step"])
+        load_weights("--resume", args.checkpoint, model, adam)
+        first_step = config["step"]
         print(f"resumed {args.checkpoint} at step {first_step}")
     print(f"charrnn: {description}, vocabulary {len(config['vocab'])}, "
           f"{config['cell']} {config['hidden']}x{config['layers']}, "
-          f"{model.num_parameters():,} parameters, backend {backend}")
+          f"{model.num_parameters():,} parameters, backend {backend}; checkpoint "
+          f"{args.checkpoint}")
 
     rows = streams(train_ids, args.batch)
     chunks_per_pass = (rows.shape[1] - 1) // args.seq_len
+    saver = Saver(args.checkpoint, first_step if args.resume else None, args.lr)
     clock, losses, val_curve, state = _common.Stopwatch(), [], [], None
     bar = _common.progress(range(first_step, args.steps), desc="training",
                            disable=args.no_progress)
@@ -208,6 +337,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         model.zero_grad()
         logits, state = model(inputs, state)
         loss, d_logits = cross_entropy(logits, targets)
+        _common.check_finite_loss(loss, f"step {step + 1}", args, saver.kept())
         model.backward(d_logits)
         optim.clip_grad_norm(model, args.clip)
         adam.lr = cosine_lr(args.lr, step, args.steps)
@@ -216,14 +346,14 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         bar.set_postfix(bits=f"{losses[-1]:.3f}", refresh=False)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_curve.append((step + 1, bits_per_char(model, val_ids, args.seq_len)))
+            saver.save(model, adam, config, step + 1, val_curve[-1][1])
             bar.write(f"step {step + 1}: train {np.mean(losses[-50:]):.3f}, "
                       f"validation {val_curve[-1][1]:.3f} bits/char, {clock.seconds():.0f} s")
 
     config["step"] = max(args.steps, first_step)
     val_bits = val_curve[-1][1] if val_curve else bits_per_char(model, val_ids, args.seq_len)
-    checkpoint.save(args.checkpoint, model, adam, metadata={**config,
-                                                            "val_bits_per_char": val_bits})
-    print(f"saved {args.checkpoint}")
+    if saver.saved_step is not None:
+        print(f"saved {args.checkpoint}")
     text_out = sample(model, config["vocab"], args.prime, args.sample_length, args.temperature,
                       np.random.default_rng(args.seed))
     print(f"\n--- sample (temperature {args.temperature}) ---\n{text_out}\n---")
@@ -253,9 +383,18 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    _common.check_common_arguments(args.parser, args)
     if args.text and not os.path.isfile(args.text):
-        args.parser.error(f"--text: no such file {args.text!r}")
+        what = "is a folder" if os.path.isdir(args.text) else "no such file"
+        raise _common.AppError(f"--text {args.text}: {what}")
+    if args.resume and not os.path.isfile(args.checkpoint):
+        raise _common.AppError(f"--resume: no checkpoint at {args.checkpoint}")
+    _common.check_common_arguments(args, "checkpoint")
+    if not args.resume and os.path.exists(args.checkpoint):
+        try:  # replacing an older checkpoint is what --checkpoint is for; any other file is not
+            checkpoint.read_metadata(args.checkpoint)
+        except (OSError, KeyError, ValueError):
+            raise _common.AppError(f"--checkpoint {args.checkpoint}: the file exists and is not "
+                                   "a pyrnn checkpoint; not overwriting it") from None
     figures = train(args)
     print(f"validation {figures['val_bits_per_char']:.3f} bits/char after {figures['steps']} "
           f"steps, {figures['wall_seconds']:.1f} s")
@@ -265,22 +404,30 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.checkpoint):
-        args.parser.error(f"--checkpoint: no such file {args.checkpoint!r}")
+        raise _common.AppError(f"--checkpoint: no such file {args.checkpoint}")
+    _common.check_common_arguments(args)
     _common.setup_runtime(args)
-    try:
-        config = checkpoint.read_metadata(args.checkpoint)["metadata"]
-    except (KeyError, ValueError, TypeError) as error:
-        raise _common.AppError(f"cannot read {args.checkpoint!r}: {error}") from None
-    if config.get("app") != "charrnn":
-        raise _common.AppError(f"{args.checkpoint!r} is not a charrnn checkpoint")
+    config = read_config("--checkpoint", args.checkpoint)
     model = build_model(config)
-    checkpoint.load(args.checkpoint, model)
-    print(sample(model, config["vocab"], args.prime, args.length, args.temperature,
-                 np.random.default_rng(args.seed)))
+    load_weights("--checkpoint", args.checkpoint, model)
+    # Written as drawn and flushed at every line, so that a reader (`| head -3`) gets lines as
+    # they come and, once it has what it wants, stops the sampling.
+    for piece in generate(model, config["vocab"], args.prime, args.length, args.temperature,
+                          np.random.default_rng(args.seed)):
+        sys.stdout.write(piece)
+        if "\n" in piece:
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
 # ---------------------------------------------------------------- command line
+
+def default_checkpoint() -> str:
+    """charrnn.npz in pyrnn's cache folder: not the working directory, which may be a source
+    tree whose next sdist would ship it."""
+    return os.path.join(_common.cache_dir(), "charrnn.npz")
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("charrnn", help="character-level language model (train, sample)",
@@ -325,8 +472,9 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
                         help="tail of the text held out for validation (default: 0.1)")
     parser.add_argument("--eval-every", type=_common.positive_int, default=500,
                         help="validate every N steps (default: 500)")
-    parser.add_argument("--checkpoint", default="charrnn.npz",
-                        help="where to save the model (default: charrnn.npz)")
+    parser.add_argument("--checkpoint", default=default_checkpoint(),
+                        help="where to save the model, at every validation (default: "
+                        "%(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from --checkpoint up to --steps total")
     _add_sampling(parser, "--sample-length", 500)
@@ -336,8 +484,8 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
 
 def _register_sample(actions: argparse._SubParsersAction) -> None:
     parser = actions.add_parser("sample", help="generate text from a trained checkpoint")
-    parser.add_argument("--checkpoint", default="charrnn.npz",
-                        help="a checkpoint written by 'charrnn train' (default: charrnn.npz)")
+    parser.add_argument("--checkpoint", default=default_checkpoint(),
+                        help="a checkpoint written by 'charrnn train' (default: %(default)s)")
     _add_sampling(parser, "--length", 1000)
     parser.add_argument("--seed", type=_common.non_negative_int, default=0, help="(default: 0)")
     parser.add_argument("--backend", choices=("auto", "cpp", "numpy"), default="auto")

@@ -18,6 +18,8 @@ from pyrnn.losses import cross_entropy
 from . import _common
 
 CELLS = {"lstm": pyrnn.LSTM, "gru": pyrnn.GRU, "rnn": pyrnn.RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+DIGITS = 1797  # sequences in scikit-learn's digits; accuracy() runs all of a split at once
 
 
 def load_digits(test_fraction: float, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -83,6 +85,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
             idx = order[i : i + args.batch]
             model.zero_grad()
             loss, d_logits = cross_entropy(model(x_train[:, idx]), y_train[idx])
+            _common.check_finite_loss(loss, f"step {len(losses) + 1}", args)
             model.backward(d_logits)
             optim.clip_grad_norm(model, args.clip)
             adam.step()
@@ -111,8 +114,26 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def memory_parts(args: argparse.Namespace) -> dict[str, int]:
+    """The float32 numbers a run holds, by what sizes them (see _common.check_fits)."""
+    H, L, G, B = args.hidden, args.layers, GATES[args.cell], args.batch  # noqa: N806
+    rnn = G * H * (8 + H + 2) + (L - 1) * G * H * (2 * H + 2)
+    return {
+        # weights, gradients and Adam's two moments
+        f"--hidden {H} --layers {L}: the weights": 4 * (rnn + 10 * H + 10),
+        # a step's tape and gradients; accuracy() on every training digit at once
+        f"--hidden {H} --layers {L} --batch {B}: the activations":
+            2 * 8 * B * (8 + L * (G + 3) * H) + 8 * DIGITS * (8 + L * (G + 1) * H),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    _common.check_common_arguments(args.parser, args)
+    _common.check_common_arguments(args)
+    n_test = int(round(DIGITS * args.test_fraction))
+    if not 1 <= n_test < DIGITS:
+        raise _common.AppError(f"--test-fraction {args.test_fraction} of the {DIGITS} digits "
+                               f"leaves {n_test} to test on and {DIGITS - n_test} to train on")
+    _common.check_fits(memory_parts(args), np.dtype(np.float32).itemsize)
     figures = train(args)
     print(f"test accuracy {figures['test_accuracy']:.4f} on {figures['test_examples']} digits "
           f"in {figures['wall_seconds']:.1f} s")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from pyrnn.losses import cross_entropy
 from . import _common
 
 CELLS = {"rnn": pyrnn.RNN, "lstm": pyrnn.LSTM, "gru": pyrnn.GRU}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+TEST_BATCH = 1000  # sequences the trained models' accuracy is measured on
 # Where the "keep the old state" gate's bias sits in the stacked (G*H,) bias: LSTM f, GRU z.
 KEEP_GATE = {"lstm": 1, "gru": 1}
 
@@ -112,10 +115,11 @@ def train_cell(cell: str, args: argparse.Namespace, backend: str) -> dict[str, o
     for _ in bar:
         model.zero_grad()
         losses.append(model.loss(*recall_batch(rng, args.T, args.symbols, args.batch)))
+        _common.check_finite_loss(losses[-1], f"{cell}'s step {len(losses)}", args)
         optim.clip_grad_norm(model, args.clip)
         adam.step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    test = recall_batch(np.random.default_rng(args.seed + 2), args.T, args.symbols, 1000)
+    test = recall_batch(np.random.default_rng(args.seed + 2), args.T, args.symbols, TEST_BATCH)
     return {"init": before, "trained": grad_norms(model, *probe, backend), "losses": losses,
             "accuracy": model.accuracy(*test)}
 
@@ -154,16 +158,34 @@ def plot(path: str | None, results: dict[str, dict]) -> None:
     axes[2].grid(True, alpha=0.3)
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _common.save_figure(fig, path, dpi=110)
+
+
+def memory_parts(args: argparse.Namespace) -> dict[str, int]:
+    """The float64 numbers one cell's run holds, by what sizes them (see _common.check_fits)."""
+    T, K, H, B = args.T, args.symbols, args.hidden, args.batch  # noqa: N806
+    G = max(GATES[cell] for cell in args.cells)  # noqa: N806
+    rnn = G * H * (K + 1 + H + 2)
+    return {
+        # weights, gradients, Adam's two moments
+        f"--hidden {H} --symbols {K}: the weights": 4 * (rnn + H * K + K),
+        # a training batch, the probe batch and the test batch, one-hot; the test's outputs
+        f"-T {T} --symbols {K} --batch {B}: the sequences":
+            T * (2 * B + TEST_BATCH) * (K + 1) + T * TEST_BATCH * H,
+        # grad_norms keeps one tape per step, each with its own copy of the weights
+        f"-T {T} --hidden {H}: one tape per step": T * (rnn + B * (G + 3) * H),
+        # a training step's tape and gradients over the whole sequence
+        f"-T {T} --batch {B} --hidden {H}: a step's activations":
+            2 * T * B * (K + 1 + (G + 3) * H),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.plot == DEFAULT_PLOT and not _common.matplotlib_available():
+    if args.plot == default_plot() and not _common.matplotlib_available():
         print("matplotlib is not installed, so no plot (pip install 'pyrnn[plot]')")
         args.plot = None
-    _common.check_common_arguments(args.parser, args)
+    _common.check_common_arguments(args)
+    _common.check_fits(memory_parts(args), np.dtype(np.float64).itemsize)
     backend = _common.setup_runtime(args)
     print(f"gradflow: recall the first of {args.T} symbols ({args.symbols} kinds), hidden "
           f"{args.hidden}, {args.init} init, backend {backend}")
@@ -188,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_PLOT = "gradflow.png"
+def default_plot() -> str:
+    """gradflow.png in pyrnn's cache folder, not in the working directory."""
+    return os.path.join(_common.cache_dir(), "gradflow.png")
+
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -210,5 +235,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="gate-bias initialisation for LSTM/GRU (default: chrono)")
     parser.add_argument("--cells", nargs="+", choices=tuple(CELLS), default=list(CELLS),
                         help="which cells to compare (default: rnn lstm gru)")
-    _common.add_common_arguments(parser, plot_default=DEFAULT_PLOT)
+    _common.add_common_arguments(parser, plot_default=default_plot())
     parser.set_defaults(run=run, parser=parser)

@@ -7,44 +7,62 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <new>
 #include <utility>
 #include <vector>
 
+#include <sys/mman.h>  // POSIX: mmap, munmap
+
 namespace pyrnn {
 
+// What it keeps: a released block (64 KiB or more) waits at most `idle` (default 5 s) to be
+// reused, and all waiting blocks together stay under `limit` (default 1 GiB, oldest out first);
+// the others go back to the system at the next acquire or release. trim() frees them all now.
+// A loop that reuses its blocks every step keeps them; a call the program moved on from does not.
 class BufferPool {
  public:
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::size_t kDefaultLimit = std::size_t(1) << 30;
+  static constexpr double kDefaultIdleSeconds = 5.0;
+
   static BufferPool& instance() {
     static BufferPool* pool = new BufferPool();  // never destroyed: blocks may outlive statics
     return *pool;
   }
 
-  // At least `bytes` (rounded up to whole pages), 64-byte aligned, contents undefined.
+  // At least `bytes` (rounded up to whole pages), 64-byte aligned, contents undefined; give it
+  // back with release(p, bytes) with the bytes this returned.
   void* acquire(std::size_t& bytes) {
     bytes = round_up(bytes == 0 ? 1 : bytes);
     if (bytes < kSmall) return allocate(bytes);
+    std::vector<Block> evicted;
+    void* reused = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      std::size_t best = free_.size();
-      for (std::size_t i = 0; i < free_.size(); ++i) {
-        const std::size_t size = free_[i].first;
-        // a fit, at most twice as large, the smallest such
-        if (size >= bytes && size <= 2 * bytes && (best == free_.size() || size < free_[best].first))
-          best = i;
+      evict(Clock::now(), evicted);
+      auto best = free_.end();  // a fit, at most twice as large, the smallest such
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        const bool fits = it->bytes >= bytes && it->bytes <= 2 * bytes;
+        if (fits && (best == free_.end() || it->bytes < best->bytes)) best = it;
       }
-      if (best != free_.size()) {
-        auto [size, p] = free_[best];
-        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
-        cached_ -= size;
-        bytes = size;
-        return p;
+      if (best != free_.end()) {
+        reused = best->p;
+        bytes = best->bytes;
+        cached_ -= best->bytes;
+        free_.erase(best);
       }
     }
-    return allocate(bytes);
+    free_all(evicted);
+    if (reused) return reused;
+    void* p = allocate(bytes);
+    allocations_.fetch_add(1, std::memory_order_relaxed);
+    return p;
   }
 
   void release(void* p, std::size_t bytes) {
@@ -53,52 +71,104 @@ class BufferPool {
       std::free(p);
       return;
     }
-    std::vector<void*> evicted;
+    std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      free_.emplace_back(bytes, p);
-      cached_ += bytes;
-      while (cached_ > kMaxCached || free_.size() > kMaxBlocks) {  // oldest first
-        cached_ -= free_.front().first;
-        evicted.push_back(free_.front().second);
-        free_.erase(free_.begin());
+      const Clock::time_point now = Clock::now();
+      if (bytes <= limit_) {
+        free_.push_back({bytes, p, now});
+        cached_ += bytes;
+      } else {
+        evicted.push_back({bytes, p, now});
       }
+      evict(now, evicted);
     }
-    for (void* q : evicted) std::free(q);
+    free_all(evicted);
   }
 
-  // Return every cached block to the system.
-  void trim() {
-    std::vector<std::pair<std::size_t, void*>> blocks;
+  // Return every cached block to the system; the bytes they held.
+  std::size_t trim() {
+    std::vector<Block> blocks;
+    std::size_t bytes = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       blocks.swap(free_);
-      cached_ = 0;
+      std::swap(bytes, cached_);
     }
-    for (auto& b : blocks) std::free(b.second);
+    free_all(blocks);
+    return bytes;
   }
 
-  std::size_t cached_bytes() {
+  // Set the rule's two bounds (idle_seconds >= 0; infinity: no time bound) and apply them now.
+  void configure(std::size_t limit_bytes, double idle_seconds) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = limit_bytes;
+      idle_seconds_ = idle_seconds;
+      idle_ = to_duration(idle_seconds);
+      evict(Clock::now(), evicted);
+    }
+    free_all(evicted);
+  }
+
+  struct Stats {
+    std::size_t cached_bytes, cached_blocks, limit_bytes;
+    double idle_seconds;
+    std::uint64_t allocations;  // blocks of kSmall or more allocated from the system so far
+  };
+  Stats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return cached_;
+    return {cached_, free_.size(), limit_, idle_seconds_, allocations_.load(std::memory_order_relaxed)};
   }
 
  private:
+  struct Block {
+    std::size_t bytes;
+    void* p;
+    Clock::time_point released;
+  };
   static constexpr std::size_t kAlign = 64;
   static constexpr std::size_t kPage = 4096;
-  static constexpr std::size_t kMaxCached = std::size_t(1) << 30;  // 1 GiB kept at most
   static constexpr std::size_t kMaxBlocks = 256;
   static constexpr std::size_t kSmall = std::size_t(64) << 10;  // below this, plain malloc
   static std::size_t round_up(std::size_t n) { return (n + kPage - 1) / kPage * kPage; }
+  // Blocks of kSmall or more are mapped from the system directly, so that freeing one gives its
+  // pages back (malloc keeps some of them in its heap); smaller ones come from malloc.
   static void* allocate(std::size_t bytes) {
-    void* p = std::aligned_alloc(kAlign, bytes);
+    void* p = bytes < kSmall ? std::aligned_alloc(kAlign, bytes) : map(bytes);
     if (!p) throw std::bad_alloc();
     return p;
   }
+  static void* map(std::size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  static void free_all(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) munmap(b.p, b.bytes);
+  }
+  static Clock::duration to_duration(double seconds) {
+    if (!(seconds < 1e9)) return Clock::duration::max();  // "forever" (and +inf)
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+
+  // Move the blocks the rule no longer keeps into `out`. Caller holds mutex_.
+  void evict(Clock::time_point now, std::vector<Block>& out) {
+    while (!free_.empty() &&
+           (cached_ > limit_ || free_.size() > kMaxBlocks || now - free_.front().released > idle_)) {
+      cached_ -= free_.front().bytes;
+      out.push_back(free_.front());
+      free_.erase(free_.begin());
+    }
+  }
 
   std::mutex mutex_;
-  std::vector<std::pair<std::size_t, void*>> free_;  // (bytes, block), oldest first
+  std::vector<Block> free_;  // oldest release first
   std::size_t cached_ = 0;
+  std::size_t limit_ = kDefaultLimit;
+  double idle_seconds_ = kDefaultIdleSeconds;
+  Clock::duration idle_ = to_duration(kDefaultIdleSeconds);
+  std::atomic<std::uint64_t> allocations_{0};
 };
 
 // An uninitialised array of n elements from the pool, returned to it when destroyed.
