@@ -247,9 +247,8 @@ void forward_with_packs(const pyrnn::StackInputs<S>& in, const pyrnn::StackOutpu
   bool served = false;
   {
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
-    const pyrnn::LayerPlan plan = pyrnn::forward_layer_plan(in, false, threads);
-    if (auto lease = cache.lease<S>(signature, dm.B, threads, plan.lanes())) {
-      pyrnn::stack_forward(in, res, false, threads, lease->packs.get(), &plan);
+    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::layer_lanes(dm.L, dm.D, threads))) {
+      pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
       served = true;
     }
   }
@@ -498,6 +497,127 @@ std::string tape_dtype(const pyrnn::TapeBase& t) {
 // A key of TeamChoice that only `loop` tells apart.
 pyrnn::TeamChoice::Key test_key(int loop) { return {loop, 0, 0, 0, 0, 0, 2}; }
 
+// ------------------------------------------------------------------ the GEMM, for its tests
+
+// One product of gemm_for_tests: B as given, packed or read in place by the core, and its C.
+template <typename S>
+struct GemmOperand {
+  Array<S> b, c;
+  Index N;
+  pyrnn::PackedB<S> pack(const std::string& layout, Index K, int threads) const {
+    pyrnn::PackedB<S> packed;
+    const S* p = b.data();
+    const Index n_cols = N;
+    if (layout == "columns") packed.pack(K, N, 1, [&](Index j) { return p + j * K; }, threads);
+    else if (layout == "rows") packed.pack_rows(K, N, N, [&](Index k) { return p + k * n_cols; }, threads);
+    else packed = pyrnn::PackedB<S>::in_place(p, K, N, N);
+    return packed;
+  }
+};
+
+// The bytes an array spans, named as its guard names it.
+struct Span {
+  const char *begin, *end;
+  std::string name;
+};
+
+Span span_of(const py::array& a, const std::string& name) {
+  const char* p = static_cast<const char*>(a.data());
+  return {p, p + a.nbytes(), name};
+}
+
+// A C the product writes must not overlap anything it reads or another C: the core's GEMM
+// assumes its output aliases none of its inputs.
+void guard_disjoint(const std::vector<Span>& taken, const Span& c) {
+  for (const Span& s : taken)
+    if (c.begin < s.end && s.begin < c.end) throw py::value_error(c.name + ": shares memory with " + s.name);
+}
+
+// b[t] and c[t] guarded: B of depth K as `layout` stores it, C of n rows and at least N columns,
+// writable and sharing no memory with what the product reads or with another C.
+template <typename S>
+GemmOperand<S> guarded_gemm_operand(const py::sequence& bs, const py::sequence& cs, size_t t,
+                                    const std::string& layout, Index n, Index K, std::vector<Span>& taken) {
+  const Arg b_arg{"b", Index(t)}, c_arg{"c", Index(t)};
+  const py::array b_in = array_arg(bs[t], b_arg), c_in = array_arg(cs[t], c_arg);
+  for (const auto& [arr, arg] : {std::pair{b_in, b_arg}, std::pair{c_in, c_arg}})
+    if (arr.ndim() != 2) throw py::value_error(arg.str() + ": expected a 2-D numpy array");
+  const Shape b_shape = shape_of(b_in), c_shape = shape_of(c_in);
+  const bool by_columns = layout == "columns";
+  const Index N = by_columns ? b_shape[0] : b_shape[1];
+  if (N < 1 || (by_columns ? b_shape[1] : b_shape[0]) != K)
+    throw py::value_error(b_arg.str() + ": expected depth K = " + std::to_string(K) + ", got " + shape_str(b_shape));
+  if (layout == "in_place" && N % pyrnn::kPacket<S> != 0)
+    throw py::value_error(b_arg.str() + ": read in place, N must be a multiple of " +
+                          std::to_string(pyrnn::kPacket<S>));
+  if (c_shape[0] != n || c_shape[1] < N)
+    throw py::value_error(c_arg.str() + ": expected " + std::to_string(n) + " rows of >= " + std::to_string(N) +
+                          " columns, got " + shape_str(c_shape));
+  GemmOperand<S> op{guarded<S>(b_in, b_arg, b_shape), guarded<S>(c_in, c_arg, c_shape, true), N};
+  taken.push_back(span_of(op.b, b_arg.str()));
+  const Span c_span = span_of(op.c, c_arg.str());
+  guard_disjoint(taken, c_span);
+  taken.push_back(c_span);
+  return op;
+}
+
+// n and K of A from `a` (A (n, K), or A^T (K, n) when a_transposed), with the other arguments
+// that need no array guarded.
+std::pair<Index, Index> gemm_dims(const py::object& a_obj, const py::sequence& bs, const py::sequence& cs,
+                                  const py::object& bias_obj, const std::string& layout, bool a_transposed,
+                                  int threads) {
+  if (layout != "columns" && layout != "rows" && layout != "in_place")
+    throw py::value_error("layout: expected 'columns', 'rows' or 'in_place', got '" + layout + "'");
+  if (threads < 1 || threads > pyrnn::kMaxThreads) throw py::value_error("threads: expected [1, max_threads]");
+  if (bs.size() < 1 || cs.size() != bs.size()) throw py::value_error("b, c: expected lists of one length >= 1");
+  if (!bias_obj.is_none() && bs.size() != 1) throw py::value_error("bias: only with a single target");
+  const Shape shape = shape_of(array_arg(a_obj, {"a"}));
+  if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
+    throw py::value_error("a: expected a 2-D array with both dimensions >= 1, got " + shape_str(shape));
+  guard_size({shape[0], shape[1]}, "a");
+  return a_transposed ? std::pair{shape[1], shape[0]} : std::pair{shape[0], shape[1]};
+}
+
+// c[t][:, :N_t] = A b[t] (+ c[t] when accumulate, + bias (N,), one target only) through the core's
+// packed GEMM, B given as `layout` says: "columns", B^T (N, K), packed from its rows as a weight
+// matrix is; "rows", B (K, N) packed by rows; "in_place", B (K, N) read where it is (N a multiple
+// of the SIMD width). a: A (n, K), or A^T (K, n) when a_transposed. Returns A's row sums or None.
+template <typename S>
+py::object gemm_for_tests_impl(const py::object& a_obj, const py::sequence& bs, const py::sequence& cs,
+                               bool accumulate, const py::object& bias_obj, const std::string& layout,
+                               bool a_transposed, bool row_sums, int threads) {
+  const auto [n, K] = gemm_dims(a_obj, bs, cs, bias_obj, layout, a_transposed, threads);
+  const Array<S> a = guarded<S>(a_obj, {"a"}, shape_of(py::reinterpret_borrow<py::array>(a_obj)));
+  std::vector<Span> taken{span_of(a, "a")};
+  std::vector<GemmOperand<S>> ops;
+  for (size_t t = 0; t < bs.size(); ++t) ops.push_back(guarded_gemm_operand<S>(bs, cs, t, layout, n, K, taken));
+  const bool has_bias = !bias_obj.is_none();
+  const Array<S> bias = has_bias ? guarded<S>(bias_obj, {"bias"}, {ops[0].N}) : Array<S>();
+  Array<S> sums = new_array<S>({n});
+  {
+    py::gil_scoped_release release;
+    std::vector<pyrnn::PackedB<S>> packed;
+    std::vector<pyrnn::GemmTarget<S>> targets;
+    for (const GemmOperand<S>& op : ops) packed.push_back(op.pack(layout, K, threads));
+    for (size_t t = 0; t < ops.size(); ++t)
+      targets.push_back({&packed[t], ops[t].c.mutable_data(), static_cast<Index>(ops[t].c.shape(1))});
+    pyrnn::Buffer<S> bias_row;
+    if (has_bias) bias_row = pyrnn::padded_row(bias.data(), ops[0].N, packed[0].padded_cols());
+    pyrnn::packed_gemm_targets<S>(n, a.data(), a_transposed ? 1 : K, a_transposed ? n : 1, targets.data(),
+                                  targets.size(), accumulate, bias_row.data(),
+                                  row_sums ? sums.mutable_data() : nullptr);
+  }
+  return row_sums ? py::object(sums) : py::none();
+}
+
+py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::sequence& c, bool accumulate,
+                          const py::object& bias, const std::string& layout, bool a_transposed, bool row_sums,
+                          int threads) {
+  return with_float_type(a, {"a"}, [&](auto s) {
+    return gemm_for_tests_impl<decltype(s)>(a, b, c, accumulate, bias, layout, a_transposed, row_sums, threads);
+  });
+}
+
 }  // namespace
 
 // The module name comes from CMake: one module per code-generation target (_core_avx2, ...).
@@ -587,6 +707,10 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
     pyrnn::set_num_threads(static_cast<int>(n));
   }, py::arg("n"), "Threads the kernels may use (default: OpenMP's max, i.e. OMP_NUM_THREADS).");
   m.def("get_num_threads", &pyrnn::get_num_threads, "Threads the kernels may use.");
+  m.def("_gemm_for_tests", &gemm_for_tests, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate") = false,
+        py::arg("bias") = py::none(), py::arg("layout") = "columns", py::arg("a_transposed") = false,
+        py::arg("row_sums") = false, py::arg("threads") = 1,
+        "For the tests: the core's packed GEMM (see gemm_for_tests).");
 
   // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
   m.def("memory_cache_info", [] {

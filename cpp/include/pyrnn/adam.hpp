@@ -25,7 +25,7 @@ struct AdamScalars {
 constexpr Index kMinAdamPerThread = Index(1) << 14;
 
 // Values [begin, end) of one step. The variants are template arguments, so that the loop has no
-// branch and the compiler vectorises it (with one, it ran scalar, slower than NumPy).
+// branch and the compiler vectorises it (with one, it stays scalar).
 template <typename S, bool kFromStart, bool kDecay, bool kAmsgrad>
 void adam_values(Index begin, Index end, S* __restrict param, const S* __restrict grad, S* __restrict exp_avg,
                  S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, const AdamScalars& a) {

@@ -28,22 +28,30 @@ struct StepForward {
   const S* b_hh;             // gate stride H
   const S* h_prev;           // (n, w)
   S* h;                      // (n, w) out: the new hidden state
-  S* c;                      // lstm only, (n, w) in: c_prev, out: c
-  S* aux;                    // lstm: tanh(c); gru: W_hn h_prev + b_hn; (n, w)
+  S* c;                      // lstm, (n, w) in: c_prev, out: c
+  S* tanh_c;                 // lstm, (n, w) out: tanh(c), kept for backward
+  S* hn;                     // gru, (n, w) out: W_hn h_prev + b_hn, kept for backward
 };
 
 template <typename S>
 struct StepBackward {
   Index n, w, ld;
   GateView<const S> gates;   // activated gates from the forward pass
-  const S* aux;
+  const S* tanh_c;           // lstm: tanh(c_t) from the forward pass
+  const S* hn;               // gru: W_hn h_prev + b_hn from the forward pass
   const S* h_prev;
-  const S* c_prev;
+  const S* c_prev;           // lstm
   S* dh;                     // in: dL/dh_t; out: the part of dL/dh_prev that bypasses W_hh
   S* dc;                     // lstm, in: dL/dc_t from later steps; out: dL/dc_prev
-  GateView<S> d_gates;       // dL/d(pre-activation gates), the x side (and h side, but gru's n)
-  S* d_hn;                   // gru only, (n, w): dL/d(W_hn h_prev + b_hn), the h side of gate n
+  GateView<S> d_gates;       // out: dL/d(pre-activation gates), the x side (and h side, but gru's n)
+  S* d_hn;                   // gru, (n, w) out: dL/d(W_hn h_prev + b_hn), the h side of gate n
 };
+
+// Each cell says what it keeps and how its gradient reaches h_prev:
+//   has_c             a cell state c beside h (lstm)
+//   has_tanh_c        tanh(c) kept on the tape (lstm)
+//   has_hn            W_hn h_prev + b_hn kept, and its gradient d_hn multiplies W_hn apart (gru)
+//   dh_bypasses_w_hh  part of dL/dh_prev does not go through W_hh (gru: z * dh)
 
 struct Tanh {
   template <typename A>
@@ -65,8 +73,8 @@ template <class Act>
 struct RnnCell {
   static constexpr Index G = 1;
   static constexpr bool has_c = false;
-  static constexpr bool has_aux = false;
-  static constexpr bool has_d_hn = false;
+  static constexpr bool has_tanh_c = false;
+  static constexpr bool has_hn = false;
   static constexpr bool dh_bypasses_w_hh = false;
 
   template <typename S>
@@ -95,8 +103,8 @@ using RnnReluCell = RnnCell<Relu>;
 struct LstmCell {
   static constexpr Index G = 4;
   static constexpr bool has_c = true;
-  static constexpr bool has_aux = true;
-  static constexpr bool has_d_hn = false;
+  static constexpr bool has_tanh_c = true;
+  static constexpr bool has_hn = false;
   static constexpr bool dh_bypasses_w_hh = false;
 
   template <typename S>
@@ -112,7 +120,7 @@ struct LstmCell {
       g = tanh_of(g + carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w));
       o = sigmoid(o + carr(s.hh.at(r, 3), w) + carr(s.b_hh + 3 * H, w));
       auto c = arr(s.c + r * ld, w);
-      auto tanh_c = arr(s.aux + r * ld, w);
+      auto tanh_c = arr(s.tanh_c + r * ld, w);
       c = f * c + i * g;
       tanh_c = tanh_of(c);
       arr(s.h + r * ld, w) = o * tanh_c;
@@ -127,7 +135,7 @@ struct LstmCell {
       const auto f = carr(s.gates.at(r, 1), w);
       const auto g = carr(s.gates.at(r, 2), w);
       const auto o = carr(s.gates.at(r, 3), w);
-      const auto tanh_c = carr(s.aux + r * ld, w);
+      const auto tanh_c = carr(s.tanh_c + r * ld, w);
       const auto c_prev = carr(s.c_prev + r * ld, w);
       const auto dh = carr(s.dh + r * ld, w);
       auto dc = arr(s.dc + r * ld, w);
@@ -145,8 +153,8 @@ struct LstmCell {
 struct GruCell {
   static constexpr Index G = 3;
   static constexpr bool has_c = false;
-  static constexpr bool has_aux = true;
-  static constexpr bool has_d_hn = true;
+  static constexpr bool has_tanh_c = false;
+  static constexpr bool has_hn = true;
   static constexpr bool dh_bypasses_w_hh = true;
 
   template <typename S>
@@ -156,7 +164,7 @@ struct GruCell {
       auto rg = arr(s.gates.at(r, 0), w);
       auto z = arr(s.gates.at(r, 1), w);
       auto n = arr(s.gates.at(r, 2), w);
-      auto hn = arr(s.aux + r * ld, w);
+      auto hn = arr(s.hn + r * ld, w);
       rg = sigmoid(rg + carr(s.hh.at(r, 0), w) + carr(s.b_hh, w));
       z = sigmoid(z + carr(s.hh.at(r, 1), w) + carr(s.b_hh + H, w));
       hn = carr(s.hh.at(r, 2), w) + carr(s.b_hh + 2 * H, w);
@@ -172,7 +180,7 @@ struct GruCell {
       const auto rg = carr(s.gates.at(r, 0), w);
       const auto z = carr(s.gates.at(r, 1), w);
       const auto n = carr(s.gates.at(r, 2), w);
-      const auto hn = carr(s.aux + r * ld, w);
+      const auto hn = carr(s.hn + r * ld, w);
       const auto h_prev = carr(s.h_prev + r * ld, w);
       auto dh = arr(s.dh + r * ld, w);
       auto d_n = arr(s.d_gates.at(r, 2), w);

@@ -2,7 +2,7 @@
 //
 // It runs on the core's own threads. A head multiplied by NumPy runs on the BLAS library's pool,
 // whose idle threads keep spinning for a while after each product, on the very cores the next
-// time loop needs: a char-RNN training step took twice as long as its parts did alone.
+// time loop needs.
 #pragma once
 
 #include <algorithm>
@@ -22,7 +22,7 @@ void dense_forward(Index n, Index k, Index m, const S* x, const S* w, const S* b
   PackedB<S> w_t;  // W^T (k, m): column j is row j of W
   w_t.pack(k, m, 1, [&](Index j) { return w + j * k; }, threads);
   const Buffer<S> bias = b ? padded_row(b, m, w_t.padded_cols()) : Buffer<S>();
-  parallel_for_blocks(n, threads, 32, kRowBlock, [&](Range r) {
+  parallel_for_blocks(n, threads, kMinGemmRowsPerThread, kRowBlock, [&](Range r) {
     packed_gemm(r.size(), x + r.begin * k, k, w_t, y + r.begin * m, m, false, b ? bias.data() : nullptr);
   });
 }
@@ -41,13 +41,13 @@ void dense_backward(Index n, Index k, Index m, const S* x, const S* w, const S* 
   }
   PackedB<S> w_rows;  // W (m, k) as the right operand of d_y
   w_rows.pack_rows(m, k, k, [&](Index r) { return w + r * k; }, threads);
-  parallel_for_blocks(n, threads, 32, kRowBlock, [&](Range r) {
+  parallel_for_blocks(n, threads, kMinGemmRowsPerThread, kRowBlock, [&](Range r) {
     packed_gemm(r.size(), d_y + r.begin * m, m, w_rows, dx + r.begin * k, k, false);
   });
   PackedB<S> x_rows;  // x (n, k) as the right operand of d_y^T
   x_rows.pack_rows(n, k, k, [&](Index r) { return x + r * k; }, threads);
   // Threads split the rows of dW; d_y is read transposed in place, its column sums taken as it is.
-  parallel_for_blocks(m, threads, 8, kRowBlock, [&](Range g) {
+  parallel_for_blocks(m, threads, kMinGradRowsPerThread, kRowBlock, [&](Range g) {
     std::vector<S> sums(g.size());
     packed_gemm_strided<S>(g.size(), d_y + g.begin, 1, m, x_rows, dw + g.begin * k, k, accumulate, nullptr,
                            sums.data());

@@ -1,10 +1,9 @@
-// The small GEMM of every time step, C (n x N) = A (n x K) * B (K x N), against a B packed once.
+// C (n x N) = A (n x K) B (+ C, + a bias row), B packed once into panels (PackedB) and read by
+// many calls. Every element of C is one sequential sum over k, whatever n: results never depend on the batch.
 //
-// Eigen repacks both operands on every call, which for a time step's GEMM (a few rows times a
-// weight matrix) costs about as much as the arithmetic. Here the weight side is packed once per
-// call into column panels one SIMD packet wide, and a register-blocked kernel streams it: each
-// step then only reads A and the panels. Every output element is the same sequential sum over k
-// (in blocks of kKBlock) whatever the number of rows, so results do not depend on the batch.
+// Eigen repacks both operands on every call, which for a time step's GEMM (a few rows against a
+// weight matrix) costs about as much as the arithmetic. Here the weight side is packed once into
+// column panels one SIMD packet wide, and a register-blocked kernel streams it.
 #pragma once
 
 #include <Eigen/Core>
@@ -31,6 +30,7 @@ constexpr int kAccumulators = 24;
 constexpr int kAccumulators = 12;
 #endif
 constexpr int kRowBlock = 6;    // rows of A per kernel call
+constexpr Index kCacheLine = 64;  // bytes
 constexpr size_t kL2Bytes = size_t(1) << 20;  // the share of a core's L2 that B may fill
 constexpr Index kKBlock = 256;  // depth per pass, so that a panel slice and A's rows stay in cache
 constexpr Index kRowsPerPass = 42 * kRowBlock;  // rows of A kept in L2 while a large B streams past
@@ -38,19 +38,22 @@ constexpr Index kMinRowsToChunkB = 2 * kRowBlock;  // rows of A from which a B p
 constexpr Index kMinPackPerThread = Index(1) << 15;  // elements: less is packed faster by one thread
 constexpr Index kPackAhead = 8;  // depth rows of a transposed A requested ahead of its copy
 constexpr Index kPackRowTile = 16;  // rows of a B stored by rows packed together (see pack_row_tile)
+// Rows of C each thread needs before a large GEMM is split by rows: an input projection, dx or a
+// dense layer (A's rows), a weight gradient (its output rows, A read transposed).
+constexpr Index kMinGemmRowsPerThread = 32;
+constexpr Index kMinGradRowsPerThread = 8;
 
 // B as column panels of kPacket<S> columns, cut into depth blocks of kKBlock rows: block k0 holds
 // every panel's rows [k0, k0 + kc) one panel after another, each panel taking panel_rows(kc) rows
 // (kc and, where kc would make it an even number of cache lines, one line more), so element (k, j)
 // is at data[(k0 / kKBlock) * block_values + (j / P) * panel_rows(kc) * P + (k - k0) * P + j % P].
 // A pass over one depth block then reads one sequential run, and what follows a chunk of panels is
-// the next chunk, which the kernel can prefetch while it computes this one (see
-// packed_gemm_strided). Columns past N are zero; the rows that pad a panel are never read.
+// the next chunk, which the kernel can prefetch while it computes this one (see gemm_pass).
+// Columns past N are zero; the rows that pad a panel are never read.
 //
 // The padding: a kernel reads its panels side by side, a depth row of each at a time. Panels an
 // even number of lines apart share L1 sets, and at a power of two (128 rows of 64-byte lines: 8 KB)
-// all of them fall in one set, whose 8 ways they fill. A batch-1 step's GEMV (one row of A against
-// 8 panels) took 8 % longer that way than with each panel a line longer (bench/micro/gemv_l2.cpp).
+// all of them fall in one set, whose 8 ways they fill; an odd number of lines spreads them.
 //
 // A B already stored by rows, with whole panels (N a multiple of kPacket<S>), can also be read in
 // place (in_place): its panels are then one packet apart and its depth rows `rows_ld` apart.
@@ -69,7 +72,7 @@ struct PackedB {
   Index block_depth(Index k) const { return std::min(kKBlock, K - (k - k % kKBlock)); }
   // Rows each panel of a depth block of kc rows takes: kc, padded to an odd number of lines.
   static Index panel_rows(Index kc) {
-    constexpr Index per_line = std::max<Index>(1, 64 / (kPacket<S> * Index(sizeof(S))));
+    constexpr Index per_line = std::max<Index>(1, kCacheLine / (kPacket<S> * Index(sizeof(S))));
     return ((kc + per_line - 1) / per_line | 1) * per_line;
   }
   // Row k of panel q (kPacket<S> values).
@@ -185,10 +188,10 @@ struct PackedB {
       }
     });
   }
-  // Rows [k0, k1) of one depth block, panel by panel. Row by row, each row's packets went to
+  // Rows [k0, k1) of one depth block, panel by panel. Row by row, each row's packets would go to
   // every panel, a block's depth times a packet apart (8 KB for float32): all to one cache set,
-  // each half-written line evicted before the next row completed it. This took a tenth of a
-  // batch-1 LSTM training step. A panel's run of a tile's rows is whole lines, written at once.
+  // each half-written line evicted before the next row completed it. A panel's run of a tile's
+  // rows is whole lines, written at once.
   template <class F>
   void pack_row_tile(Index k0, Index k1, Index valid, F&& row) {
     constexpr Index P = kPacket<S>;
@@ -236,14 +239,46 @@ Buffer<S> padded_row(const S* row, Index n, Index padded) {
 // How a kernel call starts its sums: from zero, from C (accumulate), or from a bias row.
 enum class Start { zero, c, bias };
 
+// Sum (i, p) of a kernel call as `start` says: zero, C, or the bias row. Of a partial panel only
+// the first `last_cols` columns of C are read, through `tile` (a packet). Sums go in and out of
+// these two by value: a kernel's array of sums passed by reference was kept in memory (AVX2).
+template <typename S, Start start>
+EIGEN_ALWAYS_INLINE Packet<S> start_sum(const S* c, Index ldc, const S* bias, int i, int p, bool partial,
+                                        Index last_cols, S* tile) {
+  namespace ei = Eigen::internal;
+  constexpr Index PS = kPacket<S>;
+  if constexpr (start == Start::c) {
+    const S* from = c + i * ldc + p * PS;
+    if (!partial) return ei::ploadu<Packet<S>>(from);
+    std::fill(std::copy_n(from, last_cols, tile), tile + PS, S(0));
+    return ei::ploadu<Packet<S>>(tile);
+  } else if constexpr (start == Start::bias) {
+    return ei::ploadu<Packet<S>>(bias + p * PS);
+  } else {
+    return ei::pset1<Packet<S>>(S(0));
+  }
+}
+
+// Sum (i, p) into C; of a partial panel only its first `last_cols` columns, through `tile`.
+template <typename S>
+EIGEN_ALWAYS_INLINE void write_sum(Packet<S> sum, S* c, Index ldc, int i, int p, bool partial, Index last_cols,
+                                   S* tile) {
+  namespace ei = Eigen::internal;
+  constexpr Index PS = kPacket<S>;
+  if (!partial) {
+    ei::pstoreu(c + i * ldc + p * PS, sum);
+    return;
+  }
+  ei::pstore(tile, sum);
+  std::copy_n(tile, last_cols, c + i * ldc + p * PS);
+}
+
 // MR rows x NP panels of C, over depth [0, kc): C = start + A B, B's panels panel_stride apart and
 // its depth rows b_k apart in each. With a bias start, `bias` points at the bias of these panels'
 // first column. Of the last panel only the first `last_cols` columns of C are read and written
-// (B's panels are zero-padded, a bias row padded like them). With
-// `ahead`, also prefetches into L2, a line for each line of B read, the NP * kc * kPacket<S>
-// values from `ahead` on (for a B read in place, NP * kPacket<S> values of each depth row): the B
-// that a later call will read, which for a B streamed from memory would otherwise stall the
-// kernel line by line.
+// (B's panels are zero-padded, a bias row padded like them). With `ahead`, also prefetches into
+// L2, a line for each line of B read, the NP * kc * kPacket<S> values from `ahead` on (for a B
+// read in place, NP * kPacket<S> values of each depth row): the B that a later call will read.
 template <typename S, int MR, int NP, Start start>
 EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index b_k,
                                      Index kc, S* c, Index ldc, const S* bias, const S* ahead = nullptr,
@@ -251,28 +286,16 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
   namespace ei = Eigen::internal;
   using P = Packet<S>;
   constexpr Index PS = kPacket<S>;
-  constexpr Index kLineValues = 64 / sizeof(S);
-  const bool partial = last_cols < PS;
+  constexpr Index kLineValues = kCacheLine / sizeof(S);
   // Values ahead per depth row: packed, the next panels are one run (read in place with rows one
   // packet apart, B has a single panel, and both agree).
   const Index ahead_k = b_k == PS ? NP * PS : b_k;
-  alignas(64) S tile[MR * PS];  // the partial panel's rows of C, whole packets wide
+  const bool partial = last_cols < PS;  // of the last panel
+  alignas(kCacheLine) S tile[MR * PS];
   P acc[MR][NP];
   for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) {
-      if constexpr (start == Start::c) {
-        const S* from = c + i * ldc + p * PS;
-        if (p == NP - 1 && partial) {
-          std::fill(std::copy_n(from, last_cols, tile + i * PS), tile + (i + 1) * PS, S(0));
-          from = tile + i * PS;
-        }
-        acc[i][p] = ei::ploadu<P>(from);
-      } else if constexpr (start == Start::bias) {
-        acc[i][p] = ei::ploadu<P>(bias + p * PS);
-      } else {
-        acc[i][p] = ei::pset1<P>(S(0));
-      }
-    }
+    for (int p = 0; p < NP; ++p)
+      acc[i][p] = start_sum<S, start>(c, ldc, bias, i, p, partial && p == NP - 1, last_cols, tile + i * PS);
   auto step = [&](Index k) __attribute__((always_inline)) {
     P bk[NP];
     for (int p = 0; p < NP; ++p) bk[p] = ei::ploadu<P>(b + p * panel_stride + k * b_k);
@@ -290,21 +313,15 @@ EIGEN_STRONG_INLINE void gemm_kernel(const S* a, Index lda, Index a_k, const S* 
     for (Index k = 0; k < kc; ++k) step(k);
   }
   for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) {
-      if (p == NP - 1 && partial) {
-        ei::pstore(tile + i * PS, acc[i][p]);
-        std::copy_n(tile + i * PS, last_cols, c + i * ldc + p * PS);
-      } else {
-        ei::pstoreu(c + i * ldc + p * PS, acc[i][p]);
-      }
-    }
+    for (int p = 0; p < NP; ++p)
+      write_sum<S>(acc[i][p], c, ldc, i, p, partial && p == NP - 1, last_cols, tile + i * PS);
 }
 
 constexpr int panels_per_call(int rows) { return std::max(1, std::min(8, kAccumulators / rows)); }
 
 // The kernel over the `panels` (1 to NP) panels left after the calls of NP panels each, in one
-// call: each panel is another sum in flight. Taken two and one at a time, a single row's sums
-// waited on the FMA's latency: an H = 100 step ran its last five panels at a quarter of the rate.
+// call: each panel is another sum in flight, where two calls of one and two panels would leave a
+// single row's sums waiting on the FMA's latency.
 template <typename S, int MR, int NP, Start start>
 void gemm_rest(Index panels, const S* a, Index lda, Index a_k, const S* b, Index panel_stride, Index b_k, Index kc,
                S* c, Index ldc, const S* bias, const S* ahead, Index last_cols) {
@@ -346,6 +363,21 @@ void gemm_rows_at(Start start, const S* a, Index lda, Index a_k, const PackedB<S
   }
 }
 
+// The same for the mr < kRowBlock rows left below a pass's last whole row block.
+template <typename S>
+void gemm_last_rows(Index mr, Start start, const S* a, Index lda, Index a_k, const PackedB<S>& b, Index q0,
+                    Index q1, Index k0, Index kc, S* c, Index ldc, const S* bias, const S* ahead) {
+  static_assert(kRowBlock == 6, "one case per row count below a row block");
+  switch (mr) {
+    case 1: gemm_rows_at<S, 1>(start, a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case 2: gemm_rows_at<S, 2>(start, a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case 3: gemm_rows_at<S, 3>(start, a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case 4: gemm_rows_at<S, 4>(start, a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    case 5: gemm_rows_at<S, 5>(start, a, lda, a_k, b, q0, q1, k0, kc, c, ldc, bias, ahead); break;
+    default: break;
+  }
+}
+
 // Rows [0, rows) x depth [0, kc) of A, element (i, k) at a[i * lda + k * a_k], copied into row
 // blocks of kRowBlock rows (the last may be shorter, mr rows) stored depth-major: element (i, k)
 // of the block starting at row r lands at dst[r * kc + k * mr + i - r]. Each row's elements are
@@ -355,14 +387,14 @@ void pack_a_blocks(const S* a, Index lda, Index a_k, Index rows, Index kc, S* ds
   const Index full = rows / kRowBlock * kRowBlock, tail = rows - full;
   // Depth outer, so that with lda == 1 (A read transposed) each k reads one contiguous run. That
   // case is compiled apart with a constant stride, which the compiler makes vector moves and
-  // adds: the generic loops (a memmove call per block, scalar sums) made packing d_gates 6 % of a
-  // GRU training step. Its runs lie GH values apart, too far for the hardware prefetcher: they
-  // are asked for ahead.
+  // adds (the generic loops make a memmove call per block, and scalar sums). Its runs lie GH
+  // values apart, too far for the hardware prefetcher: they are asked for ahead.
   auto copy = [&](auto row_stride) {
     for (Index k = 0; k < kc; ++k) {
       const S* from = a + k * a_k;
       if (row_stride == 1 && k + kPackAhead < kc)
-        for (Index i = 0; i < rows; i += 64 / Index(sizeof(S))) __builtin_prefetch(from + kPackAhead * a_k + i, 0, 3);
+        for (Index i = 0; i < rows; i += kCacheLine / Index(sizeof(S)))
+          __builtin_prefetch(from + kPackAhead * a_k + i, 0, 3);
       for (Index r = 0; r < full; r += kRowBlock)
         for (Index i = 0; i < kRowBlock; ++i) dst[r * kc + k * kRowBlock + i] = from[(r + i) * row_stride];
       for (Index i = 0; i < tail; ++i) dst[full * kc + k * tail + i] = from[(full + i) * row_stride];
@@ -381,6 +413,41 @@ struct GemmTarget {
   S* c;
   Index ldc;
 };
+
+// A pass of rows [r0, r1) of A over one depth block of kc: as the caller stored it (row block r
+// at base + r * lda, depth a_k apart), or copied by pack_a_blocks (at base + (r - r0) * kc, its
+// rows one apart and its depth rows mr apart).
+template <typename S>
+struct APass {
+  const S* base;
+  Index r0, r1, kc, lda, a_k;
+  bool packed;
+  const S* at(Index r) const { return packed ? base + (r - r0) * kc : base + r * lda; }
+  Index ld() const { return packed ? 1 : lda; }
+  Index depth_step(Index mr) const { return packed ? mr : a_k; }
+};
+
+// One pass of A's rows against one target's B, for B's depth block k0. Each row block goes against
+// all of B while B stays in L2. A B too large for that goes a few panels at a time against the
+// whole pass, whose depth slice stays in L2, so that each chunk of B is fetched from memory once
+// per pass and A's slice once per depth block; the pass's first row block prefetches the next
+// chunk, which the hardware prefetcher alone fetches too late. `n`: all rows of A (the rule).
+template <typename S>
+void gemm_pass(const APass<S>& a, Index n, const GemmTarget<S>& target, Index k0, Start start, const S* bias) {
+  const PackedB<S>& b = *target.b;
+  const bool b_in_l2 = b.bytes() <= static_cast<Index>(kL2Bytes);
+  const Index chunk = (n >= kMinRowsToChunkB && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
+  for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
+    const Index q1 = std::min(b.panels, q0 + chunk);
+    const S* ahead = q1 < b.panels ? b.block(k0) + q1 * b.panel_stride(a.kc) : nullptr;
+    Index r = a.r0;
+    for (; r + kRowBlock <= a.r1; r += kRowBlock, ahead = nullptr)
+      gemm_rows_at<S, kRowBlock>(start, a.at(r), a.ld(), a.depth_step(kRowBlock), b, q0, q1, k0, a.kc,
+                                 target.c + r * target.ldc, target.ldc, bias, ahead);
+    gemm_last_rows<S>(a.r1 - r, start, a.at(r), a.ld(), a.depth_step(a.r1 - r), b, q0, q1, k0, a.kc,
+                      target.c + r * target.ldc, target.ldc, bias, ahead);
+  }
+}
 
 // C = A * B for each target (every B of the same depth b->K), plus C itself when accumulate, plus
 // the row `bias` (padded to b->padded_cols(); one target only) when given. A (n x K) has element
@@ -405,46 +472,8 @@ void packed_gemm_targets(Index n, const S* a, Index lda, Index a_k, const GemmTa
       const Index r1 = std::min(n, r0 + kRowsPerPass);
       if (pack_a)
         pack_a_blocks(ak + r0 * lda, lda, a_k, r1 - r0, kc, a_packed.data(), a_row_sums ? a_row_sums + r0 : nullptr);
-      // Where row block [r, r + mr) of A starts, its row stride and its depth stride.
-      auto a_at = [&](Index r) { return pack_a ? a_packed.data() + (r - r0) * kc : ak + r * lda; };
-      const Index a_ld = pack_a ? 1 : lda;
-      auto a_step = [&](Index mr) { return pack_a ? mr : a_k; };
-      for (size_t t = 0; t < count; ++t) {
-        const PackedB<S>& b = *targets[t].b;
-        S* const c = targets[t].c;
-        const Index ldc = targets[t].ldc;
-        // Each row block against all of B while B stays in L2. A B too large for that goes a few
-        // panels at a time against the pass of rows, whose depth slice stays in L2, so that each
-        // B slice is fetched from memory once per pass and A's slice once per k-block, not once
-        // per panel group; the pass's first row block prefetches the next chunk of B, which the
-        // hardware prefetcher alone fetched too late: a 1024-unit LSTM step (32 rows against a
-        // 16 MB W_hh, streamed from L3 or memory) ran at 72-82 GF/s on one core and runs at 97-99
-        // with it.
-        const bool b_in_l2 = b.bytes() <= static_cast<Index>(kL2Bytes);
-        const Index chunk = (n >= kMinRowsToChunkB && !b_in_l2) ? panels_per_call(kRowBlock) : b.panels;
-        for (Index q0 = 0; q0 < b.panels; q0 += chunk) {
-          const Index q1 = std::min(b.panels, q0 + chunk);
-          // The first row block of a chunk fetches the next chunk while the others reuse this one.
-          // (The last chunk fetching the next depth block's first, or block 0's for a time loop's
-          // next step, gained nothing in release builds: DeepBench h512 LSTM inference 1.000-1.005.)
-          const S* ahead = q1 < b.panels ? b.block(k0) + q1 * b.panel_stride(kc) : nullptr;
-          Index r = r0;
-          for (; r + kRowBlock <= r1; r += kRowBlock, ahead = nullptr)
-            gemm_rows_at<S, kRowBlock>(start, a_at(r), a_ld, a_step(kRowBlock), b, q0, q1, k0, kc, c + r * ldc,
-                                       ldc, bias, ahead);
-          const S* ar = a_at(r);
-          const Index as = a_step(r1 - r);
-          S* cr = c + r * ldc;
-          switch (r1 - r) {
-            case 1: gemm_rows_at<S, 1>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
-            case 2: gemm_rows_at<S, 2>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
-            case 3: gemm_rows_at<S, 3>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
-            case 4: gemm_rows_at<S, 4>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
-            case 5: gemm_rows_at<S, 5>(start, ar, a_ld, as, b, q0, q1, k0, kc, cr, ldc, bias, ahead); break;
-            default: break;
-          }
-        }
-      }
+      const APass<S> pass{pack_a ? a_packed.data() : ak, r0, r1, kc, lda, a_k, pack_a};
+      for (size_t t = 0; t < count; ++t) gemm_pass(pass, n, targets[t], k0, start, bias);
     }
   }
 }

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <numeric>
@@ -15,7 +14,9 @@
 #include <vector>
 
 #include "pyrnn/cells.hpp"
-#include "pyrnn/sequence.hpp"
+#include "pyrnn/sequence_backward.hpp"
+#include "pyrnn/sequence_forward.hpp"
+#include "pyrnn/team_plan.hpp"
 #include "pyrnn/threads.hpp"
 #include "pyrnn/types.hpp"
 #include "pyrnn/workspace.hpp"
@@ -150,44 +151,6 @@ void for_each_direction(Index D, int threads, F&& f) {
   }
 }
 
-// Threads that run the layers of a stack at once (1: layer after layer, each with all threads).
-// Layer l runs on thread l % lanes, its time loop on that thread alone, a few steps behind layer
-// l - 1 (see LayerLink): its steps need no meeting of threads, where a team that shares out the
-// units of a small step meets at every one. Only unidirectional stacks (a bidirectional layer's
-// first output needs its whole input), and only when every thread gets as many layers.
-inline int layer_lanes(const Dims& dm, int threads) {
-  return dm.D == 1 && threads > 1 && dm.L % threads == 0 ? threads : 1;
-}
-
-// How one pass of a stack runs its layers: at once where they may (layer_lanes) and TeamChoice
-// finds that faster now, as it does for a time loop's team ("team": one layer after another,
-// each with all threads; "alone": each layer on a thread of its own). Both give the same bits.
-// Measured on the 2-core machine against one layer after another (2 layers, paired rounds): at
-// once 5-35 % faster for batch 1-8 with H = 128 (most for GRU and RNN) and for T = 1000, batch 8,
-// H = 256; in training up to 8 % slower for batch 16 with H = 512 (GRU), when the layer above
-// computed all of the gradient reaching the layer below while that one waited (it now computes
-// half).
-class LayerPlan {
- public:
-  LayerPlan(LoopKind kind, const Dims& dm, Index G, Index scalar_bytes, int threads)
-      : lanes_(layer_lanes(dm, threads)),
-        key_{kind, dm.B, dm.I, dm.H, G, scalar_bytes, threads, dm.L},
-        option_(lanes_ > 1 ? team_choice().pick(key_) : TeamChoice::team),
-        start_(std::chrono::steady_clock::now()) {}
-  // Threads that run the layers at once, or 1: one layer after another.
-  int lanes() const { return option_ == TeamChoice::alone ? lanes_ : 1; }
-  // Tells TeamChoice what the pass over T steps took.
-  void finished(Index T) const {
-    if (lanes_ > 1) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, T)));
-  }
-
- private:
-  int lanes_;
-  TeamChoice::Key key_;
-  TeamChoice::Option option_;
-  std::chrono::steady_clock::time_point start_;
-};
-
 // Initial and final states of every layer and direction, (L*D, B, H) each, in sorted row order.
 template <typename S>
 struct LayerStates {
@@ -197,6 +160,36 @@ struct LayerStates {
   S* c_n;  // lstm only
 };
 
+// What one direction k = layer * D + d of a forward pass reads and writes: its input x, its
+// columns of the layer's output y (T, B, D*H).
+template <class Cell, typename S>
+DirForward<S> dir_forward(const StackInputs<S>& in, const Index* batch_sizes, Index k, const S* x,
+                          const LayerStates<S>& states, S* y, Tape<S>* tape, const LayerLink* link = nullptr) {
+  const Dims& dm = in.dims;
+  const Index d = k % dm.D, state = k * dm.B * dm.H, DH = dm.D * dm.H;
+  return {SeqShape{dm.T, dm.B, dm.input_size(k / dm.D), dm.H, batch_sizes},
+          &in.weights[k], d == 1, x,
+          states.h0 + state, Cell::has_c ? states.c0 + state : nullptr,
+          y + d * dm.H, DH,
+          states.h_n + state, Cell::has_c ? states.c_n + state : nullptr,
+          tape ? &tape->dirs[k] : nullptr, link};
+}
+
+// The input of layer `layer` + 1: y, this layer's output (T, B, D*H), through the layer's dropout
+// mask, which the tape keeps. Moves y when there are no masks.
+template <typename S>
+Buffer<S> next_layer_input(const StackInputs<S>& in, Index layer, const std::vector<Index>& order, Buffer<S>&& y,
+                           Tape<S>* tape) {
+  if (in.masks.empty()) return std::move(y);
+  const Dims& dm = in.dims;
+  const Index n = dm.T * dm.B * dm.D * dm.H;
+  Buffer<S> mask(n), next(n);
+  gather_rows(in.masks[layer], mask.data(), dm.T, dm.B, dm.D * dm.H, order);
+  arr(next.data(), n) = carr(y.data(), n) * carr(mask.data(), n);
+  if (tape) tape->masks.push_back(std::move(mask));
+  return next;
+}
+
 // The forward pass layer after layer, each with all threads (a bidirectional layer's directions
 // at once when there are threads for both). The last layer writes y_last. The tape gets each
 // layer's input but the first, and the masks.
@@ -205,214 +198,275 @@ void forward_layer_by_layer(const StackInputs<S>& in, const Index* batch_sizes, 
                             const S* x, const LayerStates<S>& states, S* y_last, Tape<S>* tape,
                             StackPacks<S>* packs, int threads) {
   const Dims& dm = in.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, DH = D * H;
   Buffer<S> x_own;  // this layer's input, past the first
-  for (Index layer = 0; layer < L; ++layer) {
-    const SeqShape shape{T, B, dm.input_size(layer), H, batch_sizes};
-    const bool last = layer + 1 == L;
-    Buffer<S> y_own;
-    if (!last) y_own.allocate(T * B * DH);
+  for (Index layer = 0; layer < dm.L; ++layer) {
+    const bool last = layer + 1 == dm.L;
+    Buffer<S> y_own(last ? 0 : dm.T * dm.B * dm.D * dm.H);
     S* y = last ? y_last : y_own.data();
-    for_each_direction(D, threads, [&](int d, int dir_threads) {
-      const Index k = layer * D + d;
-      const Index state = k * B * H;
-      sequence_forward<Cell>(shape, in.weights[k], d == 1, x, states.h0 + state,
-                             Cell::has_c ? states.c0 + state : nullptr, y + d * H, DH, states.h_n + state,
-                             Cell::has_c ? states.c_n + state : nullptr, tape ? &tape->dirs[k] : nullptr,
+    for_each_direction(dm.D, threads, [&](int d, int dir_threads) {
+      const Index k = layer * dm.D + d;
+      sequence_forward<Cell>(dir_forward<Cell>(in, batch_sizes, k, x, states, y, tape),
                              packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
     });
     if (last) break;
-    // The next layer's input: this layer's output through its dropout mask.
-    Buffer<S> next;
-    if (in.masks.empty()) {
-      next = std::move(y_own);
-    } else {
-      Buffer<S> mask(T * B * DH);
-      gather_rows(in.masks[layer], mask.data(), T, B, DH, order);
-      next.allocate(T * B * DH);
-      arr(next.data(), T * B * DH) = carr(y, T * B * DH) * carr(mask.data(), T * B * DH);
-      if (tape) tape->masks.push_back(std::move(mask));
-    }
+    Buffer<S> next = next_layer_input(in, layer, order, std::move(y_own), tape);
     if (tape && layer > 0) tape->layer_input[layer] = std::move(x_own);
     x_own = std::move(next);
     x = x_own.data();
   }
-  if (tape && L > 1) tape->layer_input[L - 1] = std::move(x_own);
+  if (tape && dm.L > 1) tape->layer_input[dm.L - 1] = std::move(x_own);
 }
 
 // The forward pass of a unidirectional stack with its layers at once (see layer_lanes). Layer l
-// writes outs[l] (the last layer, y_last); layer l + 1 takes each chunk of it through its dropout
-// mask once written. The tape gets each layer's input and the masks as the layer-by-layer pass
-// leaves them.
+// writes outs[l] (the last layer, the caller's y); layer l + 1 takes each chunk of it through
+// its dropout mask once written.
+template <typename S>
+class LayersAtOnceForward {
+ public:
+  LayersAtOnceForward(const StackInputs<S>& in, const std::vector<Index>& order)
+      : dm_(in.dims), masked_(!in.masks.empty()), outs_(dm_.L), inputs_(dm_.L), masks_(masked_ ? dm_.L - 1 : 0),
+        written_(dm_.L) {
+    const Index n = dm_.T * dm_.B * dm_.H;
+    for (Index l = 0; l + 1 < dm_.L; ++l) {
+      outs_[l].allocate(n);
+      if (!masked_) continue;
+      masks_[l].allocate(n);
+      gather_rows(in.masks[l], masks_[l].data(), dm_.T, dm_.B, dm_.H, order);
+      inputs_[l + 1].allocate(n);
+    }
+  }
+  // Layer l > 0's input: layer l - 1's output, through its mask when there are masks.
+  const S* input_of(Index l) { return masked_ ? inputs_[l].data() : outs_[l - 1].data(); }
+  S* out_of(Index l) { return outs_[l].data(); }
+  // How layer l's loop meets its neighbours: it waits for the steps of its input that layer l - 1
+  // has written (taking them through the mask), and publishes its own. `ready` counts the steps
+  // of its input taken through the mask, and must outlive the loop.
+  LayerLink link(Index l, Index& ready) {
+    LayerLink link;
+    const Index step_values = dm_.B * dm_.H;
+    if (l > 0) {
+      link.await_input = [this, l, &ready, step_values](Index steps) {
+        const Index there = written_[l - 1].await(steps);
+        if (masked_ && there > ready)
+          arr(inputs_[l].data() + ready * step_values, (there - ready) * step_values) =
+              carr(outs_[l - 1].data() + ready * step_values, (there - ready) * step_values) *
+              carr(masks_[l - 1].data() + ready * step_values, (there - ready) * step_values);
+        ready = there;
+        return there;
+      };
+    }
+    if (l + 1 < dm_.L) link.wrote = [this, l](Index steps) { written_[l].publish(steps); };
+    return link;
+  }
+  // The tape gets each layer's input and the masks as the layer-by-layer pass leaves them.
+  void keep(Tape<S>& tape) {
+    for (Index l = 1; l < dm_.L; ++l) tape.layer_input[l] = masked_ ? std::move(inputs_[l]) : std::move(outs_[l - 1]);
+    tape.masks = std::move(masks_);
+  }
+
+ private:
+  const Dims dm_;
+  const bool masked_;
+  std::vector<Buffer<S>> outs_, inputs_, masks_;
+  std::vector<StepCount> written_;  // steps of outs_[l] written
+};
+
 template <class Cell, typename S>
 void forward_layers_at_once(const StackInputs<S>& in, const Index* batch_sizes, const std::vector<Index>& order,
                             const S* x, const LayerStates<S>& states, S* y_last, Tape<S>* tape,
                             StackPacks<S>* packs, int lanes) {
-  const Dims& dm = in.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, L = dm.L;
-  const bool masked = !in.masks.empty();
-  std::vector<Buffer<S>> outs(L), inputs(L), masks(masked ? L - 1 : 0);
-  for (Index l = 0; l + 1 < L; ++l) {
-    outs[l].allocate(T * B * H);
-    if (!masked) continue;
-    masks[l].allocate(T * B * H);
-    gather_rows(in.masks[l], masks[l].data(), T, B, H, order);
-    inputs[l + 1].allocate(T * B * H);
-  }
-  auto input_of = [&](Index l) { return l == 0 ? x : masked ? inputs[l].data() : outs[l - 1].data(); };
-  std::vector<StepCount> written(L);  // steps of outs[l] written
-
+  const Index L = in.dims.L;
+  LayersAtOnceForward<S> layers(in, order);
 #pragma omp parallel num_threads(lanes)
   {
     const int team = omp_get_num_threads();
     for (Index l = omp_get_thread_num(); l < L; l += team) {
-      Index ready = 0;  // steps of this layer's input taken through the mask
-      LayerLink link;
-      if (l > 0) {
-        link.await_input = [&](Index steps) {
-          const Index there = written[l - 1].await(steps);
-          if (masked && there > ready)
-            arr(inputs[l].data() + ready * B * H, (there - ready) * B * H) =
-                carr(outs[l - 1].data() + ready * B * H, (there - ready) * B * H) *
-                carr(masks[l - 1].data() + ready * B * H, (there - ready) * B * H);
-          ready = there;
-          return there;
-        };
-      }
-      if (l + 1 < L) link.wrote = [&](Index steps) { written[l].publish(steps); };
-      const SeqShape shape{T, B, dm.input_size(l), H, batch_sizes};
-      const Index state = l * B * H;
-      sequence_forward<Cell>(shape, in.weights[l], false, input_of(l), states.h0 + state,
-                             Cell::has_c ? states.c0 + state : nullptr, l + 1 == L ? y_last : outs[l].data(), H,
-                             states.h_n + state, Cell::has_c ? states.c_n + state : nullptr,
-                             tape ? &tape->dirs[l] : nullptr, packs && !tape ? &packs->dirs[l] : nullptr, 1,
-                             &link);
+      Index ready = 0;
+      const LayerLink link = layers.link(l, ready);
+      const DirForward<S> io = dir_forward<Cell>(in, batch_sizes, l, l == 0 ? x : layers.input_of(l), states,
+                                                 l + 1 == L ? y_last : layers.out_of(l), tape, &link);
+      sequence_forward<Cell>(io, packs && !tape ? &packs->dirs[l] : nullptr, 1);
     }
   }
-  if (!tape) return;
-  for (Index l = 1; l < L; ++l) tape->layer_input[l] = masked ? std::move(inputs[l]) : std::move(outs[l - 1]);
-  tape->masks = std::move(masks);
+  if (tape) layers.keep(*tape);
 }
 
-// BPTT through a unidirectional stack with its layers at once (see layer_lanes), from d_y, the
-// gradient reaching the last layer's output. The gradient reaching layer l - 1's output is layer
-// l's dx through the mask, which the two layers share: layer l computes its left half of the
-// columns for the steps it has done since it last did, whenever layer l - 1 has used up what it
-// had (a step at a time while that one keeps up) or for a pass of rows; layer l - 1 computes the
-// right half as it needs the steps, and the mask. Writes each layer's d_gates (and gru's d_hn),
-// dh0 and dc0.
-template <class Cell, typename S>
-void backward_layers_at_once(const Tape<S>& tape, const S* d_y, const S* d_h_n, const S* d_c_n, S* dh0, S* dc0,
-                             std::vector<Buffer<S>>& d_gates, std::vector<Buffer<S>>& d_hn, int lanes) {
-  const Dims& dm = tape.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, L = dm.L, GH = Cell::G * H;
-  const SeqShape shape{T, B, 0, H, tape.batch_sizes.data()};
-  std::vector<Buffer<S>> d_outs(L - 1);  // d_outs[l]: the gradient reaching layer l's output
-  for (auto& b : d_outs) b.allocate(T * B * H);
-  // Steps from the end: of layer l's loop, and of the left columns of d_outs[l - 1] it wrote.
-  std::vector<StepCount> done(L), left_sent(L);
-  const Index pass_steps = std::max<Index>(1, kRowsPerPass / B);
-  // Columns [0, left) and [left, H) of a layer's dx, whole panels of W_ih apart.
-  constexpr Index P = kPacket<S>;
-  const Index panels = (H + P - 1) / P, left_panels = panels / 2, left = left_panels * P;
-  // dx of layer l (> 0) for the rows of steps [from, to) counted from the end, in columns [c0, c1).
-  auto dx_part = [&](Index l, Index from, Index to, Index q0, Index q1, Index c0, Index c1) {
-    if (to <= from || c1 <= c0) return;
-    const Index r0 = (T - to) * B, rows = (to - from) * B;
-    const PackedB<S> w_ih = tape.dirs[l].w_ih_for_dx.columns(q0, q1, c1 - c0);
-    packed_gemm(rows, d_gates[l].data() + r0 * GH, GH, w_ih, d_outs[l - 1].data() + r0 * H + c0, H, false);
-  };
+// The gradients reaching a stack's outputs and states, in sorted row order.
+template <typename S>
+struct OutputGrads {
+  const S* d_y;    // (T, B, D*H): the last layer's output
+  const S* d_h_n;  // (L*D, B, H), or null: zero
+  const S* d_c_n;  // (L*D, B, H), lstm, or null: zero
+  S* dh0;          // (L*D, B, H) out
+  S* dc0;          // (L*D, B, H) out, lstm
+};
 
+// What BPTT through direction k reads and writes.
+template <class Cell, typename S>
+DirBackward<S> dir_backward(const Tape<S>& tape, Index k, const S* d_y, Index ld_dy, const OutputGrads<S>& g,
+                            S* d_gates, S* d_hn, const LayerLink* link = nullptr) {
+  const Dims& dm = tape.dims;
+  const Index state = k * dm.B * dm.H;
+  return {SeqShape{dm.T, dm.B, 0, dm.H, tape.batch_sizes.data()}, k % dm.D == 1, &tape.dirs[k], d_y, ld_dy,
+          g.d_h_n ? g.d_h_n + state : nullptr, g.d_c_n ? g.d_c_n + state : nullptr, d_gates,
+          Cell::has_hn ? d_hn : nullptr, g.dh0 + state, Cell::has_c ? g.dc0 + state : nullptr, link};
+}
+
+// BPTT through a unidirectional stack with its layers at once (see layer_lanes). The gradient
+// reaching layer l - 1's output is layer l's dx through the mask, which the two layers share:
+// layer l computes its left half of the columns for the steps it has done since it last did,
+// whenever layer l - 1 has used up what it had (a step at a time while that one keeps up) or for
+// a pass of rows; layer l - 1 computes the right half as it needs the steps, and the mask.
+template <class Cell, typename S>
+class LayersAtOnceBackward {
+ public:
+  LayersAtOnceBackward(const Tape<S>& tape, std::vector<Buffer<S>>& d_gates)
+      : tape_(tape), dm_(tape.dims), GH_(Cell::G * dm_.H), d_gates_(d_gates), d_outs_(dm_.L - 1), done_(dm_.L),
+        left_sent_(dm_.L), pass_steps_(std::max<Index>(1, kRowsPerPass / dm_.B)),
+        panels_((dm_.H + kPacket<S> - 1) / kPacket<S>), left_panels_(panels_ / 2), left_(left_panels_ * kPacket<S>) {
+    for (auto& b : d_outs_) b.allocate(dm_.T * dm_.B * dm_.H);
+  }
+  // The gradient reaching layer l's output (l < L - 1).
+  const S* d_out_of(Index l) const { return d_outs_[l].data(); }
+
+  // Layer l's loop: it waits for the steps of the gradient reaching its output (the right half of
+  // the columns, and the mask, it computes itself), and after each of its own steps it may send
+  // the layer below the left half of that one's. The counters must outlive the loop.
+  LayerLink link(Index l, Index& sent, Index& right, Index& ready) {
+    LayerLink link;
+    if (l + 1 < dm_.L)
+      link.await_input = [this, l, &right, &ready](Index steps) { return take_d_out(l, steps, right, ready); };
+    link.wrote = [this, l, &sent](Index steps) { send_left(l, steps, sent); };
+    return link;
+  }
+
+ private:
+  // Returns once layer l's d_out is complete for `steps` steps from the end, with how many are.
+  Index take_d_out(Index l, Index steps, Index& right, Index& ready) {
+    const Index above = done_[l + 1].await(steps);
+    dx_part(l + 1, right, above, left_panels_, panels_, left_, dm_.H);
+    right = above;
+    const Index both = std::min(right, left_sent_[l + 1].await(steps));
+    if (!tape_.masks.empty() && both > ready) {
+      const Index r0 = (dm_.T - both) * dm_.B, rows = (both - ready) * dm_.B;
+      arr(d_outs_[l].data() + r0 * dm_.H, rows * dm_.H) *= carr(tape_.masks[l].data() + r0 * dm_.H, rows * dm_.H);
+    }
+    ready = std::max(ready, both);
+    return ready;
+  }
+  // Layer l has done `steps` steps from the end: the left columns of the layer below's d_out for
+  // the steps since `sent`, when that layer has used up what it had or a pass of rows is due.
+  void send_left(Index l, Index steps, Index& sent) {
+    done_[l].publish(steps);
+    if (l == 0) return;
+    const bool below_waits = done_[l - 1].count() >= sent;
+    if (steps < dm_.T && !below_waits && steps - sent < pass_steps_) return;
+    dx_part(l, sent, steps, 0, left_panels_, 0, left_);
+    left_sent_[l].publish(steps);
+    sent = steps;
+  }
+  // dx of layer l (> 0) for the rows of steps [from, to) counted from the end, in columns [c0, c1),
+  // which are W_ih's panels [q0, q1).
+  void dx_part(Index l, Index from, Index to, Index q0, Index q1, Index c0, Index c1) {
+    if (to <= from || c1 <= c0) return;
+    const Index r0 = (dm_.T - to) * dm_.B, rows = (to - from) * dm_.B;
+    const PackedB<S> w_ih = tape_.dirs[l].w_ih_for_dx.columns(q0, q1, c1 - c0);
+    packed_gemm(rows, d_gates_[l].data() + r0 * GH_, GH_, w_ih, d_outs_[l - 1].data() + r0 * dm_.H + c0, dm_.H, false);
+  }
+
+  const Tape<S>& tape_;
+  const Dims dm_;
+  const Index GH_;
+  std::vector<Buffer<S>>& d_gates_;
+  std::vector<Buffer<S>> d_outs_;  // d_outs_[l]: the gradient reaching layer l's output
+  std::vector<StepCount> done_, left_sent_;  // steps from the end: of layer l's loop, of the left columns it sent
+  const Index pass_steps_;
+  // Columns [0, left) and [left, H) of a layer's dx, whole panels of W_ih apart.
+  const Index panels_, left_panels_, left_;
+};
+
+// Writes each layer's d_gates (and gru's d_hn), dh0 and dc0 (see LayersAtOnceBackward).
+template <class Cell, typename S>
+void backward_layers_at_once(const Tape<S>& tape, const OutputGrads<S>& grads, std::vector<Buffer<S>>& d_gates,
+                             std::vector<Buffer<S>>& d_hn, int lanes) {
+  const Index L = tape.dims.L, H = tape.dims.H;
+  LayersAtOnceBackward<Cell, S> layers(tape, d_gates);
 #pragma omp parallel num_threads(lanes)
   {
     const int lane = omp_get_thread_num(), team = omp_get_num_threads();
     for (Index l = L - 1; l >= 0; --l) {
       if (l % team != lane) continue;
       Index sent = 0, right = 0, ready = 0;  // steps: left columns sent; right columns, mask done
-      LayerLink link;
-      if (l + 1 < L) {
-        link.await_input = [&](Index steps) {
-          const Index above = done[l + 1].await(steps);
-          dx_part(l + 1, right, above, left_panels, panels, left, H);
-          right = above;
-          const Index both = std::min(right, left_sent[l + 1].await(steps));
-          if (!tape.masks.empty() && both > ready) {
-            const Index r0 = (T - both) * B, rows = (both - ready) * B;
-            arr(d_outs[l].data() + r0 * H, rows * H) *= carr(tape.masks[l].data() + r0 * H, rows * H);
-          }
-          ready = std::max(ready, both);
-          return ready;
-        };
-      }
-      link.wrote = [&](Index steps) {
-        done[l].publish(steps);
-        if (l == 0) return;
-        const bool below_waits = done[l - 1].count() >= sent;
-        if (steps < T && !below_waits && steps - sent < pass_steps) return;
-        dx_part(l, sent, steps, 0, left_panels, 0, left);
-        left_sent[l].publish(steps);
-        sent = steps;
-      };
-      const Index state = l * B * H;
-      sequence_backward<Cell>(shape, false, tape.dirs[l], l + 1 == L ? d_y : d_outs[l].data(), H,
-                              d_h_n ? d_h_n + state : nullptr, d_c_n ? d_c_n + state : nullptr, d_gates[l].data(),
-                              Cell::has_d_hn ? d_hn[l].data() : nullptr, dh0 + state,
-                              Cell::has_c ? dc0 + state : nullptr, 1, &link);
+      const LayerLink link = layers.link(l, sent, right, ready);
+      const S* d_y = l + 1 == L ? grads.d_y : layers.d_out_of(l);
+      sequence_backward<Cell>(
+          dir_backward<Cell>(tape, l, d_y, H, grads, d_gates[l].data(), Cell::has_hn ? d_hn[l].data() : nullptr, &link),
+          1);
     }
   }
+}
+
+// A tape for a forward pass of these inputs, its weights packed and its sequences allocated.
+template <class Cell, typename S>
+std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const std::vector<Index>& order,
+                                  const std::vector<Index>& batch_sizes, int threads) {
+  const Dims& dm = in.dims;
+  const Index TBH = dm.T * dm.B * dm.H;
+  auto tape = std::make_unique<Tape<S>>(in.cell, dm);
+  tape->sorted = sorted;
+  tape->order = order;
+  tape->batch_sizes = batch_sizes;
+  tape->layer_input.resize(dm.L);
+  tape->dirs.resize(dm.L * dm.D);
+  for (Index k = 0; k < dm.L * dm.D; ++k) {
+    DirTape<S>& dt = tape->dirs[k];
+    keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / dm.D), dm.H, threads);
+    dt.gates.allocate(TBH * Cell::G);
+    dt.h_prev.allocate(TBH);
+    if (Cell::has_c) dt.c_prev.allocate(TBH);
+    if (Cell::has_tanh_c) dt.tanh_c.allocate(TBH);
+    if (Cell::has_hn) dt.hn.allocate(TBH);
+  }
+  // Without lengths it keeps the caller's x as weight_grads multiplies by it, packed on every
+  // thread: its copy and backward's packing in one pass.
+  if (sorted)
+    tape->x_packed.pack_rows(dm.T * dm.B, dm.I, dm.I, [&](Index k) { return in.x + k * dm.I; }, threads);
+  return tape;
+}
+
+// The caller's x (T, B, I) with its rows sorted by length, and zero past each sequence's end:
+// padding never reaches a gradient, even as 0 * NaN.
+template <typename S>
+Buffer<S> sorted_input(const StackInputs<S>& in, const std::vector<Index>& order,
+                       const std::vector<Index>& batch_sizes) {
+  const Dims& dm = in.dims;
+  Buffer<S> x(dm.T * dm.B * dm.I);
+  gather_rows(in.x, x.data(), dm.T, dm.B, dm.I, order);
+  for (Index t = 0; t < dm.T; ++t)
+    std::fill(x.data() + (t * dm.B + batch_sizes[t]) * dm.I, x.data() + (t + 1) * dm.B * dm.I, S(0));
+  return x;
 }
 
 template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
                                             bool keep_tape, StackPacks<S>* packs, int threads, int lanes) {
   const Dims& dm = in.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, GH = Cell::G * H, DH = D * H;
+  const Index T = dm.T, B = dm.B, H = dm.H, LD = dm.L * dm.D, DH = dm.D * H;
   // Without lengths the rows need no sorting and no padding: the caller's x and out are used as
   // they are, saving two copies of the sequence.
   const bool sorted = in.lengths == nullptr;
   std::vector<Index> order, batch_sizes;
   sort_by_length(in.lengths, B, T, order, batch_sizes);
-
-  std::unique_ptr<Tape<S>> tape;
-  if (keep_tape) {
-    tape = std::make_unique<Tape<S>>(in.cell, dm);
-    tape->sorted = sorted;
-    tape->order = order;
-    tape->batch_sizes = batch_sizes;
-    tape->layer_input.resize(L);
-    tape->dirs.resize(L * D);
-    for (Index k = 0; k < L * D; ++k) {
-      DirTape<S>& dt = tape->dirs[k];
-      keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / D), H, threads);
-      dt.gates.allocate(T * B * GH);
-      dt.h_prev.allocate(T * B * H);
-      if (Cell::has_aux) dt.aux.allocate(T * B * H);
-      if (Cell::has_c) dt.c_prev.allocate(T * B * H);
-    }
-  }
+  std::unique_ptr<Tape<S>> tape = keep_tape ? new_tape<Cell>(in, sorted, order, batch_sizes, threads) : nullptr;
 
   // Everything below is in sorted row order.
-  std::vector<S> h0(L * D * B * H), c0(Cell::has_c ? L * D * B * H : 0);
-  std::vector<S> h_n(h0.size()), c_n(c0.size());
-  gather_rows(in.h0, h0.data(), L * D, B, H, order);
-  if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), L * D, B, H, order);
-  Buffer<S> x_own;  // the first layer's input, when it cannot be the caller's x
-  const S* x = in.x;
-  // The tape keeps the caller's x in the form weight_grads multiplies by: its copy and backward's
-  // packing in one pass, on every thread. Rows to sort are gathered first, as the layer needs.
-  if (sorted && keep_tape)
-    tape->x_packed.pack_rows(T * B, dm.I, dm.I, [&](Index k) { return in.x + k * dm.I; }, threads);
-  if (!sorted) {
-    x_own.allocate(T * B * dm.I);
-    gather_rows(in.x, x_own.data(), T, B, dm.I, order);
-    for (Index t = 0; t < T; ++t)  // padding never reaches a gradient, even as 0 * NaN
-      std::fill(x_own.data() + (t * B + batch_sizes[t]) * dm.I, x_own.data() + (t + 1) * B * dm.I, S(0));
-    x = x_own.data();
-  }
-
+  std::vector<S> h0(LD * B * H), c0(Cell::has_c ? LD * B * H : 0), h_n(h0.size()), c_n(c0.size());
+  gather_rows(in.h0, h0.data(), LD, B, H, order);
+  if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), LD, B, H, order);
+  Buffer<S> x_own = sorted ? Buffer<S>() : sorted_input(in, order, batch_sizes);
+  const S* x = sorted ? in.x : x_own.data();
   // The last layer's output: the caller's out, or in sorted rows, scattered into it at the end.
-  Buffer<S> y_own;
-  if (!sorted) y_own.allocate(T * B * DH);
+  Buffer<S> y_own(sorted ? 0 : T * B * DH);
   S* y = sorted ? res.out : y_own.data();
   const LayerStates<S> states{h0.data(), c0.data(), h_n.data(), c_n.data()};
   if (lanes > 1) forward_layers_at_once<Cell>(in, batch_sizes.data(), order, x, states, y, tape.get(), packs, lanes);
@@ -420,122 +474,155 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   if (keep_tape) tape->layer_input[0] = std::move(x_own);
 
   if (!sorted) scatter_rows(y, res.out, T, B, DH, order);
-  scatter_rows(h_n.data(), res.h_n, L * D, B, H, order);
-  if constexpr (Cell::has_c) scatter_rows(c_n.data(), res.c_n, L * D, B, H, order);
+  scatter_rows(h_n.data(), res.h_n, LD, B, H, order);
+  if constexpr (Cell::has_c) scatter_rows(c_n.data(), res.c_n, LD, B, H, order);
   return tape;
 }
 
+// The gradients a backward pass reads, in sorted row order, and the state gradients it writes
+// there (owned: copies of the caller's where their rows must be sorted).
 template <class Cell, typename S>
-void stack_backward_cell(const Tape<S>& tape, const S* d_out_in, const S* d_h_n_in, const S* d_c_n_in,
-                         const StackGrads<S>& grads, int threads) {
+class SortedGrads {
+ public:
+  SortedGrads(const Tape<S>& tape, const S* d_out, const S* d_h_n, const S* d_c_n) {
+    const Dims& dm = tape.dims;
+    const Index states = dm.L * dm.D * dm.B * dm.H;
+    d_y_ = d_out;
+    if (!tape.sorted) {
+      d_y_own_.allocate(dm.T * dm.B * dm.D * dm.H);
+      gather_rows(d_out, d_y_own_.data(), dm.T, dm.B, dm.D * dm.H, tape.order);
+      d_y_ = d_y_own_.data();
+    }
+    if (d_h_n) gather_rows(d_h_n, d_h_n_.emplace(states).data(), dm.L * dm.D, dm.B, dm.H, tape.order);
+    if (Cell::has_c && d_c_n) gather_rows(d_c_n, d_c_n_.emplace(states).data(), dm.L * dm.D, dm.B, dm.H, tape.order);
+    dh0_.resize(states);
+    dc0_.resize(Cell::has_c ? states : 0);
+  }
+  OutputGrads<S> view() {
+    return {d_y_, d_h_n_ ? d_h_n_->data() : nullptr, d_c_n_ ? d_c_n_->data() : nullptr, dh0_.data(), dc0_.data()};
+  }
+  // dh0 and dc0 into the caller's rows.
+  void scatter(const Tape<S>& tape, const StackGrads<S>& grads) const {
+    const Dims& dm = tape.dims;
+    scatter_rows(dh0_.data(), grads.dh0, dm.L * dm.D, dm.B, dm.H, tape.order);
+    if constexpr (Cell::has_c) scatter_rows(dc0_.data(), grads.dc0, dm.L * dm.D, dm.B, dm.H, tape.order);
+  }
+
+ private:
+  const S* d_y_;
+  Buffer<S> d_y_own_;
+  std::optional<std::vector<S>> d_h_n_, d_c_n_;
+  std::vector<S> dh0_, dc0_;
+};
+
+// The d_gates (and gru's d_hn) of a backward pass: of one layer's directions at a time, or of every
+// layer when the layers run at once.
+template <class Cell, typename S>
+struct GateGrads {
+  bool all_layers;
+  std::vector<Buffer<S>> d_gates, d_hn;
+  GateGrads(const Dims& dm, bool layers_at_once) : all_layers(layers_at_once) {
+    const Index kept = layers_at_once ? dm.L : dm.D, rows = dm.T * dm.B;
+    d_gates.resize(kept);
+    d_hn.resize(Cell::has_hn ? kept : 0);
+    for (auto& b : d_gates) b.allocate(rows * Cell::G * dm.H);
+    for (auto& b : d_hn) b.allocate(rows * dm.H);
+  }
+  S* d_gates_of(Index layer, Index d) { return d_gates[all_layers ? layer : d].data(); }
+  S* d_hn_of(Index layer, Index d) { return Cell::has_hn ? d_hn[all_layers ? layer : d].data() : nullptr; }
+};
+
+// The weight gradients of one layer's directions, from its d_gates (see weight_grads).
+template <class Cell, typename S>
+void layer_weight_grads(const Tape<S>& tape, Index layer, GateGrads<Cell, S>& g, const StackGrads<S>& grads,
+                        int threads) {
   const Dims& dm = tape.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, D = dm.D, L = dm.L, GH = Cell::G * H, DH = D * H;
-  const std::vector<Index>& order = tape.order;
-  const SeqShape shape{T, B, 0, H, tape.batch_sizes.data()};
-
-  Buffer<S> d_y_own;  // the gradient reaching this layer's output, when not the caller's d_out
-  const S* d_y = d_out_in;
-  if (!tape.sorted) {
-    d_y_own.allocate(T * B * DH);
-    gather_rows(d_out_in, d_y_own.data(), T, B, DH, order);
-    d_y = d_y_own.data();
+  const Index rows = dm.T * dm.B, Ik = dm.input_size(layer), GH = Cell::G * dm.H;
+  const bool input_kept = !tape.layer_input[layer].empty();
+  // This layer's input as weight_grads reads it, made once for both directions.
+  const PackedB<S> input_packed =
+      input_kept ? weight_grad_operand(tape.layer_input[layer].data(), rows, Ik, GH, threads) : PackedB<S>();
+  for (Index d = 0; d < dm.D; ++d) {
+    const Index k = layer * dm.D + d;
+    weight_grads(rows, Ik, dm.H, GH, g.d_gates_of(layer, d), g.d_hn_of(layer, d),
+                 input_kept ? input_packed : tape.x_packed, tape.dirs[k].h_prev.data(), grads.dw_ih[k],
+                 grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], grads.accumulate, threads);
   }
-  std::vector<S> d_h_n(d_h_n_in ? L * D * B * H : 0), d_c_n(Cell::has_c && d_c_n_in ? L * D * B * H : 0);
-  if (d_h_n_in) gather_rows(d_h_n_in, d_h_n.data(), L * D, B, H, order);
-  if (!d_c_n.empty()) gather_rows(d_c_n_in, d_c_n.data(), L * D, B, H, order);
-  std::vector<S> dh0(L * D * B * H), dc0(Cell::has_c ? L * D * B * H : 0);
-
-  // d_gates (and gru's d_hn) of one layer's directions, or of every layer when they run at once.
-  const LayerPlan plan(kLayersBackward, dm, Cell::G, sizeof(S), threads);
-  const int lanes = plan.lanes();
-  const Index kept = lanes > 1 ? L : D;
-  std::vector<Buffer<S>> d_gates(kept), d_hn(Cell::has_d_hn ? kept : 0);
-  for (auto& b : d_gates) b.allocate(T * B * GH);
-  for (auto& b : d_hn) b.allocate(T * B * H);
-  auto d_gates_of = [&](Index layer, Index d) { return d_gates[lanes > 1 ? layer : d].data(); };
-  auto d_hn_of = [&](Index layer, Index d) { return Cell::has_d_hn ? d_hn[lanes > 1 ? layer : d].data() : nullptr; };
-  auto layer_weight_grads = [&](Index layer) {
-    const Index Ik = dm.input_size(layer);
-    const bool input_raw = !tape.layer_input[layer].empty();
-    // This layer's input as weight_grads reads it, made once for both directions.
-    const PackedB<S> input_packed =
-        input_raw ? weight_grad_operand(tape.layer_input[layer].data(), T * B, Ik, GH, threads) : PackedB<S>();
-    for (Index d = 0; d < D; ++d) {
-      const Index k = layer * D + d;
-      weight_grads(T * B, Ik, H, GH, d_gates_of(layer, d), d_hn_of(layer, d), input_raw ? input_packed : tape.x_packed,
-                   tape.dirs[k].h_prev.data(), grads.dw_ih[k], grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k],
-                   grads.accumulate, threads);
-    }
-  };
-  // The gradient reaching the layer's input, (T, B, I_layer) into `dx`.
-  auto layer_input_grad = [&](Index layer, S* dx) {
-    std::vector<const S*> dg(D);
-    std::vector<const PackedB<S>*> w_ih(D);
-    for (Index d = 0; d < D; ++d) {
-      dg[d] = d_gates_of(layer, d);
-      w_ih[d] = &tape.dirs[layer * D + d].w_ih_for_dx;
-    }
-    input_grad(T * B, dm.input_size(layer), GH, dg, w_ih, dx, threads);
-  };
-
-  if (lanes > 1) {
-    backward_layers_at_once<Cell>(tape, d_y, d_h_n.empty() ? nullptr : d_h_n.data(),
-                                  d_c_n.empty() ? nullptr : d_c_n.data(), dh0.data(), dc0.data(), d_gates, d_hn,
-                                  lanes);
-    for (Index layer = L - 1; layer >= 0; --layer) layer_weight_grads(layer);
-  } else {
-    for (Index layer = L - 1; layer >= 0; --layer) {
-      for_each_direction(D, threads, [&](int d, int dir_threads) {
-        const Index k = layer * D + d;
-        const Index state = k * B * H;
-        sequence_backward<Cell>(shape, d == 1, tape.dirs[k], d_y + d * H, DH,
-                                d_h_n.empty() ? nullptr : d_h_n.data() + state,
-                                d_c_n.empty() ? nullptr : d_c_n.data() + state, d_gates_of(layer, d),
-                                d_hn_of(layer, d), dh0.data() + state, Cell::has_c ? dc0.data() + state : nullptr,
-                                dir_threads);
-      });
-      layer_weight_grads(layer);
-      if (layer == 0) break;
-      // Into the layer below, back through its dropout mask.
-      Buffer<S> d_below(T * B * DH);
-      layer_input_grad(layer, d_below.data());
-      if (!tape.masks.empty())
-        arr(d_below.data(), T * B * DH) *= carr(tape.masks[layer - 1].data(), T * B * DH);
-      d_y_own = std::move(d_below);
-      d_y = d_y_own.data();
-    }
-  }
-  Buffer<S> dx_own;  // dx in sorted rows
-  if (!tape.sorted) dx_own.allocate(T * B * dm.I);
-  layer_input_grad(0, tape.sorted ? grads.dx : dx_own.data());
-  if (!tape.sorted) scatter_rows(dx_own.data(), grads.dx, T, B, dm.I, order);
-  scatter_rows(dh0.data(), grads.dh0, L * D, B, H, order);
-  if constexpr (Cell::has_c) scatter_rows(dc0.data(), grads.dc0, L * D, B, H, order);
-  plan.finished(T);
 }
 
-// How a forward pass runs its layers (see LayerPlan); the caller asks for it first when it keeps
-// packs, which are laid out for it.
-template <typename S>
-LayerPlan forward_layer_plan(const StackInputs<S>& in, bool keep_tape, int threads) {
-  return LayerPlan(keep_tape ? kLayersTraining : kLayersInference, in.dims, gate_count(in.cell), Index(sizeof(S)),
-                   threads);
+// The gradient reaching one layer's input, (T, B, I_layer) into `dx`.
+template <class Cell, typename S>
+void layer_input_grad(const Tape<S>& tape, Index layer, GateGrads<Cell, S>& g, S* dx, int threads) {
+  const Dims& dm = tape.dims;
+  std::vector<const S*> d_gates(dm.D);
+  std::vector<const PackedB<S>*> w_ih(dm.D);
+  for (Index d = 0; d < dm.D; ++d) {
+    d_gates[d] = g.d_gates_of(layer, d);
+    w_ih[d] = &tape.dirs[layer * dm.D + d].w_ih_for_dx;
+  }
+  input_grad(dm.T * dm.B, dm.input_size(layer), Cell::G * dm.H, d_gates, w_ih, dx, threads);
+}
+
+// BPTT layer after layer, each with all threads (a bidirectional layer's directions at once when
+// there are threads for both), the weight gradients of each as soon as its loop is done. Leaves
+// layer 0's d_gates in `g` for dx.
+template <class Cell, typename S>
+void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, GateGrads<Cell, S>& g,
+                             const StackGrads<S>& grads, int threads) {
+  const Dims& dm = tape.dims;
+  const Index n = dm.T * dm.B * dm.D * dm.H;
+  const S* d_y = out.d_y;
+  Buffer<S> d_below;  // the gradient reaching the layer below's output
+  for (Index layer = dm.L - 1; layer >= 0; --layer) {
+    for_each_direction(dm.D, threads, [&](int d, int dir_threads) {
+      const Index k = layer * dm.D + d;
+      sequence_backward<Cell>(
+          dir_backward<Cell>(tape, k, d_y + d * dm.H, dm.D * dm.H, out, g.d_gates_of(layer, d), g.d_hn_of(layer, d)),
+          dir_threads);
+    });
+    layer_weight_grads(tape, layer, g, grads, threads);
+    if (layer == 0) break;
+    // Into the layer below, back through its dropout mask.
+    Buffer<S> next(n);
+    layer_input_grad(tape, layer, g, next.data(), threads);
+    if (!tape.masks.empty()) arr(next.data(), n) *= carr(tape.masks[layer - 1].data(), n);
+    d_below = std::move(next);
+    d_y = d_below.data();
+  }
+}
+
+template <class Cell, typename S>
+void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, const S* d_c_n,
+                         const StackGrads<S>& grads, int threads) {
+  const Dims& dm = tape.dims;
+  SortedGrads<Cell, S> sorted(tape, d_out, d_h_n, d_c_n);
+  const OutputGrads<S> out = sorted.view();
+  const int lanes = layer_lanes(dm.L, dm.D, threads);
+  GateGrads<Cell, S> g(dm, lanes > 1);
+  if (lanes > 1) {
+    backward_layers_at_once<Cell>(tape, out, g.d_gates, g.d_hn, lanes);
+    for (Index layer = dm.L - 1; layer >= 0; --layer) layer_weight_grads(tape, layer, g, grads, threads);
+  } else {
+    backward_layer_by_layer<Cell>(tape, out, g, grads, threads);
+  }
+  Buffer<S> dx_own(tape.sorted ? 0 : dm.T * dm.B * dm.I);  // dx in sorted rows
+  layer_input_grad(tape, 0, g, tape.sorted ? grads.dx : dx_own.data(), threads);
+  if (!tape.sorted) scatter_rows(dx_own.data(), grads.dx, dm.T, dm.B, dm.I, tape.order);
+  sorted.scatter(tape, grads);
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
-// packs of these very weights for this batch size, thread count and plan, filled or to be filled;
-// used only without a tape (training plans its steps otherwise, and packs for the tape on its
-// own). plan: from forward_layer_plan for these inputs, or null to make one.
+// packs of these very weights for this batch size, thread count and layer_lanes, filled or to be
+// filled; used only without a tape (training plans its steps otherwise, and packs for the tape on
+// its own).
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out, bool keep_tape,
-                                       int threads, StackPacks<S>* packs = nullptr, const LayerPlan* plan = nullptr) {
-  std::optional<LayerPlan> own_plan;
-  if (!plan) plan = &own_plan.emplace(forward_layer_plan(in, keep_tape, threads));
+                                       int threads, StackPacks<S>* packs = nullptr) {
+  const int lanes = layer_lanes(in.dims.L, in.dims.D, threads);
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
-    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, plan->lanes());
+    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, lanes);
   });
-  plan->finished(in.dims.T);
   return tape;
 }
 

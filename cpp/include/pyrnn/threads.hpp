@@ -9,11 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <climits>
-#include <mutex>
 #include <thread>
-#include <vector>
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -63,6 +60,9 @@ class ThreadShare {
   const int count_;
 };
 
+// Pauses a waiter spins before it sleeps or yields: about 400 us (a pause is ~25 ns here).
+constexpr int kSpinPauses = 1 << 14;
+
 // One spin-wait pause: tells the core (and its sibling, if any) that this thread only waits.
 inline void cpu_pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -71,13 +71,13 @@ inline void cpu_pause() {
 }
 
 // A barrier for one team. libgomp's `omp barrier` makes a futex system call at every crossing,
-// whether or not a thread sleeps: 0.25-0.5 us against 35 ns for a crossing without one (two
-// threads, measured here), paid at every step of a time loop that shares out units. As libgomp
-// does, a waiter here spins, then sleeps on a futex; unlike it, the last thread to arrive makes
-// the call only when somebody sleeps. A waiter does not yield while it spins (a first version
-// did): a yielded core may go to another library's spinning pool thread for a whole time slice,
-// while a sleeper that is woken gets its core back at once. With more threads than cores a
-// waiter sleeps after a short spin, since the thread it waits for may need its core.
+// whether or not a thread sleeps, which costs several crossings without one, and a time loop that
+// shares out units crosses at every step. As libgomp does, a waiter here spins, then sleeps on a
+// futex; unlike it, the last thread to arrive makes the call only when somebody sleeps. A waiter
+// does not yield while it spins: a yielded core may go to another library's spinning pool thread
+// for a whole time slice, while a sleeper that is woken gets its core back at once. With more
+// threads than cores a waiter sleeps after a short spin, since the thread it waits for may need
+// its core.
 class TeamBarrier {
  public:
   // Every thread of a team of `team_size` calls this; none returns before all have called it,
@@ -93,7 +93,7 @@ class TeamBarrier {
       if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
       return;
     }
-    const int spins = team_size > processors() ? kShortSpin : kLongSpin;
+    const int spins = team_size > processors() ? kShortSpin : kSpinPauses;
     for (int i = 0; i < spins; ++i) {
       if (generation_.load(std::memory_order_acquire) != generation) return;
       cpu_pause();
@@ -104,8 +104,7 @@ class TeamBarrier {
   }
 
  private:
-  static constexpr int kLongSpin = 1 << 14;  // pauses, about 400 us (a pause is ~25 ns here)
-  static constexpr int kShortSpin = 64;      // about 1.6 us
+  static constexpr int kShortSpin = 64;  // pauses, about 1.6 us
   // Read once: omp_get_num_procs() asks the kernel for the thread's affinity at every call.
   static int processors() {
     static const int count = omp_get_num_procs();
@@ -140,14 +139,13 @@ class StepCount {
   Index await(Index steps) const {
     Index now = count();
     for (int spins = 0; now < steps; ++spins, now = count()) {
-      if (spins < kSpin) cpu_pause();
+      if (spins < kSpinPauses) cpu_pause();
       else std::this_thread::yield();
     }
     return now;
   }
 
  private:
-  static constexpr int kSpin = 1 << 14;  // about 400 us
   alignas(64) std::atomic<Index> steps_{0};  // a line of its own (the class is padded to 64 bytes)
 };
 
@@ -171,97 +169,6 @@ void run_team(int n, F&& body) {
   }
 #pragma omp parallel num_threads(n)
   body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier});
-}
-
-// Whether a time loop whose threads meet at every step runs faster now on its team or on one
-// thread, learnt from the loop's own calls. The thresholds that plan a team (see plan_steps) were
-// measured on a quiet host, but on a shared one meeting can cost several times more for seconds at
-// a time (a cache-line ping-pong between the two virtual CPUs here took 60-70 ns a round trip most
-// of the time, 330-470 ns in some periods), and in such periods a char-RNN LSTM's training loops
-// ran 1.7 times as long on two threads as on one.
-//
-// Each kind of loop keeps a running estimate of its time per step on the option it uses, and now
-// and then tries the other (after 4 calls, then ever more rarely while the answer stays the same:
-// a try of one thread on a loop that the team runs faster costs up to a call's time, so at most
-// one call in 256 pays it). Both options give the same bits (see the tests), so this changes the
-// time of a call, never its result.
-class TeamChoice {
- public:
-  enum Option { team = 0, alone = 1 };
-  // What sets a loop's cost: its kind and shape, and the team it was planned with.
-  struct Key {
-    int loop;
-    Index B, I, H, G, scalar_bytes;
-    int team;
-    Index layers = 1;  // a stack's, when the choice is how its layers run (see LayerPlan)
-    bool operator==(const Key& o) const {
-      return loop == o.loop && B == o.B && I == o.I && H == o.H && G == o.G && scalar_bytes == o.scalar_bytes &&
-             team == o.team && layers == o.layers;
-    }
-  };
-
-  Option pick(const Key& key) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Entry& e = entry(key);
-    if (e.calls_to_try > 0) {
-      --e.calls_to_try;
-      return e.choice;
-    }
-    return other(e.choice);
-  }
-
-  // A call of `key` ran on `option` at `ns_per_step`.
-  void record(const Key& key, Option option, double ns_per_step) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Entry& e = entry(key);
-    double& estimate = e.ns_per_step[option];
-    if (option == e.choice) {  // a running mean: one slow call must not flip the choice
-      estimate = estimate > 0 ? estimate + (ns_per_step - estimate) * kWeight : ns_per_step;
-      return;
-    }
-    estimate = ns_per_step;  // a try: the other option's time now, whatever it was before
-    if (estimate < e.ns_per_step[e.choice] * (1 - kMargin)) {
-      e.choice = option;
-      e.interval = kFirstTry;
-    } else {
-      e.interval = std::min(2 * e.interval, kLastTry);
-    }
-    e.calls_to_try = e.interval;
-  }
-
- private:
-  static constexpr int kFirstTry = 4, kLastTry = 256;
-  static constexpr double kWeight = 0.25, kMargin = 0.05;
-  static constexpr size_t kKeep = 64;  // kinds of loops remembered, the least recently used dropped
-  struct Entry {
-    Key key;
-    Option choice = team;
-    int interval = kFirstTry, calls_to_try = kFirstTry;
-    double ns_per_step[2] = {0, 0};
-  };
-  static Option other(Option o) { return o == team ? alone : team; }
-  Entry& entry(const Key& key) {
-    auto it = std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.key == key; });
-    if (it == entries_.end()) {
-      if (entries_.size() == kKeep) entries_.erase(entries_.begin());
-      entries_.push_back(Entry{key});
-    } else {
-      std::rotate(it, it + 1, entries_.end());  // most recently used last
-    }
-    return entries_.back();
-  }
-  std::mutex mutex_;
-  std::vector<Entry> entries_;
-};
-
-inline TeamChoice& team_choice() {
-  static TeamChoice choice;
-  return choice;
-}
-
-// Nanoseconds since `start`.
-inline double ns_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
 }
 
 // The tid-th of `parts` contiguous slices of [0, n), with slice edges on multiples of `align`.

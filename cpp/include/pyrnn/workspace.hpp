@@ -1,9 +1,9 @@
 // Buffers recycled across calls: the kernels' scratch arrays, the tape, and the returned arrays.
 //
 // A fresh multi-megabyte allocation is handed out by the kernel page by page: every 4 KiB costs a
-// page fault (and zeroing) on first touch, which at medium sizes takes as long as the RNN's
-// arithmetic. Released blocks are kept here instead and handed out again, uninitialised, to the
-// next request that fits, so a training loop stops faulting after its first step.
+// page fault (and zeroing) on first touch, which at medium sizes rivals the RNN's arithmetic.
+// Released blocks are kept here instead and handed out again, uninitialised, to the next request
+// that fits, so a training loop stops faulting after its first step.
 #pragma once
 
 #include <algorithm>
