@@ -15,6 +15,7 @@ from ._backend import (
     set_memory_cache_limit,
     set_num_threads,
 )
+from .cells import GRUCell, LSTMCell, RNNCell
 from .module import Module, is_grad_enabled, no_grad
 from .modules import GRU, LSTM, RNN, FrozenRNN
 
@@ -28,9 +29,12 @@ _LAZY_NAMES = {"Linear": "layers", "Embedding": "layers", "one_hot": "layers"}
 __all__ = [
     "FrozenRNN",
     "GRU",
+    "GRUCell",
     "LSTM",
+    "LSTMCell",
     "Module",
     "RNN",
+    "RNNCell",
     "backend_info",
     "functional",
     "get_num_threads",

@@ -7,38 +7,74 @@ two that work on one whole stack of layers and directions, time-major, two for a
 one for an optimizer.
 
 ``stack_forward(cell, x, h0, c0, weights, bidirectional, lengths, dropout_masks, keep_tape,
-packs=None)``
-    cell           "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
+packs=None, residual=False)``
+    cell           a name from the cell table (pyrnn/_cells.py): "rnn_tanh" | "rnn_relu" |
+                   "lstm" | "gru" | "lstm_peephole" | "lstm_coupled" | "lstm_coupled_peephole" |
+                   "gru_reset_before" (the math of each: see pyrnn/reference.py)
     x              (T, B, I) C-contiguous, float32 or float64 (every array below has x's dtype)
-    h0             (L*D, B, H) C-contiguous, ordered l0-fwd, l0-bwd, l1-fwd, ...
-    c0             (L*D, B, H) for "lstm", else None
-    weights        list of L*D tuples (w_ih (G*H, I_k), w_hh (G*H, H), b_ih (G*H,), b_hh (G*H,)),
-                   same order as h0; I_0 = I, I_k = D*H for k > 0; G = 1, 4, 3 for rnn, lstm, gru;
-                   gate rows stacked as PyTorch stacks them (lstm i,f,g,o; gru r,z,n)
+    h0             (L*D, B, P) C-contiguous, ordered l0-fwd, l0-bwd, l1-fwd, ...; P is the width
+                   of h: the projection's size for a projected LSTM, else P = H
+    c0             (L*D, B, H) for the LSTM cells ("lstm*"), else None
+    weights        list of L*D tuples, same order as h0, every one of the same form:
+                   (w_ih (G*H, I_k), w_hh (G*H, P), b_ih (G*H,), b_hh (G*H,)) for a cell
+                   without peepholes in a stack without projection; otherwise 6 parts,
+                   (w_ih, w_hh, b_ih, b_hh, w_peep, w_hr), with
+                     w_peep (K, H) the peephole vectors of the cell's K gates that see c, in
+                            the order "lstm_peephole" (i, f, o), K = 3, and
+                            "lstm_coupled_peephole" (f, o), K = 2; None for other cells
+                     w_hr   (P, H), LSTM cells only: h = (o * tanh(c)) w_hr^T (PyTorch's
+                            proj_size); None for a stack without projection
+                   weights[0]'s w_hr decides whether the stack is projected (its shape gives H;
+                   without it H = P), and every entry must agree. I_0 = I, I_k = D*P for k > 0;
+                   G = 1 (rnn_*), 4 (lstm, lstm_peephole), 3 (gru, gru_reset_before,
+                   lstm_coupled, lstm_coupled_peephole); gate rows stacked as PyTorch stacks
+                   them (lstm* i,f,g,o; gru* r,z,n), the coupled cells' as f,g,o (i = 1 - f
+                   has no rows)
     bidirectional  bool: D = 2 if True else 1 (L*D entries alone cannot tell L from D)
     lengths        int64 (B,) with every value in [1, T], any order; or None (all T)
-    dropout_masks  None, or a list of L-1 arrays (T, B, D*H), multiplied into the output of
+    dropout_masks  None, or a list of L-1 arrays (T, B, D*P), multiplied into the output of
                    layer k before layer k+1 reads it (already scaled by 1/(1-p))
     keep_tape      False: inference, tape is None
     packs          None, or (C++ only, inference only) a ``PackCache()`` of the backend (see
                    ``new_pack_cache``) to keep the weights packed between calls: it serves one
                    set of weight arrays, passed as the same C-contiguous arrays every call and
                    never changed (it would go on running the values it packed first)
-    returns (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H) or None, tape)
+    residual       bool: layer k > 0 adds what it reads (layer k-1's output after its dropout
+                   mask, (T, B, D*P)) to its own output; states are unchanged; no effect with
+                   L = 1
+    returns (out (T, B, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None, tape)
 
     Lengths follow PyTorch's packed sequences: out[t, b] = 0 for t >= lengths[b]; the forward
     direction's final state is its state after step lengths[b]-1; the reverse direction starts
     from h0 at step lengths[b]-1 and ends at step 0.
 
+    The variants, per step (a_* = the gate's rows of x W_ih^T + b_ih + h_prev W_hh^T + b_hh):
+      lstm_peephole     i = σ(a_i + w_ci c_prev), f = σ(a_f + w_cf c_prev), g = tanh(a_g),
+                        c = f c_prev + i g, o = σ(a_o + w_co c), h = o tanh(c)   (ONNX's P)
+      lstm_coupled*     f = σ(a_f [+ w_cf c_prev]), g = tanh(a_g), c = f c_prev + (1 - f) g,
+                        o = σ(a_o [+ w_co c]), h = o tanh(c)
+      projection        h = (o tanh(c)) w_hr^T; c keeps width H
+      gru_reset_before  r = σ(a_r), z = σ(a_z), n = tanh(x W_in^T + b_in + (r h_prev) W_hn^T
+                        + b_hn), h = (1 - z) n + z h_prev   (ONNX's linear_before_reset=0)
+
 ``stack_backward(tape, d_out, d_h_n, d_c_n, accumulate_into=None)``
-    d_out (T, B, D*H); d_h_n (L*D, B, H); d_c_n (L*D, B, H) for "lstm", else None
-    accumulate_into  None, or L*D tuples of 4 arrays shaped like weights, of the tape's dtype,
-                   C-contiguous and writable, none sharing memory with another or with d_out,
-                   d_h_n or d_c_n: the weight gradients are added into them in place (as a
-                   module's gradients accumulate), with no arrays of their own
-    returns (dx (T, B, I), dh0 (L*D, B, H), dc0 or None, d_weights), d_weights shaped like
-    weights (a list of L*D tuples of 4 arrays; with accumulate_into, those arrays); gradients
-    are summed over time steps.
+    d_out (T, B, D*P); d_h_n (L*D, B, P); d_c_n (L*D, B, H) for the LSTM cells, else None
+    accumulate_into  None, or L*D tuples shaped like weights (None where weights have None),
+                   of the tape's dtype, C-contiguous and writable, none sharing memory with
+                   another or with d_out, d_h_n or d_c_n: the weight gradients are added into
+                   them in place (as a module's gradients accumulate), with no arrays of their own
+    returns (dx (T, B, I), dh0 (L*D, B, P), dc0 or None, d_weights), d_weights shaped like
+    weights (L*D tuples of the weights' form, None where they have None; with
+    accumulate_into, those arrays); gradients are summed over time steps.
+
+    The tape tells the Python checks its call: ``cell`` (str), ``dtype``, ``dims`` (T, B, I, H,
+    L, D) and, on the C++ core's tape, ``proj_size`` (P of a projected stack, else 0; read as 0
+    when absent).
+
+What a build of the C++ core runs: ``_core.features()`` lists the cells it has kernels for and,
+as "projection" and "residual", the options it supports (a build without that function runs the
+four plain cells, no option: see ``supports``). ``backend="auto"`` runs anything else on the
+NumPy reference; ``backend="cpp"`` refuses it.
 
 The tape is opaque to callers and stays valid after the caller changes or drops its arrays.
 
@@ -86,6 +122,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import reference
+from ._cells import features_needed
 
 BACKENDS = ("auto", "cpp", "numpy")
 
@@ -105,15 +142,37 @@ def cpp_available() -> bool:
     return _core is not None and hasattr(_core, "stack_forward")
 
 
-def resolve(backend: str) -> str:
-    """Turn "auto" | "cpp" | "numpy" into the concrete backend name, or raise."""
+def cpp_features() -> frozenset[str]:
+    """What the loaded C++ core runs: the names of its cells, and "projection" and "residual"
+    when it supports them (empty without the core)."""
+    return _core.FEATURES if cpp_available() else frozenset()
+
+
+def missing_in_cpp(cell: str, projected: bool = False, residual: bool = False) -> list[str]:
+    """What the loaded C++ core lacks to run such a stack, in a stable order (empty: none)."""
+    return sorted(features_needed(cell, projected, residual) - cpp_features())
+
+
+def resolve(backend: str, cell: str | None = None, projected: bool = False,
+            residual: bool = False) -> str:
+    """Turn "auto" | "cpp" | "numpy" into the concrete backend name, or raise. Given a cell
+    (and its options), "auto" picks the C++ core only if it runs them (else the NumPy reference,
+    with one warning per missing feature), and "cpp" raises if it does not."""
     global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "numpy":
         return "numpy"
     if cpp_available():
-        return "cpp"
+        missing = missing_in_cpp(cell, projected, residual) if cell is not None else []
+        if not missing:
+            return "cpp"
+        if backend == "cpp":
+            raise RuntimeError(f"backend='cpp' requested, but this build of the C++ core has no "
+                               f"kernels for {', '.join(map(repr, missing))} yet; "
+                               "backend='auto' runs them on the NumPy reference")
+        _warn_missing(missing)
+        return "numpy"
     if backend == "cpp":
         why = (
             f"it failed to import: {_IMPORT_ERROR}"
@@ -129,6 +188,18 @@ def resolve(backend: str) -> str:
         )
         _warned_fallback = True
     return "numpy"
+
+
+_warned_missing: set[str] = set()
+
+
+def _warn_missing(missing: list[str]) -> None:
+    """One warning per feature the C++ core lacks, the first time a stack needs it."""
+    new = [m for m in missing if m not in _warned_missing]
+    if new:
+        _warned_missing.update(new)
+        warnings.warn(f"pyrnn: the C++ core has no kernels for {', '.join(map(repr, new))} yet; "
+                      "using the (slower) NumPy reference for them", RuntimeWarning, stacklevel=4)
 
 
 def kernels(backend: str) -> ModuleType:

@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._cells import CELLS, WITH_C, Cell
+from ._cells import BASE_PARTS, CELLS, PARTS, Cell, gru_cell, lstm_cell
+
+WITH_C = tuple(name for name, cell in CELLS.items() if cell.has_c)  # for messages
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT_CODES = frozenset(d.char for d in FLOAT_DTYPES)  # "f", "d"
@@ -105,6 +107,26 @@ def generator(rng: Any) -> np.random.Generator:
 def cell(name: Any) -> Cell:
     """The cell of that name, for the functional layer."""
     return CELLS[choice("cell", name, tuple(CELLS))]
+
+
+def lstm_variant(peephole: Any, coupled_gates: Any) -> str:
+    """The cell of an LSTM with these flags (any combination is one)."""
+    return lstm_cell(flag("peephole", peephole), flag("coupled_gates", coupled_gates))
+
+
+def gru_variant(reset_after: Any) -> str:
+    """The cell of a GRU with reset_after: True (PyTorch's), False (the original form)."""
+    return gru_cell(flag("reset_after", reset_after))
+
+
+def proj_size(value: Any, hidden_size: int) -> int:
+    """0 (no projection), or an int in [1, hidden_size) as PyTorch requires."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"proj_size: expected an int, got {value!r}")
+    if not 0 <= value < hidden_size:
+        raise ValueError(f"proj_size: expected 0 (no projection) or 0 < proj_size < "
+                         f"hidden_size = {hidden_size}, got {value}")
+    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,11 +334,12 @@ class StackArgs(NamedTuple):
     x: Array
     h0: Array
     c0: Array | None
-    weights: list[tuple[Array, ...]]
+    weights: list[tuple[Array | None, ...]]
     bidirectional: bool
     lengths: Array | None
     dropout_masks: list[Array] | None
     keep_tape: bool
+    residual: bool
 
 
 def kernel_cell(name: Any) -> Cell:
@@ -326,26 +349,31 @@ def kernel_cell(name: Any) -> Cell:
 
 
 def kernel_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
-                   lengths_: Any, dropout_masks: Any, keep_tape: Any, backend: str) -> StackArgs:
-    """stack_forward's arguments: h0 (L*D, B, H) sets L*D and H, which the rest must match.
-    What the call will allocate on `backend` is weighed before x or h0 is copied."""
+                   lengths_: Any, dropout_masks: Any, keep_tape: Any, backend: str,
+                   residual: Any = False) -> StackArgs:
+    """stack_forward's arguments: h0 (L*D, B, P) sets L*D and P, the width of h; weights[0]'s
+    w_hr (P, H) sets H for a projected stack (else H = P). The rest must match them. What the
+    call will allocate on `backend` is weighed before x or h0 is copied."""
     spec = kernel_cell(cell)
     x = _kernel_x(x)
     T, B, I = x.shape  # noqa: N806, E741
     D = 2 if flag("bidirectional", bidirectional) else 1  # noqa: N806
     h0 = _kernel_h0(h0, B, D, x.dtype)
-    LD, _, H = h0.shape  # noqa: N806
+    LD, _, P = h0.shape  # noqa: N806
+    entries("weights", weights, LD, "one tuple per layer and direction, as h0")
+    H, proj = _kernel_hidden(spec, weights[0], P)  # noqa: N806
     keep_tape = flag("keep_tape", keep_tape)
+    residual = flag("residual", residual)
     mode = "train" if keep_tape else "infer"
     extra = copies(x) * I + (lengths_ is not None) * I  # the core sorts rows by length
-    call_fits("x", x.shape, stack_bytes(spec, (T, B, I, H, LD // D, D), x.dtype.itemsize,
-                                        mode, backend, extra), STACK_CALL)
+    call_fits("x", x.shape, stack_bytes(spec, (T, B, I, max(H, P), LD // D, D),
+                                        x.dtype.itemsize, mode, backend, extra), STACK_CALL)
     x, h0 = native(x), native(h0)
-    c0 = _kernel_c0(spec, c0, h0.shape, x.dtype)
-    weights = _kernel_weights(spec, weights, LD, D, I, H, x.dtype)
+    c0 = _kernel_c0(spec, c0, (LD, B, H), x.dtype)
+    weights = _kernel_weights(spec, weights, D, I, H, proj, x.dtype)
     lengths_ = lengths(lengths_, T, B, spelled=f"shape ({B},)")
-    masks = _kernel_masks(dropout_masks, LD // D, (T, B, D * H), x.dtype)
-    return StackArgs(spec.name, x, h0, c0, weights, D == 2, lengths_, masks, keep_tape)
+    masks = _kernel_masks(dropout_masks, LD // D, (T, B, D * P), x.dtype)
+    return StackArgs(spec.name, x, h0, c0, weights, D == 2, lengths_, masks, keep_tape, residual)
 
 
 def _kernel_x(x: Any) -> Array:
@@ -358,13 +386,41 @@ def _kernel_x(x: Any) -> Array:
 
 def _kernel_h0(h0: Any, B: int, D: int, dtype: np.dtype) -> Array:  # noqa: N803
     if h0 is None:
-        raise ValueError("h0: required, an array (L*D, B, H) (zeros for no initial state)")
+        raise ValueError("h0: required, an array (L*D, B, P) (zeros for no initial state)")
     h0 = float_ndarray("h0", h0, dtype)
     if h0.ndim != 3 or h0.shape[0] < 1 or h0.shape[2] < 1 or h0.shape[0] % D:
-        raise ValueError(f"h0: expected shape (L*D, B, H) with L >= 1, D = {D}, H >= 1, "
+        raise ValueError(f"h0: expected shape (L*D, B, P) with L >= 1, D = {D}, P >= 1, "
                          f"got {h0.shape}")
-    shape("h0", h0, (h0.shape[0], B, h0.shape[2]), "(L*D, B, H)")
+    shape("h0", h0, (h0.shape[0], B, h0.shape[2]), "(L*D, B, P)")
     return h0
+
+
+def _kernel_hidden(spec: Cell, entry: Any, P: int) -> tuple[int, int]:  # noqa: N803
+    """(H, proj) from weights[0]: a w_hr (P, H) makes the stack projected (proj = P), its
+    absence unprojected (H = P, proj = 0). The entry's other faults are _kernel_weights'."""
+    w_hr = _given_w_hr(entry)
+    if w_hr is None:
+        return P, 0
+    _projection_allowed(spec, "weights[0] w_hr")
+    if not isinstance(w_hr, np.ndarray) or w_hr.ndim != 2 or w_hr.shape[0] != P or (
+            w_hr.shape[1] < 1):
+        got = getattr(w_hr, "shape", type(w_hr).__name__)
+        raise ValueError(f"weights[0] w_hr: expected shape (P, H) with P = {P} (the width of "
+                         f"h0) and H >= 1, got {got}")
+    return int(w_hr.shape[1]), P
+
+
+def _given_w_hr(entry: Any) -> Any:
+    """An entry's w_hr as given: None when it has no sixth part."""
+    if isinstance(entry, list | tuple) and len(entry) == len(PARTS):
+        return entry[len(PARTS) - 1]
+    return None
+
+
+def _projection_allowed(spec: Cell, name: str) -> None:
+    if not spec.can_project:
+        raise ValueError(f"{name}: cell {spec.name!r} has no projection (only the LSTM cells "
+                         "do); expected None, or 4-part entries")
 
 
 def _kernel_c0(spec: Cell, c0: Any, state_shape: tuple[int, ...], dtype: np.dtype) -> Any:
@@ -377,22 +433,56 @@ def _kernel_c0(spec: Cell, c0: Any, state_shape: tuple[int, ...], dtype: np.dtyp
 
 def no_cell_state(name: str, value: Any, cell_name: str) -> None:
     if value is not None:
-        only = " and ".join(repr(n) for n in WITH_C)
-        raise ValueError(f"{name}: only {only} has a cell state; expected None for "
-                         f"{cell_name!r}")
+        raise ValueError(f"{name}: only {WITH_C[0]!r} has a cell state (and its variants "
+                         f"{', '.join(map(repr, WITH_C[1:]))}); expected None for {cell_name!r}")
 
 
-def _kernel_weights(spec: Cell, weights: Any, LD: int, D: int, I: int, H: int,  # noqa: N803, E741
-                    dtype: np.dtype) -> list[tuple[Array, ...]]:
-    entries("weights", weights, LD, "one tuple per layer and direction, as h0")
+def entry_form(spec: Cell, k: int, entry: Any, proj: int, what: str = "weights") -> None:
+    """weights[k] must be a tuple of the cell's form (4 parts, or 6 for a cell with peepholes or
+    a projected stack); the message names, not prints, it."""
+    names = spec.part_names(bool(proj))
+    if not isinstance(entry, list | tuple) or len(entry) != len(names):
+        got = f"{len(entry)} items" if isinstance(entry, list | tuple) else type(entry).__name__
+        form = f"cell {spec.name!r}" + (" with projection" if proj else "")
+        raise ValueError(f"{what}[{k}]: expected {len(names)} entries ({', '.join(names)}) for "
+                         f"{form}, got {got}")
+
+
+def absent_part(spec: Cell, name: str, part: str, value: Any, proj: int) -> None:
+    """A part the form leaves out (w_peep of a cell without peepholes, w_hr of a stack without
+    projection) must be None."""
+    if value is None:
+        return
+    if part == "w_hr":
+        _projection_allowed(spec, name)
+        why = "the stack is not projected (weights[0] has no w_hr)"
+    else:
+        why = f"cell {spec.name!r} has no peepholes"
+    raise ValueError(f"{name}: expected None, as {why}")
+
+
+def required_part(name: str, value: Any, spec: Cell) -> None:
+    """w_peep and w_hr, where the form has them, may not be None."""
+    if value is None:
+        raise ValueError(f"{name}: required for cell {spec.name!r} here, got None")
+
+
+def _kernel_weights(spec: Cell, weights: Sequence[Any], D: int, I: int, H: int,  # noqa: N803, E741
+                    proj: int, dtype: np.dtype) -> list[tuple[Array | None, ...]]:
     checked = []
     for k, entry in enumerate(weights):
-        name = f"weights[{k}]"
-        entries(name, entry, len(spec.params), ", ".join(spec.parts))
-        shapes = spec.shapes(I if k < D else D * H, H)
-        checked.append(tuple(
-            a if is_ready(a, dtype, s) else array(f"{name} {part}", a, dtype, s)
-            for part, a, s in zip(spec.parts, entry, shapes, strict=True)))
+        entry_form(spec, k, entry, proj)
+        shapes = spec.shapes(I if k < D else D * (proj or H), H, proj)
+        arrays = []
+        for part, a, s in zip(spec.part_names(bool(proj)), entry, shapes, strict=True):
+            name = f"weights[{k}] {part}"
+            if s is None:
+                absent_part(spec, name, part, a, proj)
+            elif not is_ready(a, dtype, s):
+                required_part(name, a, spec)
+                a = array(name, a, dtype, s)
+            arrays.append(a)
+        checked.append(tuple(arrays))
     return checked
 
 
@@ -415,24 +505,34 @@ class TapeDims(NamedTuple):
     H: int
     L: int
     D: int
+    proj: int = 0  # the projection's width P, 0 without projection
+
+    @property
+    def P(self) -> int:  # noqa: N802 - the contract's name
+        """The width of h and of each direction's output."""
+        return self.proj or self.H
+
+    def fan_in(self, k: int) -> int:
+        """What the layer of weights[k] reads."""
+        return self.I if k < self.D else self.D * self.P
 
 
-def tape_dims(cell_name: str, dtype: Any, dims: Sequence[int]) -> TapeDims:
-    """TapeDims from a tape's cell, dtype (or its name) and (T, B, I, H, L, D)."""
+def tape_dims(cell_name: str, dtype: Any, dims: Sequence[int], proj: int = 0) -> TapeDims:
+    """TapeDims from a tape's cell, dtype (or its name), (T, B, I, H, L, D) and proj_size."""
     dtype = _BY_NAME[dtype] if isinstance(dtype, str) else dtype
-    return TapeDims(cell_name, dtype, *dims)
+    return TapeDims(cell_name, dtype, *dims, proj)
 
 
 def kernel_backward(dims: TapeDims, d_out: Any, d_h_n: Any, d_c_n: Any,
                     accumulate_into: Any, backend: str) -> tuple[Array, Any, Any, Any]:
     """stack_backward's arguments after the tape: d_h_n and d_c_n may be None."""
-    T, B, H, LD = dims.T, dims.B, dims.H, dims.L * dims.D  # noqa: N806
+    T, B, H, P, LD = dims.T, dims.B, dims.H, dims.P, dims.L * dims.D  # noqa: N806
     given = (d_out, d_h_n, d_c_n)
-    d_out = float_ndarray("d_out", d_out, dims.dtype, (T, B, dims.D * H))
+    d_out = float_ndarray("d_out", d_out, dims.dtype, (T, B, dims.D * P))
     call_fits("d_out", d_out.shape, backward_bytes(dims, backend, copies(d_out)), STACK_CALL)
     d_out = native(d_out)
     if d_h_n is not None:
-        d_h_n = array("d_h_n", d_h_n, dims.dtype, (LD, B, H))
+        d_h_n = array("d_h_n", d_h_n, dims.dtype, (LD, B, P))
     if not CELLS[dims.cell].has_c:
         no_cell_state("d_c_n", d_c_n, dims.cell)
     elif d_c_n is not None:
@@ -444,30 +544,42 @@ def kernel_backward(dims: TapeDims, d_out: Any, d_h_n: Any, d_c_n: Any,
 
 def backward_bytes(dims: TapeDims, backend: str, d_out_copies: int) -> int:
     """About what stack_backward allocates for a tape of dims, d_out copied d_out_copies times."""
-    return stack_bytes(CELLS[dims.cell], dims[2:], dims.dtype.itemsize, "backward", backend,
-                       d_out_copies * dims.D * dims.H)
+    sizes = (dims.T, dims.B, dims.I, max(dims.H, dims.P), dims.L, dims.D)
+    return stack_bytes(CELLS[dims.cell], sizes, dims.dtype.itemsize, "backward", backend,
+                       d_out_copies * dims.D * dims.P)
 
 
-def weight_targets(targets: Any, dims: TapeDims, reads: Sequence[Any]) -> list[tuple[Array, ...]]:
-    """accumulate_into: L*D tuples of arrays shaped like the weights, each one `written` and its
-    own memory, none in the memory of reads (d_out, d_h_n, d_c_n as given)."""
+def weight_targets(targets: Any, dims: TapeDims, reads: Sequence[Any]
+                   ) -> list[tuple[Array | None, ...]]:
+    """accumulate_into: L*D tuples of arrays shaped like the weights (None where the weights
+    have None), each one `written` and its own memory, none in the memory of reads (d_out,
+    d_h_n, d_c_n as given)."""
     spec = CELLS[dims.cell]
     entries("accumulate_into", targets, dims.L * dims.D,
             "one tuple per layer and direction, as weights")
-    parts = ["d" + part for part in spec.parts]
+    parts = ["d" + part for part in spec.part_names(bool(dims.proj))]
     named: list[tuple[str, Array | None]] = list(zip(("d_out", "d_h_n", "d_c_n"), reads,
                                                      strict=True))
     checked = []
     for k, entry in enumerate(targets):
         name = f"accumulate_into[{k}]"
-        entries(name, entry, len(parts), ", ".join(parts))
-        shapes = spec.shapes(dims.I if k < dims.D else dims.D * dims.H, dims.H)
-        arrays = tuple(written(f"{name} {part}", a, dims.dtype, s)
+        entry_form(spec, k, entry, dims.proj, "accumulate_into")
+        shapes = spec.shapes(dims.fan_in(k), dims.H, dims.proj)
+        arrays = tuple(_target(f"{name} {part}", a, dims.dtype, s)
                        for part, a, s in zip(parts, entry, shapes, strict=True))
         named.extend((f"{name} {part}", a) for part, a in zip(parts, arrays, strict=True))
         checked.append(arrays)
     disjoint(named, first_written=3)
     return checked
+
+
+def _target(name: str, a: Any, dtype: np.dtype, expected: tuple[int, ...] | None) -> Any:
+    """One array of accumulate_into: `written`, or None where the weights had no such part."""
+    if expected is None:
+        if a is not None:
+            raise ValueError(f"{name}: expected None, as the weights have no such part")
+        return None
+    return written(name, a, dtype, expected)
 
 
 def kernel_linear(x: Any, weight: Any) -> tuple[Array, Array]:
@@ -599,17 +711,19 @@ def rnn_backward_fits(dims: TapeDims, d_out: Any, batch_first: bool, backend: st
     """Refuse a backward call that would not fit in memory, before making d_out's copies."""
     shape = (dims.B, dims.T) if batch_first else (dims.T, dims.B)
     ready = isinstance(d_out, np.ndarray) and not copies(d_out) and not batch_first
-    call_fits("d_out", (*shape, dims.D * dims.H), backward_bytes(dims, backend, 1 - ready),
+    call_fits("d_out", (*shape, dims.D * dims.P), backward_bytes(dims, backend, 1 - ready),
               STACK_CALL)
 
 
-def state(name: str, value: Any, expected: tuple[int, int, int], dtype: np.dtype) -> Array:
-    """An initial state or upstream state gradient (L*D, B, H); None means zeros."""
+def state(name: str, value: Any, expected: tuple[int, int, int], dtype: np.dtype,
+          meaning: str = "(L*D, B, H)") -> Array:
+    """An initial state or upstream state gradient (L*D, B, H); None means zeros. `meaning`
+    spells the shape (h of a projected LSTM: "(L*D, B, proj_size)")."""
     if value is None:
         return np.zeros(expected, dtype)
     if is_ready(value, dtype, expected):
         return value
-    return array(name, value, dtype, expected, "(L*D, B, H)")
+    return array(name, value, dtype, expected, meaning)
 
 
 def cell_state(name: str, value: Any, spec: Cell, expected: tuple[int, int, int],
@@ -620,88 +734,100 @@ def cell_state(name: str, value: Any, spec: Cell, expected: tuple[int, int, int]
     return no_cell_state(name, value, spec.name)
 
 
+def h_meaning(proj: int) -> str:
+    """How a message spells the shape of h: its width is proj_size when projected."""
+    return "(L*D, B, proj_size)" if proj else "(L*D, B, H)"
+
+
 class RnnWeights(NamedTuple):
     """The functional layer's weights in kernel form, and what they imply."""
 
-    weights: list[tuple[Array, ...]]  # zero arrays where a bias was None
+    weights: list[tuple[Array | None, ...]]  # zero arrays where a bias was None
     bias_given: tuple[tuple[bool, ...], ...]  # per entry, per part: not None
     L: int
     H: int
+    proj: int  # P of a projected stack (w_hr (P, H)), else 0
 
 
 def rnn_weights(spec: Cell, weights: Any, D: int, I: int, dtype: np.dtype) -> RnnWeights:  # noqa: N803, E741
-    """L*D entries (w_ih, w_hh, b_ih or None, b_hh or None): the first w_hh sets H."""
+    """L*D entries (w_ih, w_hh, b_ih or None, b_hh or None[, w_peep, w_hr]): the first w_hh
+    (G*H, P) sets P and, with no w_hr, H = P; its w_hr (P, H) sets H."""
     if not isinstance(weights, list | tuple):
-        raise TypeError(f"weights: expected a list of ({', '.join(spec.parts)}) tuples, "
+        raise TypeError(f"weights: expected a list of ({', '.join(spec.part_names())}) tuples, "
                         f"got {type(weights).__name__}")
     if len(weights) == 0 or len(weights) % D:
         raise ValueError(f"weights: expected L*D entries with L >= 1 and D = {D} (one per "
                          f"layer and direction), got {len(weights)}")
-    H = _hidden_size(spec, weights[0])  # noqa: N806
+    H, proj = _hidden_size(spec, weights[0])  # noqa: N806
     kernel_weights, bias_given = [], []
-    all_given = (True,) * len(spec.params)
     for k, entry in enumerate(weights):
-        shapes = spec.shapes(I if k < D else D * H, H)
+        shapes = spec.shapes(I if k < D else D * (proj or H), H, proj)
         if type(entry) is tuple and len(entry) == len(shapes) and all(
-                is_ready(a, dtype, s) for a, s in zip(entry, shapes)):  # noqa: B905 - same length
+                a is None if s is None else is_ready(a, dtype, s)
+                for a, s in zip(entry, shapes)):  # noqa: B905 - same length
             kernel_weights.append(entry)  # the hot path: nothing to convert, no names to build
-            bias_given.append(all_given)
         else:
-            _weight_entry(spec, k, entry)
-            kernel_weights.append(_kernel_entry(spec, k, entry, shapes, dtype))
-            bias_given.append(tuple([a is not None for a in entry]))
-    return RnnWeights(kernel_weights, tuple(bias_given), len(weights) // D, H)
+            entry_form(spec, k, entry, proj)
+            kernel_weights.append(_kernel_entry(spec, k, entry, shapes, proj, dtype))
+        bias_given.append(tuple(a is not None for a in entry))
+    return RnnWeights(kernel_weights, tuple(bias_given), len(weights) // D, H, proj)
 
 
-def _kernel_entry(spec: Cell, k: int, entry: Sequence[Any], shapes: tuple[tuple[int, ...], ...],
-                  dtype: np.dtype) -> tuple[Array, ...]:
+def _kernel_entry(spec: Cell, k: int, entry: Sequence[Any],
+                  shapes: tuple[tuple[int, ...] | None, ...], proj: int,
+                  dtype: np.dtype) -> tuple[Array | None, ...]:
     """weights[k] in kernel form: each array checked and converted, zeros for a None bias."""
     arrays = []
-    for param, a, s, meaning in zip(spec.params, entry, shapes, spec.spelled_shapes(),
-                                    strict=True):
-        if a is None and param.bias:
+    for slot, part, a, s, meaning in zip(spec.part_names(bool(proj)), spec.parts(bool(proj)),
+                                         entry, shapes, spec.spelled_shapes(bool(proj)),
+                                         strict=True):
+        name = f"weights[{k}] {slot}"
+        if part is None:
+            absent_part(spec, name, slot, a, proj)
+        elif a is None and part.bias:
             a = np.zeros(s, dtype)
         elif not is_ready(a, dtype, s):
-            a = array(f"weights[{k}] {param.part}", a, dtype, s, meaning)
+            required_part(name, a, spec)
+            a = array(name, a, dtype, s, meaning)
         arrays.append(a)
     return tuple(arrays)
 
 
-def _weight_entry(spec: Cell, k: int, entry: Any) -> None:
-    """weights[k] must be a tuple of the cell's parts; the message names, not prints, it."""
-    if not isinstance(entry, list | tuple) or len(entry) != len(spec.params):
-        got = f"{len(entry)} items" if isinstance(entry, list | tuple) else type(entry).__name__
-        raise ValueError(f"weights[{k}]: expected a tuple ({', '.join(spec.parts)}), got {got}")
-
-
-def _hidden_size(spec: Cell, entry: Any) -> int:
-    """H from the first entry's w_hh (G*H, H)."""
-    _weight_entry(spec, 0, entry)
+def _hidden_size(spec: Cell, entry: Any) -> tuple[int, int]:
+    """(H, proj) from the first entry: w_hh (G*H, P), and w_hr (P, H) if projected."""
+    if not isinstance(entry, list | tuple) or len(entry) not in (BASE_PARTS, len(PARTS)):
+        entry_form(spec, 0, entry, 0)  # raises, naming the form
     w_hh = entry[1]
     if not isinstance(w_hh, np.ndarray) or w_hh.ndim != 2 or w_hh.shape[1] < 1:
         got = getattr(w_hh, "shape", type(w_hh).__name__)
-        raise ValueError(f"weights[0] w_hh: expected a 2-D array (G*H, H), got {got}")
-    return int(w_hh.shape[1])
+        raise ValueError(f"weights[0] w_hh: expected a 2-D array (G*H, P), got {got}")
+    P = int(w_hh.shape[1])  # noqa: N806
+    if _given_w_hr(entry) is None:
+        return P, 0
+    return _kernel_hidden(spec, entry, P)
 
 
 def rnn_d_out(d_out: Any, dims: TapeDims, batch_first: bool) -> Array:
     """The gradient of out, laid out as out was (None: zeros), returned time-major."""
-    out_shape = (dims.T, dims.B, dims.D * dims.H)
+    out_shape = (dims.T, dims.B, dims.D * dims.P)
+    width = "D*proj_size" if dims.proj else "D*H"
     if d_out is None:
         return np.zeros(out_shape, dims.dtype)
     if not batch_first:
-        return array("d_out", d_out, dims.dtype, out_shape, "(T, B, D*H)")
-    d_out = array("d_out", d_out, dims.dtype, (dims.B, dims.T, dims.D * dims.H), "(B, T, D*H)")
+        return array("d_out", d_out, dims.dtype, out_shape, f"(T, B, {width})")
+    d_out = array("d_out", d_out, dims.dtype, (dims.B, dims.T, dims.D * dims.P),
+                  f"(B, T, {width})")
     return np.ascontiguousarray(d_out.transpose(1, 0, 2))
 
 
 def rnn_targets(targets: Any, dims: TapeDims, bias_given: tuple[tuple[bool, ...], ...],
-                reads: Sequence[Any]) -> list[tuple[Array, ...]]:
+                reads: Sequence[Any]) -> list[tuple[Array | None, ...]]:
     """rnn_backward's accumulate_into: as the kernel's (weight_targets), with None where the
     forward pass had no bias, which becomes a zero array whose sum is dropped."""
-    if all(all(given) for given in bias_given):
-        return weight_targets(targets, dims, reads)
     spec, n = CELLS[dims.cell], dims.L * dims.D
+    parts = spec.parts(bool(dims.proj))
+    if all(all(given[i] or p is None for i, p in enumerate(parts)) for given in bias_given):
+        return weight_targets(targets, dims, reads)
     if not isinstance(targets, list | tuple):
         raise TypeError(f"accumulate_into: expected a list of {n} tuples (one per layer and "
                         f"direction, as d_weights), got {type(targets).__name__}")
@@ -711,15 +837,17 @@ def rnn_targets(targets: Any, dims: TapeDims, bias_given: tuple[tuple[bool, ...]
     filled = []
     for k, (entry, given) in enumerate(zip(targets, bias_given, strict=True)):
         name = f"accumulate_into[{k}]"
-        entries(name, entry, len(spec.params), ", ".join("d" + p for p in spec.parts))
-        shapes = spec.shapes(dims.I if k < dims.D else dims.D * dims.H, dims.H)
-        parts = []
-        for param, a, s, has in zip(spec.params, entry, shapes, given, strict=True):
-            if not has and a is not None:
-                raise ValueError(f"{name} d{param.part}: expected None, as the forward pass "
-                                 "had no bias")
-            parts.append(a if has else np.zeros(s, dims.dtype))
-        filled.append(tuple(parts))
+        entry_form(spec, k, entry, dims.proj, "accumulate_into")
+        shapes = spec.shapes(dims.fan_in(k), dims.H, dims.proj)
+        filled_entry = []
+        for part, a, s, has in zip(parts, entry, shapes, given, strict=True):
+            if part is not None and part.bias and not has:
+                if a is not None:
+                    raise ValueError(f"{name} d{part.name}: expected None, as the forward pass "
+                                     "had no bias")
+                a = np.zeros(s, dims.dtype)
+            filled_entry.append(a)
+        filled.append(tuple(filled_entry))
     return weight_targets(filled, dims, reads)
 
 

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _checks
+from ._cells import PLAIN_CELLS, features_needed
 
 _V4_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}
 _V3_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}
@@ -94,6 +95,11 @@ _batch_one, batch_one_variant = _load_batch_one(
     _batch_one_variant(variant, _vendor, _flags, _isa))
 _by_tape = {_impl.Tape: _impl} | ({_batch_one.Tape: _batch_one} if _batch_one else {})
 
+# What this build runs (see the kernel contract in pyrnn/_backend.py): cell names, and
+# "projection" and "residual"; a build from before features() runs the plain cells alone.
+FEATURES: frozenset[str] = frozenset(
+    _impl.features() if hasattr(_impl, "features") else PLAIN_CELLS)
+
 Tape = _impl.Tape
 build_info = _impl.build_info
 get_num_threads = _impl.get_num_threads
@@ -135,19 +141,42 @@ class PackCache:
 
 
 def stack_forward(cell: Any, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: Any,
-                  lengths: Any, dropout_masks: Any, keep_tape: Any, packs: Any = None) -> Any:
+                  lengths: Any, dropout_masks: Any, keep_tape: Any, packs: Any = None,
+                  residual: Any = False) -> Any:
     args = _checks.kernel_forward(cell, x, h0, c0, weights, bidirectional, lengths,
-                                  dropout_masks, keep_tape, "cpp")
-    return _stack_forward(*args, _checks.pack_cache(packs, PackCache, args.keep_tape))
+                                  dropout_masks, keep_tape, "cpp", residual)
+    _require(args)
+    return _stack_forward(*args[:-1], _checks.pack_cache(packs, PackCache, args.keep_tape),
+                          args.residual)
+
+
+def _require(args: _checks.StackArgs) -> None:
+    """Refuse a stack this build has no kernels for, naming what it lacks."""
+    projected = len(args.weights[0]) > 5 and args.weights[0][5] is not None
+    missing = sorted(features_needed(args.cell, projected, _stacked(args.residual, args.weights,
+                                                                    args.bidirectional))
+                     - FEATURES)
+    if missing:
+        raise RuntimeError(f"pyrnn._core.stack_forward: this build of the C++ core has no "
+                           f"kernels for {', '.join(map(repr, missing))} (it runs "
+                           f"{', '.join(sorted(FEATURES))}); pyrnn.reference runs every cell")
+
+
+def _stacked(residual: bool, weights: Any, bidirectional: bool) -> bool:
+    """residual where it does something: with more than one layer."""
+    return residual and len(weights) > (2 if bidirectional else 1)
 
 
 def _stack_forward(cell: str, x: Any, h0: Any, c0: Any, weights: Any, bidirectional: bool,
-                   lengths: Any, dropout_masks: Any, keep_tape: bool, packs: Any = None) -> Any:
-    """On checked arguments, by the build chosen for x's batch size."""
+                   lengths: Any, dropout_masks: Any, keep_tape: bool, packs: Any = None,
+                   residual: bool = False) -> Any:
+    """On checked arguments, by the build chosen for x's batch size. `residual` reaches the
+    build only where it does something, so that a build from before it runs the rest."""
     module = _for_input(x)
     packs = None if packs is None else packs.of(module)
+    options = {"residual": True} if _stacked(residual, weights, bidirectional) else {}
     return module.stack_forward(cell, x, h0, c0, weights, bidirectional, lengths,
-                                dropout_masks, keep_tape, packs)
+                                dropout_masks, keep_tape, packs, **options)
 
 
 def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
@@ -158,7 +187,7 @@ def stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,
 
 
 def tape_dims(tape: Any) -> _checks.TapeDims:
-    return _checks.tape_dims(tape.cell, tape.dtype, tape.dims)
+    return _checks.tape_dims(tape.cell, tape.dtype, tape.dims, getattr(tape, "proj_size", 0))
 
 
 def _stack_backward(tape: Any, d_out: Any, d_h_n: Any, d_c_n: Any,

@@ -47,13 +47,15 @@ class Tape:
     H: int
     L: int
     D: int
+    proj: int  # the width of a projected LSTM's h, 0 without projection
     bias_given: tuple[tuple[bool, ...], ...]  # per entry and part: passed (not None)
     dims: _checks.TapeDims  # the cell, dtype and sizes above, as the checks take them
 
     def __repr__(self) -> str:
+        proj = f" P={self.proj}" if self.proj else ""
         return (
             f"<pyrnn.functional.Tape {self.cell} {self.backend} {self.dtype} T={self.T} "
-            f"B={self.B} I={self.I} H={self.H} L={self.L} D={self.D}>"
+            f"B={self.B} I={self.I} H={self.H}{proj} L={self.L} D={self.D}>"
         )
 
 
@@ -72,67 +74,81 @@ def rnn_forward(
     rng: np.random.Generator | None = None,
     backend: str = "auto",
     keep_tape: bool = False,
+    residual: bool = False,
 ) -> tuple[Array, Array, Array | None, Tape | None]:
     """Run a stack of recurrent layers over x.
 
-    cell     "rnn_tanh" | "rnn_relu" | "lstm" | "gru"
+    cell     a name of the kernel contract: "rnn_tanh" | "rnn_relu" | "lstm" | "gru" |
+             "lstm_peephole" | "lstm_coupled" | "lstm_coupled_peephole" | "gru_reset_before"
     x        (T, B, I), or (B, T, I) when batch_first; float32 or float64
-    weights  L*D tuples (w_ih (G*H, I_k), w_hh (G*H, H), b_ih (G*H,) or None, b_hh or None),
-             ordered l0-fwd, l0-bwd, l1-fwd, ...; I_0 = I, I_k = D*H; None biases are zero
-    h0, c0   (L*D, B, H) or None (zeros); c0 only for "lstm"
+    weights  L*D tuples (w_ih (G*H, I_k), w_hh (G*H, P), b_ih (G*H,) or None, b_hh or None),
+             with two more parts (w_peep (K, H), w_hr (P, H)) for a cell with peepholes or a
+             projected LSTM, None for the one it lacks (the kernel contract's forms); ordered
+             l0-fwd, l0-bwd, l1-fwd, ...; I_0 = I, I_k = D*P, P = H unless projected; None
+             biases are zero
+    h0, c0   h0 (L*D, B, P), c0 (L*D, B, H), or None (zeros); c0 only for the LSTM cells
     lengths  one int in [1, T] per sequence (packed-sequence meaning), or None
     dropout  probability of zeroing each output of every layer but the last, applied only
              when training; masks are drawn from rng (a numpy Generator; None: a fresh one)
+    residual layers above the first add their input (after dropout) to their output
 
-    Returns (out (T, B, D*H) or (B, T, D*H), h_n (L*D, B, H), c_n or None, tape or None).
+    Returns (out (T, B, D*P) or (B, T, D*P), h_n (L*D, B, P), c_n or None, tape or None).
     """
     spec = _checks.cell(cell)
     batch_first = _checks.flag("batch_first", batch_first)
     bidirectional = _checks.flag("bidirectional", bidirectional)
     training = _checks.flag("training", training)
     keep_tape = _checks.flag("keep_tape", keep_tape)
+    residual = _checks.flag("residual", residual)
     p = _checks.dropout(dropout)
     if rng is not None:
         _checks.generator(rng)
-    backend = _backend.resolve(backend)
+    _checks.choice("backend", backend, _backend.BACKENDS)
     x = _checks.rnn_input(x, batch_first)
     I = x.shape[2]  # noqa: N806, E741
     D = 2 if bidirectional else 1  # noqa: N806
     checked = _checks.rnn_weights(spec, weights, D, I, x.dtype)
-    L, H = checked.L, checked.H  # noqa: N806
+    L, H, proj = checked.L, checked.H, checked.proj  # noqa: N806
+    residual = residual and L > 1  # one layer has no layer above the first
+    backend = _backend.resolve(backend, spec.name, bool(proj), residual)
     masked = training and p > 0 and L > 1
-    _checks.rnn_call_fits(spec, x, batch_first, H, L, D, backend,
+    _checks.rnn_call_fits(spec, x, batch_first, max(H, proj), L, D, backend,
                           "train" if keep_tape else "infer", masked)
     x = _checks.time_major(x, batch_first)
     T, B, _ = x.shape  # noqa: N806
-    masks = dropout_masks(rng, L, (T, B, D * H), p, x.dtype) if masked else None
+    masks = dropout_masks(rng, L, (T, B, D * (proj or H)), p, x.dtype) if masked else None
     out, h_n, c_n, kernel_tape = _run_stack(
-        backend, spec.name, x, checked.weights, h0, c0, lengths, bidirectional, masks, keep_tape
+        backend, spec.name, x, checked.weights, h0, c0, lengths, bidirectional, masks, keep_tape,
+        residual=residual,
     )
     tape = None
     if keep_tape:
-        tape = Tape(backend, spec.name, kernel_tape, batch_first, x.dtype, T, B, I, H, L, D,
-                    checked.bias_given, _checks.TapeDims(spec.name, x.dtype, T, B, I, H, L, D))
+        dims = _checks.TapeDims(spec.name, x.dtype, T, B, I, H, L, D, proj)
+        tape = Tape(backend, spec.name, kernel_tape, batch_first, x.dtype, T, B, I, H, L, D, proj,
+                    checked.bias_given, dims)
     return _user_layout(out, batch_first), h_n, c_n, tape
 
 
 def _run_stack(
     backend: str, cell: str, x: Array, kernel_weights: list[tuple[Array, ...]],
     h0: Any, c0: Any, lengths: Any, bidirectional: bool, masks: list[Array] | None,
-    keep_tape: bool, packs: Any = None,
+    keep_tape: bool, packs: Any = None, residual: bool = False,
 ) -> tuple[Array, Array, Array | None, Any]:
     """The kernel call under rnn_forward, for callers whose weights are already in kernel form
     (checked, zero arrays for missing biases) and whose x is time-major and checked: checks the
     states and lengths, then runs the backend's stack_forward. Returns its (out, h_n, c_n,
     kernel tape)."""
     T, B, _ = x.shape  # noqa: N806
-    H = kernel_weights[0][1].shape[1]  # noqa: N806
-    state_shape = (len(kernel_weights), B, H)
-    h0 = _checks.state("h0", h0, state_shape, x.dtype)
-    c0 = _checks.cell_state("c0", c0, CELLS[cell], state_shape, x.dtype)
+    LD, first = len(kernel_weights), kernel_weights[0]  # noqa: N806
+    P = first[1].shape[1]  # noqa: N806 - w_hh (G*H, P)
+    w_hr = first[5] if len(first) > 5 else None
+    H = P if w_hr is None else w_hr.shape[1]  # noqa: N806
+    h0 = _checks.state("h0", h0, (LD, B, P), x.dtype, _checks.h_meaning(w_hr is not None))
+    c0 = _checks.cell_state("c0", c0, CELLS[cell], (LD, B, H), x.dtype)
     lengths = _checks.lengths(lengths, T, B)
     return _backend.prechecked(backend).stack_forward(
-        cell, x, h0, c0, kernel_weights, bidirectional, lengths, masks, keep_tape, packs
+        cell, x, h0, c0, kernel_weights, bidirectional, lengths, masks, keep_tape, packs,
+        residual,
     )
 
 
@@ -162,10 +178,11 @@ def rnn_backward(
 
 def _upstream(tape: Tape, d_out: Any, d_h_n: Any, d_c_n: Any) -> tuple[Array, Array, Any]:
     """The upstream gradients checked, in kernel form (None: zeros; d_out time-major)."""
-    state_shape = (tape.L * tape.D, tape.B, tape.H)
+    LD = tape.L * tape.D  # noqa: N806
     d_out = _checks.rnn_d_out(d_out, tape.dims, tape.batch_first)
-    d_h_n = _checks.state("d_h_n", d_h_n, state_shape, tape.dtype)
-    d_c_n = _checks.cell_state("d_c_n", d_c_n, CELLS[tape.cell], state_shape, tape.dtype)
+    d_h_n = _checks.state("d_h_n", d_h_n, (LD, tape.B, tape.dims.P), tape.dtype,
+                          _checks.h_meaning(tape.proj))
+    d_c_n = _checks.cell_state("d_c_n", d_c_n, CELLS[tape.cell], (LD, tape.B, tape.H), tape.dtype)
     return d_out, d_h_n, d_c_n
 
 

@@ -4,6 +4,12 @@ A module holds its weights in ``params`` (``weight_ih_l0``, ``weight_hh_l0_rever
 runs them through ``pyrnn.functional``. In training mode with gradients enabled, a forward
 call keeps a tape; ``backward`` uses it once, returns the gradients of the inputs and adds the
 weight gradients into ``grads`` in place (they accumulate until ``zero_grad``).
+
+The variants are keyword arguments: ``LSTM(proj_size=, peephole=, coupled_gates=)``,
+``GRU(reset_after=)`` and ``residual=`` on all three; each picks a cell of the table in
+pyrnn/_cells.py (``_checks.lstm_variant``, ``gru_variant``), whose parameters the module holds
+under PyTorch-style names (``weight_ci_l0``, ``weight_hr_l0_reverse``). ``ParamLayout`` maps
+those names onto the kernels' weights tuples (the peephole vectors are rows of one w_peep).
 """
 
 from __future__ import annotations
@@ -15,13 +21,67 @@ from typing import Any
 import numpy as np
 
 from . import _backend, _checks
-from ._cells import CELLS
+from ._cells import CELLS, Cell, rnn_cell
 from .functional import Tape, _run_backward, _run_stack, _upstream, _user_layout, rnn_forward
 from .module import Module, is_grad_enabled
 
 __all__ = ["RNN", "LSTM", "GRU", "FrozenRNN"]
 
 Array = np.ndarray
+# A slot of a weights tuple as a module holds it: None (absent, or a bias the module does not
+# have), one parameter's name, or the names of the rows of w_peep.
+Slot = str | tuple[str, ...] | None
+
+
+class ParamLayout:
+    """Which named parameters make up each weights tuple of the kernel contract.
+
+    entries: per layer and direction (l0-fwd, l0-bwd, l1-fwd, ...), one Slot per part of the
+    cell's form (pyrnn/_cells.py). `gather` lays arrays keyed by name (params or grads) out as
+    the kernels take weights (stacking the peephole rows into one (K, H) array, a copy);
+    `add_grads` adds the kernels' weight gradients into arrays keyed by name.
+    """
+
+    def __init__(self, spec: Cell, projected: bool, bias: bool, suffixes: list[str]) -> None:
+        slots_per_part = len(spec.parts(projected))
+        self.entries: list[tuple[Slot, ...]] = []
+        for suffix in suffixes:
+            slots: list[Any] = [None] * slots_per_part
+            for param in spec.params(projected):
+                if param.bias and not bias:
+                    continue
+                name = param.name + suffix
+                if param.row is None:
+                    slots[param.part] = name
+                else:
+                    slots[param.part] = (*(slots[param.part] or ()), name)
+            self.entries.append(tuple(slots))
+        self.stacked = any(isinstance(slot, tuple) for slot in self.entries[0])
+
+    def names(self) -> list[str]:
+        """Every parameter's name, in the order of the entries and their parts."""
+        return [n for entry in self.entries for slot in entry if slot is not None
+                for n in ((slot,) if isinstance(slot, str) else slot)]
+
+    def gather(self, arrays: dict[str, Array]) -> list[tuple[Array | None, ...]]:
+        return [tuple(_gathered(arrays, slot) for slot in entry) for entry in self.entries]
+
+    def add_grads(self, grads: dict[str, Array], d_weights: list[tuple[Array | None, ...]]
+                  ) -> None:
+        """grads[name] += its gradient, in place (optimizers hold these arrays)."""
+        for entry, d_entry in zip(self.entries, d_weights, strict=True):
+            for slot, grad in zip(entry, d_entry, strict=True):
+                if isinstance(slot, str):
+                    grads[slot] += grad
+                elif slot is not None:
+                    for row, name in enumerate(slot):
+                        grads[name] += grad[row]
+
+
+def _gathered(arrays: dict[str, Array], slot: Slot) -> Array | None:
+    if slot is None or isinstance(slot, str):
+        return None if slot is None else arrays[slot]
+    return np.stack([arrays[name] for name in slot])
 
 # Why a module has no tape, for backward's error message.
 _NO_FORWARD = "no forward pass has run yet"
@@ -51,6 +111,8 @@ class _RNNBase(Module):
         dtype: Any = np.float32,
         seed: int | None = None,
         backend: str = "auto",
+        proj_size: int = 0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.cell = cell  # the kernels' name for it
@@ -63,19 +125,24 @@ class _RNNBase(Module):
         self.bidirectional = _checks.flag("bidirectional", bidirectional)
         self.dtype = _checks.float_dtype(dtype)
         self.seed = _checks.seed(seed)
-        self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS))
-        if self.dropout > 0 and self.num_layers == 1:
-            warnings.warn(
-                "dropout acts between stacked layers only, so with num_layers=1 it does "
-                f"nothing (got dropout={self.dropout})",
-                UserWarning,
-                stacklevel=3,
-            )
+        self.proj_size = _checks.proj_size(proj_size, self.hidden_size)
+        self.residual = _checks.flag("residual", residual)
+        self.backend = _backend.resolve(_checks.choice("backend", backend, _backend.BACKENDS),
+                                        cell, self.proj_size > 0,
+                                        self.residual and self.num_layers > 1)
+        for name, value in (("dropout", self.dropout), ("residual", self.residual)):
+            if value and self.num_layers == 1:
+                warnings.warn(
+                    f"{name} acts between stacked layers only, so with num_layers=1 it does "
+                    f"nothing (got {name}={value})",
+                    UserWarning,
+                    stacklevel=3,
+                )
         self._cell = CELLS[cell]
         self._fits_in_memory()
         self._rng = np.random.default_rng(self.seed)  # the init, then the dropout masks
-        self._names = self._init_params()
-        self._w_hh_shape = self.params[self._names[0][1]].shape
+        self._layout = self._init_params()
+        self._w_hh_shape = self.params[self._layout.entries[0][1]].shape
         self._tape: Tape | None = None
         self._no_tape_reason = _NO_FORWARD
         # self.grads as last checked (see _checked_targets)
@@ -85,13 +152,20 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def _width(self) -> int:
+        """P: the width of h and of each direction's output (proj_size, else hidden_size)."""
+        return self.proj_size or self.hidden_size
+
     def _fits_in_memory(self) -> None:
         """Refuse sizes whose parameters and gradients would not fit, before allocating any:
         their numbers, the arrays holding them (a layer of small ones costs as much again) and
         the float64 draw that fills the largest."""
         H, D, L = self.hidden_size, self.num_directions, self.num_layers  # noqa: N806
-        per_entry = sum(not param.bias or self.bias for param in self._cell.params)
-        largest = max(math.prod(s) for s in self._cell.shapes(max(self.input_size, D * H), H))
+        params = self._cell.params(self.proj_size > 0)
+        per_entry = sum(not param.bias or self.bias for param in params)
+        shapes = self._cell.shapes(max(self.input_size, D * self._width), H, self.proj_size)
+        largest = max(math.prod(s) for s in shapes if s is not None)
         _checks.fits_in_memory(
             f"{type(self).__name__}(input_size={self.input_size}, hidden_size={H}, "
             f"num_layers={L}) with its gradients", 2 * self._parameter_count(),
@@ -100,39 +174,36 @@ class _RNNBase(Module):
     def _parameter_count(self) -> int:
         """How many numbers _init_params will allocate (computed without allocating them)."""
         H, D = self.hidden_size, self.num_directions  # noqa: N806
-        first, later = (self._cell.parameter_count(fan_in, H, self.bias)
-                        for fan_in in (self.input_size, D * H))
+        first, later = (self._cell.parameter_count(fan_in, H, self.bias, self.proj_size)
+                        for fan_in in (self.input_size, D * self._width))
         return D * (first + (self.num_layers - 1) * later)
 
-    def _init_params(self) -> list[tuple[str | None, ...]]:
+    def _init_params(self) -> ParamLayout:
         """Create the parameters in PyTorch's order, uniform(-1/sqrt(H), 1/sqrt(H)) like
-        PyTorch's default; return their names per layer and direction (None: no bias)."""
+        PyTorch's default (the peepholes too); return how they make up the weights tuples."""
         H, D = self.hidden_size, self.num_directions  # noqa: N806
+        projected = self.proj_size > 0
         bound = 1 / math.sqrt(H)
-        names = []
-        for layer in range(self.num_layers):
-            fan_in = self.input_size if layer == 0 else D * H
-            for d in range(D):
-                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                entry = []
-                for param, shape in zip(self._cell.params, self._cell.shapes(fan_in, H),
-                                        strict=True):
-                    if param.bias and not self.bias:
-                        entry.append(None)
-                        continue
-                    value = self._rng.uniform(-bound, bound, shape).astype(self.dtype)
-                    self.add_param(param.name + suffix, value)
-                    entry.append(param.name + suffix)
-                names.append(tuple(entry))
-        return names
+        suffixes = [f"_l{layer}" + ("_reverse" if d == 1 else "")
+                    for layer in range(self.num_layers) for d in range(D)]
+        for k, suffix in enumerate(suffixes):
+            fan_in = self.input_size if k < D else D * self._width
+            sizes = self._cell.sizes(fan_in, H, self.proj_size)
+            for param in self._cell.params(projected):
+                if param.bias and not self.bias:
+                    continue
+                shape = tuple(sizes[d] for d in param.dims)
+                value = self._rng.uniform(-bound, bound, shape).astype(self.dtype)
+                self.add_param(param.name + suffix, value)
+        return ParamLayout(self._cell, projected, self.bias, suffixes)
 
     def _weights(self) -> list[tuple[Array | None, ...]]:
         # The kernel tapes keep their own (packed) copy of the weights, so an optimizer may update
         # these arrays in place between forward and backward without corrupting the gradients.
-        weights = self._laid_out(self.params)
-        # The kernels take H from the first w_hh and check every other array against it: arrays
+        weights = self._layout.gather(self.params)
+        # The kernels take P from the first w_hh and check every other array against it: arrays
         # of another size put into params would otherwise run as a network of that size.
-        w_hh, name = weights[0][1], self._names[0][1]
+        w_hh, name = weights[0][1], self._layout.entries[0][1]
         if getattr(w_hh, "shape", None) != self._w_hh_shape:
             raise ValueError(
                 f"params[{name!r}]: expected shape {self._w_hh_shape} (hidden_size "
@@ -140,11 +211,6 @@ class _RNNBase(Module):
                 "load other weights with load_state_dict, which checks them"
             )
         return weights
-
-    def _laid_out(self, arrays: dict[str, Array]) -> list[tuple[Array | None, ...]]:
-        """arrays (params or grads) as the kernels take weights: a tuple per layer and
-        direction, None for a bias the module does not have."""
-        return [tuple(arrays[n] if n else None for n in names) for names in self._names]
 
     # --------------------------------------------------------------------------- forward
 
@@ -163,7 +229,7 @@ class _RNNBase(Module):
             self.cell, x, self._weights(), h0, c0,
             lengths=lengths, batch_first=self.batch_first, bidirectional=self.bidirectional,
             dropout=self.dropout, training=self.training, rng=self._rng, backend=self.backend,
-            keep_tape=keep_tape,
+            keep_tape=keep_tape, residual=self.residual,
         )
         self._tape = tape
         self._no_tape_reason = _NO_TAPE
@@ -194,10 +260,7 @@ class _RNNBase(Module):
         targets = self._grad_targets(tape, reads)
         dx, dh0, dc0, d_weights = _run_backward(tape, d_out, d_h_n, d_c_n, targets)
         if targets is None:
-            for names, grads in zip(self._names, d_weights, strict=True):
-                for name, grad in zip(names, grads, strict=True):
-                    if name is not None:
-                        self.grads[name] += grad  # in place: optimizers hold these arrays
+            self._layout.add_grads(self.grads, d_weights)
         self._tape = None
         self._no_tape_reason = _USED
         return dx, self._pack_state(dh0, dc0)
@@ -208,7 +271,10 @@ class _RNNBase(Module):
         gradient and the arrays holding it); None when they cannot take them (replaced by
         strided views, say), and backward adds them itself. The arrays are checked once while
         they stay the same (a step of a small model is a few tens of microseconds); the
-        upstream gradients (reads, as given) every call, as they may not lie in their memory."""
+        upstream gradients (reads, as given) every call, as they may not lie in their memory.
+        None for a cell with peepholes, whose w_peep gradient is no array of self.grads."""
+        if self._layout.stacked:
+            return None
         grads, known = self.grads, self._known_targets
         if known is None or not all(grads[n] is a for n, a in known[0]):
             known = self._known_targets = self._checked_targets(tape)
@@ -220,10 +286,10 @@ class _RNNBase(Module):
     def _checked_targets(self, tape: Tape) -> tuple[list[tuple[str, Array]], Any, Any]:
         """(name, array) of self.grads, those arrays checked disjoint, and their layout for the
         kernels; None for the last two when the kernels cannot add into them."""
-        keyed = [(n, self.grads[n]) for names in self._names for n in names if n]
+        keyed = [(n, self.grads[n]) for n in self._layout.names()]
         try:
-            targets = _checks.rnn_targets(self._laid_out(self.grads), tape.dims, tape.bias_given,
-                                          (None, None, None))
+            targets = _checks.rnn_targets(self._layout.gather(self.grads), tape.dims,
+                                          tape.bias_given, (None, None, None))
             return keyed, _checks.written_apart([(f"grads[{n!r}]", a) for n, a in keyed]), targets
         except (TypeError, ValueError):
             return keyed, None, None
@@ -244,6 +310,10 @@ class _RNNBase(Module):
             s += ", bidirectional=True"
         if self.dtype != np.float32:
             s += f", dtype={self.dtype.name}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.residual:
+            s += ", residual=True"
         return s
 
     def __repr__(self) -> str:
@@ -269,11 +339,13 @@ class RNN(_RNNBase):
         dtype: Any = np.float32,
         seed: int | None = None,
         backend: str = "auto",
+        *,
+        residual: bool = False,
     ) -> None:
         nonlinearity = _checks.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
         super().__init__(
-            f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
-            dropout, bidirectional, dtype, seed, backend,
+            rnn_cell(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
+            dropout, bidirectional, dtype, seed, backend, residual=residual,
         )
         self.nonlinearity = nonlinearity
 
@@ -289,7 +361,9 @@ class RNN(_RNNBase):
 
 
 class GRU(_RNNBase):
-    """GRU in PyTorch's (cuDNN) form, gates r, z, n.
+    """GRU, gates r, z, n: in PyTorch's (cuDNN) form, n = tanh(W_in x + b_in + r*(W_hn h +
+    b_hn)), or with ``reset_after=False`` in the original form (ONNX's linear_before_reset=0),
+    n = tanh(W_in x + b_in + W_hn (r*h) + b_hn), with the same parameters.
 
     ``out, h_n = gru(x, h0=None, lengths=None)``; ``dx, dh0 = gru.backward(d_out, d_h_n)``.
     """
@@ -306,11 +380,18 @@ class GRU(_RNNBase):
         dtype: Any = np.float32,
         seed: int | None = None,
         backend: str = "auto",
+        *,
+        reset_after: bool = True,
+        residual: bool = False,
     ) -> None:
         super().__init__(
-            "gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, dtype, seed, backend,
+            _checks.gru_variant(reset_after), input_size, hidden_size, num_layers, bias,
+            batch_first, dropout, bidirectional, dtype, seed, backend, residual=residual,
         )
+        self.reset_after = reset_after
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
         return _single_hx(hx)
@@ -320,7 +401,14 @@ class GRU(_RNNBase):
 
 
 class LSTM(_RNNBase):
-    """LSTM, gates i, f, g, o.
+    """LSTM, gates i, f, g, o, and its variants (keyword arguments, combinable):
+
+    - ``proj_size=P`` (0 < P < hidden_size): PyTorch's LSTMP, h = W_hr (o * tanh(c)) of width P
+      (h0, h_n and out too; c keeps hidden_size), parameters ``weight_hr_l{k}`` (P, H);
+    - ``peephole=True``: i and f see c_{t-1}, o sees c_t (ONNX's P), parameters
+      ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}`` of shape (H,);
+    - ``coupled_gates=True``: i = 1 - f, so gate blocks f, g, o (weight_ih (3H, I)); with
+      peepholes only ``weight_cf`` and ``weight_co``.
 
     ``out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)``;
     ``dx, (dh0, dc0) = lstm.backward(d_out, (d_h_n, d_c_n))``. Either part of a pair may be
@@ -339,11 +427,25 @@ class LSTM(_RNNBase):
         dtype: Any = np.float32,
         seed: int | None = None,
         backend: str = "auto",
+        *,
+        proj_size: int = 0,
+        peephole: bool = False,
+        coupled_gates: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__(
-            "lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, dtype, seed, backend,
+            _checks.lstm_variant(peephole, coupled_gates), input_size, hidden_size, num_layers,
+            bias, batch_first, dropout, bidirectional, dtype, seed, backend, proj_size, residual,
         )
+        self.peephole, self.coupled_gates = bool(peephole), bool(coupled_gates)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.peephole:
+            s += ", peephole=True"
+        if self.coupled_gates:
+            s += ", coupled_gates=True"
+        return s
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
         return _state_pair_hx(hx)
@@ -373,6 +475,7 @@ class FrozenRNN:
         self.input_size, self.hidden_size = module.input_size, module.hidden_size
         self.num_layers, self.bidirectional = module.num_layers, module.bidirectional
         self.batch_first, self.dtype = module.batch_first, module.dtype
+        self.proj_size, self.residual = module.proj_size, module.residual
         self.backend = module.backend
         self._name = type(module).__name__
         self._cell = module._cell
@@ -382,7 +485,8 @@ class FrozenRNN:
         # private and read-only: the packs stay true to them.
         weights = _checks.rnn_weights(module._cell, module._weights(), module.num_directions,
                                       self.input_size, self.dtype).weights
-        self._weights = [tuple(_frozen_copy(a) for a in entry) for entry in weights]
+        self._weights = [tuple(None if a is None else _frozen_copy(a) for a in entry)
+                         for entry in weights]
         self._packs = _backend.new_pack_cache(self.backend)
 
     def __call__(self, x: Array, hx: Any = None, lengths: Any = None) -> tuple[Array, Any]:
@@ -390,12 +494,13 @@ class FrozenRNN:
         h0, c0 = self._split_hx(hx)
         _checks.module_input(x, self.dtype, self.input_size)
         x = _checks.rnn_input(x, self.batch_first)
-        _checks.rnn_call_fits(self._cell, x, self.batch_first, self.hidden_size, self.num_layers,
+        _checks.rnn_call_fits(self._cell, x, self.batch_first,
+                              max(self.hidden_size, self.proj_size), self.num_layers,
                               2 if self.bidirectional else 1, self.backend, "infer")
         x = _checks.time_major(x, self.batch_first)
         out, h_n, c_n, _ = _run_stack(
             self.backend, self.cell, x, self._weights, h0, c0, lengths, self.bidirectional,
-            None, False, self._packs,
+            None, False, self._packs, self.residual and self.num_layers > 1,
         )
         out = _user_layout(out, self.batch_first)
         return (out, (h_n, c_n)) if self._has_c else (out, h_n)
@@ -405,7 +510,10 @@ class FrozenRNN:
     def __repr__(self) -> str:
         layers = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
         bi = ", bidirectional=True" if self.bidirectional else ""
-        return (f"FrozenRNN({self._name}({self.input_size}, {self.hidden_size}{layers}{bi}), "
+        proj = f", proj_size={self.proj_size}" if self.proj_size else ""
+        residual = ", residual=True" if self.residual else ""
+        return (f"FrozenRNN({self._name}({self.input_size}, {self.hidden_size}{layers}{bi}"
+                f"{proj}{residual}), "
                 f"cell={self.cell!r}, dtype={self.dtype.name}, backend={self.backend!r})")
 
 

@@ -231,6 +231,27 @@ def test_addition_runs_and_writes_val_exact_match(tmp_path, capsys):
     assert_png(tmp_path, "a.png")
 
 
+def test_addition_trains_the_lstm_variants(tmp_path, capsys):
+    out = run_ok(["addition", "--peephole", "--coupled-gates", "--examples", "300", "--epochs",
+                  "1", "--hidden", "8", "--embed", "4", "--json", str(tmp_path / "a.json"),
+                  "--plot", "", *COMMON], capsys)
+    figures = read_json(tmp_path / "a.json")
+    assert figures["peephole"] is True and figures["coupled_gates"] is True
+    assert "lstm (peephole, coupled gates) 8" in out
+    # 3 gate blocks and 2 peephole vectors per layer: encoder and decoder
+    H, E = 8, 4  # noqa: N806
+    rnn = 3 * H * (E + H + 2) + 2 * H
+    V = len(addition.VOCAB)  # noqa: N806
+    assert figures["parameters"] == 2 * V * E + 2 * rnn + H * V + V
+
+
+@pytest.mark.parametrize("flag", ["--peephole", "--coupled-gates"])
+def test_addition_refuses_an_lstm_variant_for_a_gru(flag, capsys):
+    assert exit_status(["addition", "--cell", "gru", flag, "--examples", "300"]) == 2
+    assert f"{flag}: an LSTM variant, for --cell lstm only; got --cell gru" in (
+        capsys.readouterr().err)
+
+
 def test_addition_gru_reaching_a_low_target_stops_early(tmp_path, capsys):
     run_ok(["addition", "--cell", "gru", "--examples", "300", "--epochs", "3", "--hidden", "8",
             "--embed", "4", "--target", "0.0001", "--json", str(tmp_path / "a.json"),
@@ -280,7 +301,7 @@ def test_gradflow_writes_table_json_and_plot(tmp_path, capsys):
                   "--json", str(tmp_path / "g.json"), *plot_flags(tmp_path, "g.png"), *COMMON],
                  capsys)
     figures = read_json(tmp_path / "g.json")
-    for cell in ("rnn", "lstm", "gru"):
+    for cell in ("rnn", "lstm", "lstm_peephole", "gru", "gru_reset_before"):
         for phase in ("init", "trained"):
             norms = figures[f"{cell}_{phase}_grad_norms"]
             assert len(norms) == 13 and all(v > 0 for v in norms)
@@ -289,22 +310,23 @@ def test_gradflow_writes_table_json_and_plot(tmp_path, capsys):
     assert_png(tmp_path, "g.png")
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("cell", list(gradflow.CELLS))
 def test_gradflow_step_by_step_norms_match_full_bptt(cell):
     """The chained one-step backward must give the same dLoss/dh_0 as BPTT over the sequence."""
     model = gradflow.Recall(cell, symbols=4, hidden=6, seed=0)
     model.chrono_init(10, np.random.default_rng(0))
     x, y = gradflow.recall_batch(np.random.default_rng(1), 10, 4, 5)
-    norms = gradflow.grad_norms(model, x, y, "auto")
+    norms = gradflow.grad_norms(model, x, y)
     initial = np.zeros((1, 5, 6))
-    hx = (initial, initial) if cell == "lstm" else initial
+    lstm = cell.startswith("lstm")
+    hx = (initial, initial) if lstm else initial
     out, _ = model.rnn(x, hx)
     from pyrnn.losses import cross_entropy
     _, d_logits = cross_entropy(model.head(out[-1]), y)
     d_out = np.zeros_like(out)
     d_out[-1] = model.head.backward(d_logits)
     _, d_hx = model.rnn.backward(d_out)
-    d_h0 = d_hx[0] if cell == "lstm" else d_hx
+    d_h0 = d_hx[0] if lstm else d_hx
     assert norms[0] == pytest.approx(np.linalg.norm(d_h0[0], axis=-1).mean(), rel=1e-9)
     assert math.isclose(norms[-1], np.linalg.norm(d_out[-1], axis=-1).mean(), rel_tol=1e-9)
 

@@ -17,8 +17,10 @@ if not _backend.cpp_available():
 
 from pyrnn import _core  # noqa: E402
 from pyrnn._cells import CELLS as CELL_TABLE  # noqa: E402
+from pyrnn._cells import PLAIN_CELLS  # noqa: E402
 
-CELLS = tuple(CELL_TABLE)
+CELLS = tuple(c for c in CELL_TABLE if c in _core.FEATURES)  # the cells this build runs
+TORCH_CELLS = PLAIN_CELLS  # torch.nn has no variants
 RTOL = {np.float32: 1e-4, np.float64: 1e-9}
 DTYPES = (np.float32, np.float64)
 
@@ -31,23 +33,32 @@ class Problem:
     """One random call of the kernel contract and the upstream gradients for its backward."""
 
     def __init__(self, cell, T, B, n_in, H, L=1, D=1, lengths=False, bias=True, dtype=np.float64,
-                 seed=0, masks=False):
+                 seed=0, masks=False, proj=0, residual=False):
         rng = np.random.default_rng(seed)
         self.cell, self.dtype, self.L, self.D, self.H = cell, dtype, L, D, H
-        G = CELL_TABLE[cell].num_gates
+        self.proj, self.residual = proj, residual
+        spec = CELL_TABLE[cell]
+        P = proj or H  # noqa: N806 - the width of h
         scale = 1.0 / np.sqrt(H)
 
         def rand(*shape, s=1.0):
             return (rng.uniform(-s, s, shape)).astype(dtype)
 
         self.x = rand(T, B, n_in)
-        self.h0 = rand(L * D, B, H, s=0.5)
-        self.c0 = rand(L * D, B, H, s=0.5) if cell == "lstm" else None
+        self.h0 = rand(L * D, B, P, s=0.5)
+        self.c0 = rand(L * D, B, H, s=0.5) if spec.has_c else None
         self.weights = []
         for k in range(L * D):
-            ik = n_in if k < D else D * H
-            b = (lambda: rand(G * H, s=scale)) if bias else (lambda: np.zeros(G * H, dtype))
-            self.weights.append((rand(G * H, ik, s=scale), rand(G * H, H, s=scale), b(), b()))
+            entry = []
+            for part, shape in zip(spec.parts(bool(proj)),
+                                   spec.shapes(n_in if k < D else D * P, H, proj), strict=True):
+                if part is None:
+                    entry.append(None)
+                elif part.bias and not bias:
+                    entry.append(np.zeros(shape, dtype))
+                else:
+                    entry.append(rand(*shape, s=scale))
+            self.weights.append(tuple(entry))
         self.lengths = None
         if lengths:
             self.lengths = rng.integers(1, T + 1, B).astype(np.int64)
@@ -55,11 +66,11 @@ class Problem:
         self.masks = None
         if masks and L > 1:
             keep = 0.7
-            self.masks = [(rng.random((T, B, D * H)) < keep).astype(dtype) / dtype(keep)
+            self.masks = [(rng.random((T, B, D * P)) < keep).astype(dtype) / dtype(keep)
                           for _ in range(L - 1)]
-        self.d_out = rand(T, B, D * H)
-        self.d_h_n = rand(L * D, B, H)
-        self.d_c_n = rand(L * D, B, H) if cell == "lstm" else None
+        self.d_out = rand(T, B, D * P)
+        self.d_h_n = rand(L * D, B, P)
+        self.d_c_n = rand(L * D, B, H) if spec.has_c else None
 
     @property
     def bidirectional(self):
@@ -69,13 +80,18 @@ class Problem:
         """Forward without a tape: (out, h_n, c_n)."""
         return kernels.stack_forward(
             self.cell, self.x, self.h0, self.c0, self.weights, self.bidirectional, self.lengths,
-            self.masks, False)[:3]
+            self.masks, False, **self.options)[:3]
+
+    @property
+    def options(self):
+        """The keyword arguments of a variant stack (none for a plain one, as older cores)."""
+        return {"residual": True} if self.residual else {}
 
     def run(self, kernels, d_h_n=True):
         """Forward with a tape, then backward: a dict of every output and gradient."""
         out, h_n, c_n, tape = kernels.stack_forward(
             self.cell, self.x, self.h0, self.c0, self.weights, self.bidirectional, self.lengths,
-            self.masks, True)
+            self.masks, True, **self.options)
         dx, dh0, dc0, dw = kernels.stack_backward(
             tape, self.d_out, self.d_h_n if d_h_n else None, self.d_c_n if d_h_n else None)
         return {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0, "dw": dw}
@@ -97,9 +113,14 @@ def assert_results_close(got, want, rtol):
         else:
             assert_close(got[key], want[key], rtol, key)
     assert len(got["dw"]) == len(want["dw"])
+    names = ("dw_ih", "dw_hh", "db_ih", "db_hh", "dw_peep", "dw_hr")
     for k, (g, w) in enumerate(zip(got["dw"], want["dw"], strict=True)):
-        for name, a, b in zip(("dw_ih", "dw_hh", "db_ih", "db_hh"), g, w, strict=True):
-            assert_close(a, b, rtol, f"{name}[{k}]")
+        assert len(g) == len(w), f"d_weights[{k}] has {len(g)} parts, expected {len(w)}"
+        for name, a, b in zip(names[:len(w)], g, w, strict=True):
+            if b is None:
+                assert a is None, f"{name}[{k}]"
+            else:
+                assert_close(a, b, rtol, f"{name}[{k}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +252,7 @@ def stable_seed(cell, config):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("config", list(NAMED))
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_cpp_matches_torch(cell, config, dtype):
     T, B, n_in, H, kw = NAMED[config]
     p = Problem(cell, T, B, n_in, H, dtype=dtype, seed=stable_seed(cell, config), **kw)
@@ -239,7 +260,7 @@ def test_cpp_matches_torch(cell, config, dtype):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_cpp_matches_torch_random_configs(cell, seed):
     rng = np.random.default_rng(100 + seed)
     T, B, n_in, H = (int(v) for v in rng.integers(1, [9, 6, 7, 10]))
@@ -250,13 +271,13 @@ def test_cpp_matches_torch_random_configs(cell, seed):
         assert_results_close(p.run(_core), torch_run(p), RTOL[dtype])
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_cpp_dropout_masks_match_torch_layer_by_layer(cell):
     p = Problem(cell, 6, 4, 3, 5, L=3, D=2, lengths=True, masks=True, seed=7)
     assert_results_close(p.run(_core), torch_run(p), RTOL[np.float64])
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_cpp_without_final_state_grads_matches_torch(cell):
     p = Problem(cell, 5, 3, 4, 6, L=2, D=2, lengths=True, seed=3)
     got = p.run(_core, d_h_n=False)
@@ -345,6 +366,53 @@ def test_cpp_matches_reference(cell, config, dtype):
 def test_cpp_matches_reference_with_dropout_masks(cell):
     p = Problem(cell, 6, 4, 3, 5, L=3, D=2, lengths=True, masks=True, seed=8)
     assert_results_close(p.run(_core), p.run(reference), RTOL[np.float64])
+
+
+# The options of issue 31 crossed with the stack's, against the reference, for every cell of the
+# table; the cells and options this build has no kernels for yet are skipped.
+VARIANT_NAMED = {
+    "projected": (5, 3, 4, 6, {"proj": 3}),
+    "projected_bidirectional_lengths": (7, 5, 3, 6, {"proj": 2, "L": 2, "D": 2, "lengths": True}),
+    "projected_to_one": (5, 3, 2, 4, {"proj": 1, "L": 2, "D": 2, "lengths": True}),
+    "projected_zero_bias_dropout": (5, 3, 4, 6, {"proj": 4, "L": 3, "bias": False,
+                                                 "masks": True}),
+    "residual": (5, 3, 4, 6, {"L": 3, "residual": True}),
+    "residual_bidirectional_lengths_dropout": (6, 4, 3, 5, {"L": 3, "D": 2, "lengths": True,
+                                                            "masks": True, "residual": True}),
+    "residual_projected_bidirectional": (6, 4, 3, 5, {"L": 2, "D": 2, "proj": 3,
+                                                      "residual": True, "lengths": True}),
+    "threaded_projected": (4, 19, 5, 130, {"proj": 40, "lengths": True}),
+}
+
+
+@needs_reference
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("config", list(NAMED) + list(VARIANT_NAMED))
+@pytest.mark.parametrize("cell", list(CELL_TABLE))
+def test_cpp_matches_reference_every_cell_and_option(cell, config, dtype):
+    T, B, n_in, H, kw = {**NAMED, **VARIANT_NAMED}[config]
+    if kw.get("proj") and not CELL_TABLE[cell].can_project:
+        pytest.skip("only the LSTM cells have a projection")
+    if config in NAMED and cell in CELLS:
+        pytest.skip("test_cpp_matches_reference runs it")
+    missing = pyrnn._backend.missing_in_cpp(cell, bool(kw.get("proj")), kw.get("residual", False))
+    if missing:
+        pytest.skip(f"this build of the C++ core has no kernels for {missing} yet")
+    seed = 10 * list(CELL_TABLE).index(cell) + 1000 * list({**NAMED, **VARIANT_NAMED}).index(config)
+    p = Problem(cell, T, B, n_in, H, dtype=dtype, seed=seed + 2, **kw)
+    assert_results_close(p.run(_core), p.run(reference), RTOL[dtype])
+
+
+def test_cpp_refuses_what_it_has_no_kernels_for_naming_it():
+    for cell in CELL_TABLE:
+        if cell not in _core.FEATURES:
+            p = Problem(cell, 3, 2, 3, 4)
+            with pytest.raises(RuntimeError, match=f"no kernels for '{cell}'"):
+                p.run(_core)
+    if "residual" not in _core.FEATURES:
+        p = Problem("gru", 3, 2, 3, 4, L=2, residual=True)
+        with pytest.raises(RuntimeError, match="no kernels for 'residual'"):
+            p.run(_core)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,7 +867,7 @@ def test_team_choice_record_rejects_bad_arguments(option, ns):
 # each thread's share of W_hh is still larger than L2 for lstm and gru.
 @pytest.mark.parametrize("threads_used", (1, 2))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_weights_streamed_past_l2_match_torch(cell, dtype, threads_used, threads):
     threads(threads_used)
     p = Problem(cell, 3, 13, 300, 530, lengths=True, dtype=dtype, seed=12)

@@ -574,6 +574,6 @@ def test_dropout_masks_keep_units_with_probability_one_minus_p():
 def test_rejects_a_weights_entry_of_three_arrays_without_printing_them(backend):
     net = pyrnn.GRU(2, 3, seed=0)
     w_ih, w_hh, b_ih, _ = net._weights()[0]
-    with pytest.raises(ValueError, match=r"weights\[0\]: expected a tuple .*got 3 items$"):
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected 4 entries .*got 3 items$"):
         functional.rnn_forward("gru", np.ones((2, 1, 2), np.float32), [(w_ih, w_hh, b_ih)],
                                backend=backend)

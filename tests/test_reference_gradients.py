@@ -17,7 +17,7 @@ import pytest
 
 import pyrnn
 from pyrnn import _backend, reference
-from pyrnn._cells import CELLS
+from pyrnn._cells import CELLS, PLAIN_CELLS
 
 CELL_NAMES = tuple(CELLS)
 T, B, I, H = 4, 3, 3, 2  # noqa: E741 - the contract's names
@@ -44,46 +44,51 @@ class Problem:
     """One random stack: its inputs, its upstream gradients, and its scalar loss."""
 
     def __init__(self, cell, layers, bidirectional, lengths, init_state, seed, masks=False,
-                 dtype=np.float64, sizes=(T, B, I, H)):
+                 dtype=np.float64, sizes=(T, B, I, H), proj=0, residual=False):
         rng = np.random.default_rng(seed)
         T, B, I, H = sizes  # noqa: E741 - the contract's names
+        P = proj or H  # noqa: N806 - the width of h
         D = 2 if bidirectional else 1
-        GH = CELLS[cell].num_gates * H
+        spec = CELLS[cell]
         self.cell, self.bidirectional, self.lengths, self.L, self.D = (
             cell, bidirectional, lengths, layers, D)
-        self.T, self.B = T, B
+        self.T, self.B, self.proj, self.residual = T, B, proj, residual
 
         def draw(*shape):
             return rng.standard_normal(shape).astype(dtype)
 
         self.x = draw(T, B, I)
-        state_shape = (layers * D, B, H)
-        self.h0 = draw(*state_shape) if init_state else np.zeros(state_shape, dtype)
+        h_shape, c_shape = (layers * D, B, P), (layers * D, B, H)
+        self.h0 = draw(*h_shape) if init_state else np.zeros(h_shape, dtype)
         self.c0 = None
-        if cell == "lstm":
-            self.c0 = draw(*state_shape) if init_state else np.zeros(state_shape, dtype)
+        if spec.has_c:
+            self.c0 = draw(*c_shape) if init_state else np.zeros(c_shape, dtype)
         bound = 1 / np.sqrt(H)  # PyTorch's initialisation range
         self.weights = [
             tuple(
-                rng.uniform(-bound, bound, shape).astype(dtype)
-                for shape in [(GH, I if k < D else D * H), (GH, H), (GH,), (GH,)]
+                None if shape is None else rng.uniform(-bound, bound, shape).astype(dtype)
+                for shape in spec.shapes(I if k < D else D * P, H, proj)
             )
             for k in range(layers * D)
         ]
         self.masks = None
         if masks:  # dropout with p = 0.4, already scaled by 1/(1-p)
             self.masks = [
-                ((rng.random((T, B, D * H)) >= 0.4) / 0.6).astype(dtype)
+                ((rng.random((T, B, D * P)) >= 0.4) / 0.6).astype(dtype)
                 for _ in range(layers - 1)
             ]
-        self.d_out = draw(T, B, D * H)
-        self.d_h_n = draw(*state_shape)
-        self.d_c_n = draw(*state_shape) if cell == "lstm" else None
+        self.d_out = draw(T, B, D * P)
+        self.d_h_n = draw(*h_shape)
+        self.d_c_n = draw(*c_shape) if spec.has_c else None
 
     def forward(self, kernels, keep_tape=False):
+        if kernels is not reference:  # the C++ core runs the cells and options it has kernels for
+            missing = _backend.missing_in_cpp(self.cell, bool(self.proj), self.residual)
+            if missing:
+                pytest.skip(f"the C++ core has no kernels for {missing} yet")
         return kernels.stack_forward(
             self.cell, self.x, self.h0, self.c0, self.weights, self.bidirectional,
-            self.lengths, self.masks, keep_tape,
+            self.lengths, self.masks, keep_tape, None, self.residual,
         )
 
     def backward(self, kernels, tape):
@@ -102,9 +107,11 @@ class Problem:
         named = [("x", self.x), ("h0", self.h0)]
         if self.c0 is not None:
             named.append(("c0", self.c0))
+        names = CELLS[self.cell].part_names(bool(self.proj))
         for k, entry in enumerate(self.weights):
-            for name, w in zip(("w_ih", "w_hh", "b_ih", "b_hh"), entry, strict=True):
-                named.append((f"weights[{k}] {name}", w))
+            for name, w in zip(names, entry, strict=True):
+                if w is not None:
+                    named.append((f"weights[{k}] {name}", w))
         return named
 
 
@@ -112,7 +119,7 @@ def analytic_gradients(problem, kernels):
     _, _, _, tape = problem.forward(kernels, keep_tape=True)
     dx, dh0, dc0, d_weights = problem.backward(kernels, tape)
     grads = [dx, dh0] + ([dc0] if problem.c0 is not None else [])
-    return grads + [g for entry in d_weights for g in entry]
+    return grads + [g for entry in d_weights for g in entry if g is not None]
 
 
 @contextlib.contextmanager
@@ -154,9 +161,9 @@ def relu_preactivations(problem, monkeypatch):
     """Every pre-activation the relu cells compute, recorded through the reference."""
     seen = []
 
-    def recording_step(x_proj, h_prev, c_prev, w_hh, b_hh):
+    def recording_step(x_proj, h_prev, c_prev, w_hh, b_hh, w_peep):
         seen.append(x_proj + h_prev @ w_hh.T + b_hh)
-        return reference.rnn_relu_step(x_proj, h_prev, c_prev, w_hh, b_hh)
+        return reference.rnn_relu_step(x_proj, h_prev, c_prev, w_hh, b_hh, w_peep)
 
     steps = reference.STEPS["rnn_relu"]._replace(step=recording_step)
     with monkeypatch.context() as m:
@@ -198,7 +205,8 @@ def assert_gradients_match_finite_differences(problem, kernels):
     assert all(depends) if problem.cell != "rnn_relu" else sum(depends) > len(depends) // 2
 
 
-GRID = list(itertools.product(CELL_NAMES, (1, 2), (False, True), (False, True), (False, True)))
+# The plain cells crossed with every option; the variants' crossing is VARIANTS x STACKS below.
+GRID = list(itertools.product(PLAIN_CELLS, (1, 2), (False, True), (False, True), (False, True)))
 
 
 @pytest.mark.parametrize(
@@ -219,6 +227,38 @@ def test_grad_matches_finite_differences(
         problem = kink_free_problem(*args, seed=seed, monkeypatch=monkeypatch)
     else:
         problem = Problem(cell, *args, seed=seed)
+    assert_gradients_match_finite_differences(problem, kernels)
+
+
+LSTM_CELLS = tuple(name for name, spec in CELLS.items() if spec.can_project)
+# The variants of issue 31 crossed with the stack's options: every LSTM cell with and without a
+# projection (P = 2 < H = 3), the reset-before GRU, and residual stacks of every cell.
+VARIANTS = [(cell, proj) for cell in LSTM_CELLS for proj in (0, 2)] + [("gru_reset_before", 0)]
+STACKS = {  # layers, bidirectional, lengths, init_state, masks, residual
+    "L1-uni-full-zero": (1, False, None, False, False, False),
+    "L2-bi-len-h0-dropout-residual": (2, True, UNSORTED_LENGTHS, True, True, True),
+}
+VARIANT_SIZES = (T, B, I, 3)  # H = 3, so that a projection can be narrower
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+@pytest.mark.parametrize("cell, proj", VARIANTS, ids=[f"{c}-P{p}" for c, p in VARIANTS])
+def test_variant_grad_matches_finite_differences(kernels, cell, proj, stack):
+    layers, bidirectional, lengths, init_state, masks, residual = STACKS[stack]
+    seed = 500 + 10 * VARIANTS.index((cell, proj)) + list(STACKS).index(stack)
+    problem = Problem(cell, layers, bidirectional, lengths, init_state, seed, masks=masks,
+                      sizes=VARIANT_SIZES, proj=proj, residual=residual)
+    assert_gradients_match_finite_differences(problem, kernels)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_residual_grad_matches_finite_differences(kernels, cell, monkeypatch):
+    args = (3, False, UNSORTED_LENGTHS, True)
+    if cell == "rnn_relu":
+        problem = kink_free_problem(*args, seed=600, monkeypatch=monkeypatch, masks=True,
+                                    residual=True)
+    else:
+        problem = Problem(cell, *args, seed=600, masks=True, residual=True)
     assert_gradients_match_finite_differences(problem, kernels)
 
 
@@ -293,7 +333,7 @@ def flatten(results):
     arrays = []
     for item in results:
         if isinstance(item, list):
-            arrays.extend(a for entry in item for a in entry)
+            arrays.extend(a for entry in item for a in entry if a is not None)
         elif item is not None:
             arrays.append(item)
     return arrays
@@ -370,6 +410,8 @@ def test_strided_inputs_give_the_same_results(kernels, cell):
     expected = problem.forward(kernels)[:3]
 
     def strided(a):  # same values, not C-contiguous
+        if a is None:
+            return None
         wide = np.zeros(a.shape + (2,), a.dtype)
         wide[..., 0] = a
         return wide[..., 0]
@@ -420,6 +462,37 @@ def test_cpp_matches_reference_on_random_configs(cell):
         config = f"{cell} T={t} B={b} I={i} H={h} L={layers} bi={bidirectional} {lengths=}"
         for a, c in zip(flatten(ref[:3] + ref_grads), flatten(cpp[:3] + cpp_grads), strict=True):
             np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12, err_msg=config)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ core not built")
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_cpp_matches_reference_on_random_variant_configs(cell):
+    """As above, with projections (LSTM cells) and residual stacks drawn too; the configurations
+    the core has no kernels for yet are left out."""
+    core = _backend.kernels("cpp")
+    rng = np.random.default_rng(700 + CELL_NAMES.index(cell))
+    ran = 0
+    for seed in range(20):
+        t, b, i, h = (int(n) for n in rng.integers(1, 6, 4))
+        layers, bidirectional = int(rng.integers(1, 4)), bool(rng.integers(2))
+        lengths = rng.integers(1, t + 1, b) if rng.integers(2) else None
+        proj = int(rng.integers(1, h)) if CELLS[cell].can_project and h > 1 and rng.integers(2) \
+            else 0
+        residual = bool(rng.integers(2))
+        if _backend.missing_in_cpp(cell, bool(proj), residual):
+            continue
+        problem = Problem(cell, layers, bidirectional, lengths, True, seed=seed,
+                          masks=layers > 1 and bool(rng.integers(2)), sizes=(t, b, i, h),
+                          proj=proj, residual=residual)
+        ref, cpp = problem.forward(reference, True), problem.forward(core, True)
+        ref_grads, cpp_grads = problem.backward(reference, ref[3]), problem.backward(core, cpp[3])
+        config = (f"{cell} T={t} B={b} I={i} H={h} P={proj} L={layers} bi={bidirectional} "
+                  f"{residual=} {lengths=}")
+        for a, c in zip(flatten(ref[:3] + ref_grads), flatten(cpp[:3] + cpp_grads), strict=True):
+            np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12, err_msg=config)
+        ran += 1
+    if not ran:
+        pytest.skip(f"the C++ core has no kernels for {cell!r} with these options yet")
 
 
 def with_weight(index, part, value):
@@ -555,3 +628,167 @@ def test_backward_rejects_a_missing_or_foreign_tape(kernels):
         kernels.stack_backward(None, problem.d_out, None, None)
     with pytest.raises(TypeError, match="tape"):
         kernels.stack_backward(object(), problem.d_out, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The variants' parts of the contract: w_peep, w_hr, the form of an entry, widths P and H. Both
+# backends check them before anything else (the C++ core before it says what it cannot run).
+
+P_TEST = 2  # the projection's width in these problems, H = 3
+
+
+def variant_arguments(cell, proj=P_TEST):
+    problem = Problem(cell, 2, True, UNSORTED_LENGTHS, True, seed=52, masks=True,
+                      sizes=VARIANT_SIZES, proj=proj)
+    return problem, {
+        "cell": cell, "x": problem.x, "h0": problem.h0, "c0": problem.c0,
+        "weights": problem.weights, "bidirectional": True, "lengths": problem.lengths,
+        "dropout_masks": problem.masks, "keep_tape": True,
+    }
+
+
+def entry_edit(index, edit):
+    """Replace weights[index] by edit(its parts as a list)."""
+
+    def apply(a):
+        entries = [list(entry) for entry in a["weights"]]
+        entries[index] = edit(entries[index])
+        a["weights"] = [tuple(entry) for entry in entries]
+
+    return apply
+
+
+def part(slot, value):
+    def edit(entry):
+        entry[slot] = value(entry[slot]) if callable(value) else value
+        return entry
+
+    return edit
+
+
+BAD_VARIANT_FORWARD = {  # cell, proj, edit, error, message
+    "w_peep None": ("lstm_peephole", P_TEST, entry_edit(1, part(4, None)), ValueError,
+                    r"weights\[1\] w_peep: required for cell 'lstm_peephole'"),
+    "w_peep of the coupled cell's 2 rows": (
+        "lstm_peephole", 0, entry_edit(0, part(4, lambda w: w[:2])), ValueError,
+        r"weights\[0\] w_peep: expected shape \(3, 3\)"),
+    "w_peep of 3 rows for the coupled cell": (
+        "lstm_coupled_peephole", 0, entry_edit(2, part(4, lambda w: np.vstack([w, w[:1]]))),
+        ValueError, r"weights\[2\] w_peep: expected shape \(2, 3\)"),
+    "w_peep for a cell without peepholes": (
+        "lstm", P_TEST, entry_edit(0, part(4, np.zeros((3, 3)))), ValueError,
+        r"weights\[0\] w_peep: expected None, as cell 'lstm' has no peepholes"),
+    "w_peep float32": ("lstm_peephole", 0, entry_edit(3, part(4, lambda w: w.astype(np.float32))),
+                       TypeError, r"weights\[3\] w_peep: expected dtype float64"),
+    "w_hr for a GRU": ("gru_reset_before", 0, entry_edit(0, lambda e: [*e, None, np.eye(3)]),
+                       ValueError, r"weights\[0\] w_hr: cell 'gru_reset_before' has no "
+                                   r"projection \(only the LSTM cells do\)"),
+    "w_hr for an RNN": ("rnn_tanh", 0, entry_edit(0, lambda e: [*e, None, np.eye(3)]),
+                        ValueError, r"weights\[0\] w_hr: cell 'rnn_tanh' has no projection"),
+    "w_hr of another width than h0": (
+        "lstm", P_TEST, entry_edit(0, part(5, lambda w: np.vstack([w, w[:1]]))), ValueError,
+        r"weights\[0\] w_hr: expected shape \(P, H\) with P = 2 \(the width of h0\)"),
+    "w_hr missing in a later entry": ("lstm_coupled", P_TEST, entry_edit(2, part(5, None)),
+                                      ValueError, r"weights\[2\] w_hr: required"),
+    "w_hr in a later entry only": (
+        "lstm_peephole", 0, entry_edit(1, part(5, np.zeros((3, 3)))), ValueError,
+        r"weights\[1\] w_hr: expected None, as the stack is not projected"),
+    "w_hr of another H in a later entry": (
+        "lstm", P_TEST, entry_edit(3, part(5, lambda w: w[:, :2])), ValueError,
+        r"weights\[3\] w_hr: expected shape \(2, 3\)"),
+    "6 parts for a plain cell without projection": (
+        "lstm", 0, entry_edit(0, lambda e: [*e, None, None]), ValueError,
+        r"weights\[0\]: expected 4 entries \(w_ih, w_hh, b_ih, b_hh\) for cell 'lstm', got 6"),
+    "4 parts for a cell with peepholes": (
+        "lstm_coupled_peephole", 0, entry_edit(1, lambda e: e[:4]), ValueError,
+        r"weights\[1\]: expected 6 entries .* for cell 'lstm_coupled_peephole', got 4"),
+    "4 parts in a projected stack": (
+        "lstm", P_TEST, entry_edit(2, lambda e: e[:4]), ValueError,
+        r"weights\[2\]: expected 6 entries .* for cell 'lstm' with projection, got 4"),
+    "w_hh of width H in a projected stack": (
+        "lstm", P_TEST, entry_edit(1, part(1, lambda w: np.zeros((w.shape[0], 3)))), ValueError,
+        r"weights\[1\] w_hh: expected shape \(12, 2\)"),
+    "layer 1 reading D*H in a projected stack": (
+        "lstm_peephole", P_TEST, entry_edit(2, part(0, lambda w: np.zeros((w.shape[0], 6)))),
+        ValueError, r"weights\[2\] w_ih: expected shape \(12, 4\)"),
+    "coupled cell with 4 gate blocks": (
+        "lstm_coupled", 0, entry_edit(0, part(0, lambda w: np.vstack([w, w[:3]]))), ValueError,
+        r"weights\[0\] w_ih: expected shape \(9, 3\)"),
+    "c0 of width P": ("lstm", P_TEST, lambda a: a.update(c0=a["c0"][:, :, :P_TEST]),
+                      ValueError, r"c0: expected shape \(L\*D, B, H\) = \(4, 3, 3\)"),
+    "dropout mask of width D*H": (
+        "lstm", P_TEST, lambda a: a.update(dropout_masks=[np.ones((T, B, 6))]), ValueError,
+        r"dropout_masks\[0\]: expected shape \(4, 3, 4\)"),
+    "c0 for the reset-before GRU": (
+        "gru_reset_before", 0, lambda a: a.update(c0=np.zeros((4, 3, 3))), ValueError,
+        "c0: only 'lstm' has a cell state"),
+    "c0 None for a coupled LSTM": ("lstm_coupled", 0, lambda a: a.update(c0=None), ValueError,
+                                   "c0: required for cell 'lstm_coupled'"),
+    "residual not a bool": ("lstm", 0, lambda a: a.update(residual="yes"), TypeError,
+                            "residual: expected a bool"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VARIANT_FORWARD))
+def test_forward_rejects_bad_variant_argument(kernels, case):
+    cell, proj, edit, error, message = BAD_VARIANT_FORWARD[case]
+    _, arguments = variant_arguments(cell, proj)
+    reference.stack_forward(**arguments)  # valid as drawn
+    edit(arguments)
+    with pytest.raises(error, match=message):
+        kernels.stack_forward(**arguments)
+
+
+BAD_VARIANT_BACKWARD = {  # edit of (d_out, d_h_n, d_c_n, accumulate_into), message[, error]
+    "d_out of width D*H": (lambda u: u.update(d_out=np.zeros((T, B, 6))), r"d_out: expected "
+                           r"shape \(4, 3, 4\)"),
+    "d_h_n of width H": (lambda u: u.update(d_h_n=np.zeros((4, B, 3))), r"d_h_n: expected shape "
+                         r"\(4, 3, 2\)"),
+    "d_c_n of width P": (lambda u: u.update(d_c_n=np.zeros((4, B, 2))), r"d_c_n: expected shape "
+                         r"\(4, 3, 3\)"),
+    "accumulate_into of 4 parts": (
+        lambda u: u.update(accumulate_into=[tuple(np.zeros_like(a) for a in e[:4])
+                                            for e in u.pop("weights")]),
+        r"accumulate_into\[0\]: expected 6 entries"),
+    "accumulate_into without dw_hr": (
+        lambda u: u.update(accumulate_into=[(*(np.zeros_like(a) for a in e[:5]), None)
+                                            for e in u.pop("weights")]),
+        r"accumulate_into\[0\] dw_hr: expected a numpy array", TypeError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VARIANT_BACKWARD))
+def test_backward_rejects_bad_variant_argument(kernels, case):
+    edit, message, *error = BAD_VARIANT_BACKWARD[case]
+    problem, arguments = variant_arguments("lstm_peephole")
+    tape = problem.forward(kernels, keep_tape=True)[3]
+    upstream = {"d_out": problem.d_out, "d_h_n": problem.d_h_n, "d_c_n": problem.d_c_n,
+                "weights": problem.weights}
+    edit(upstream)
+    upstream.pop("weights", None)
+    with pytest.raises(error[0] if error else ValueError, match=message):
+        kernels.stack_backward(tape, **upstream)
+
+
+def test_variant_gradients_accumulate_into_targets_of_their_form(kernels):
+    problem, _ = variant_arguments("lstm_coupled_peephole")
+    tape = problem.forward(kernels, keep_tape=True)[3]
+    fresh = problem.backward(kernels, tape)[3]
+    targets = [tuple(np.ones_like(a) for a in entry) for entry in problem.weights]
+    got = kernels.stack_backward(tape, problem.d_out, problem.d_h_n, problem.d_c_n,
+                                 accumulate_into=targets)[3]
+    for entry, target, grads in zip(got, targets, fresh, strict=True):
+        assert len(entry) == 6
+        for a, t, g in zip(entry, target, grads, strict=True):
+            assert a is t
+            assert_same(a, g + 1)
+
+
+def test_projected_stack_returns_states_of_both_widths(kernels):
+    problem, _ = variant_arguments("lstm_peephole")
+    out, h_n, c_n, tape = problem.forward(kernels, keep_tape=True)
+    assert out.shape == (T, B, 2 * P_TEST) and h_n.shape == (4, B, P_TEST)
+    assert c_n.shape == (4, B, 3)
+    dx, dh0, dc0, d_weights = problem.backward(kernels, tape)
+    assert dh0.shape == (4, B, P_TEST) and dc0.shape == (4, B, 3)
+    assert [a.shape for a in d_weights[2]] == [(12, 4), (12, 2), (12,), (12,), (3, 3), (2, 3)]

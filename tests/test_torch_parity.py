@@ -9,6 +9,7 @@ final states, dx, dh0, dc0 and every parameter gradient must agree to 1e-9 (floa
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import functional
+from pyrnn import _backend, functional
 
 torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
@@ -40,13 +41,15 @@ class Config:
     H: int
     dtype: type
     seed: int
+    proj: int = 0  # an LSTM's proj_size
 
     def __str__(self) -> str:
         flags = [
             self.cell, f"L{self.L}", "bi" if self.bidirectional else "uni",
             "bf" if self.batch_first else "tm", "bias" if self.bias else "nobias",
             "h0" if self.init_state else "noh0", "packed" if self.packed else "full",
-            f"T{self.T}B{self.B}I{self.I}H{self.H}", np.dtype(self.dtype).name,
+            f"T{self.T}B{self.B}I{self.I}H{self.H}" + (f"P{self.proj}" if self.proj else ""),
+            np.dtype(self.dtype).name,
         ]
         return "-".join(flags)
 
@@ -93,6 +96,20 @@ def edge_configs() -> list[Config]:
 CONFIGS = edge_configs() + random_configs(48, seed=2024)
 
 
+def projected_configs(n: int, seed: int) -> list[Config]:
+    """LSTMs with proj_size (PyTorch's LSTMP), every option drawn as for the plain cells."""
+    rng = random.Random(seed)
+    configs = []
+    for k, cfg in enumerate(random_configs(n, seed)):
+        H = rng.randint(2, 6)  # noqa: N806 - 0 < proj_size < H
+        configs.append(dataclasses.replace(cfg, cell="lstm", H=H, proj=rng.randint(1, H - 1),
+                                           dtype=(np.float64, np.float32)[k % 2]))
+    return configs
+
+
+PROJECTED_CONFIGS = projected_configs(16, seed=31)
+
+
 def make_modules(cfg: Config, backend: str, dropout: float = 0.0):
     """A torch module with its default init, and a pyrnn module loaded with its weights."""
     torch.manual_seed(cfg.seed)
@@ -107,6 +124,8 @@ def make_modules(cfg: Config, backend: str, dropout: float = 0.0):
         t_cls, p_cls = {"lstm": (torch.nn.LSTM, pyrnn.LSTM), "gru": (torch.nn.GRU, pyrnn.GRU)}[
             cfg.cell
         ]
+        if cfg.proj:
+            kwargs["proj_size"] = cfg.proj
         t_mod = t_cls(cfg.I, cfg.H, **kwargs)
         p_mod = p_cls(cfg.I, cfg.H, dtype=cfg.dtype, backend=backend, **kwargs)
     t_mod = t_mod.to(torch.float64 if cfg.dtype == np.float64 else torch.float32)
@@ -118,7 +137,8 @@ def make_data(cfg: Config) -> dict[str, np.ndarray | None]:
     rng = np.random.default_rng(cfg.seed)
     D = 2 if cfg.bidirectional else 1  # noqa: N806
     batch_major = (cfg.B, cfg.T) if cfg.batch_first else (cfg.T, cfg.B)
-    state = (cfg.L * D, cfg.B, cfg.H)
+    state = (cfg.L * D, cfg.B, cfg.proj or cfg.H)  # h's; c's has H
+    cell_state = (cfg.L * D, cfg.B, cfg.H)
     lengths = None
     if cfg.packed:
         lengths = rng.integers(1, cfg.T + 1, cfg.B)
@@ -130,11 +150,11 @@ def make_data(cfg: Config) -> dict[str, np.ndarray | None]:
     return {
         "x": draw((*batch_major, cfg.I)),
         "h0": draw(state) if cfg.init_state else None,
-        "c0": draw(state) if cfg.init_state and lstm else None,
+        "c0": draw(cell_state) if cfg.init_state and lstm else None,
         "lengths": lengths,
-        "d_out": draw((*batch_major, D * cfg.H)),
+        "d_out": draw((*batch_major, D * (cfg.proj or cfg.H))),
         "d_h_n": draw(state),
-        "d_c_n": draw(state) if lstm else None,
+        "d_c_n": draw(cell_state) if lstm else None,
     }
 
 
@@ -205,6 +225,18 @@ def test_module_matches_torch_outputs_states_and_every_gradient(cfg: Config, bac
     assert_same_results(cfg, run_pyrnn(cfg, p_mod, data), run_torch(cfg, t_mod, data))
 
 
+@pytest.mark.parametrize("cfg", PROJECTED_CONFIGS, ids=str)
+def test_projected_lstm_matches_torch_outputs_states_and_every_gradient(cfg: Config,
+                                                                       backend: str):
+    if backend == "cpp" and _backend.missing_in_cpp("lstm", projected=True):
+        pytest.skip("the C++ core has no projection kernels yet")
+    t_mod, p_mod = make_modules(cfg, backend)
+    data = make_data(cfg)
+    want = run_torch(cfg, t_mod, data)
+    assert any(name.startswith("grad weight_hr") for name in want)
+    assert_same_results(cfg, run_pyrnn(cfg, p_mod, data), want)
+
+
 def test_parity_configurations_cover_the_required_cases():
     """The random draw must keep covering what the issue asks for."""
     for cell in CELLS:
@@ -213,6 +245,8 @@ def test_parity_configurations_cover_the_required_cases():
         for attr in ("bidirectional", "batch_first", "bias", "init_state", "packed"):
             assert {getattr(c, attr) for c in mine} == {False, True}, (cell, attr)
         assert {c.dtype for c in mine} == {np.float32, np.float64}
+    for attr in ("L", "bidirectional", "batch_first", "bias", "init_state", "packed", "dtype"):
+        assert len({getattr(c, attr) for c in PROJECTED_CONFIGS}) > 1, attr
     for dim in ("T", "B", "H"):
         assert any(getattr(c, dim) == 1 for c in CONFIGS), dim
 

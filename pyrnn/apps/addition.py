@@ -4,7 +4,8 @@ The question is padded to 7 characters and fed reversed (" 16+535"), so the digi
 determine the first answer digits arrive last. The encoder's final state initialises the
 decoder, which is trained with teacher forcing (it reads "=596" and predicts "596 ") and
 evaluated by greedy decoding: it reads its own previous prediction. A question counts as
-right only when all 4 answer characters are.
+right only when all 4 answer characters are. ``--peephole`` and ``--coupled-gates`` train the
+LSTM's textbook variants (peephole connections; i = 1 - f), alone or together.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def batch_order(n: int, batch: int, rng: np.random.Generator) -> list[np.ndarray
 
 class Seq2Seq(pyrnn.Module):
     def __init__(self, cell: str, embed: int, hidden: int, seed: int, layers: int = 1,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, variant: dict[str, bool] | None = None) -> None:
+        """variant: the LSTM's keyword arguments peephole= and coupled_gates=, if any."""
         super().__init__()
         rnn, vocab = CELLS[cell], len(VOCAB)
-        stack = {"num_layers": layers, "dropout": dropout if layers > 1 else 0.0}
+        stack = {"num_layers": layers, "dropout": dropout if layers > 1 else 0.0,
+                 **(variant or {})}
         self.enc_embed = Embedding(vocab, embed, seed=seed)
         self.encoder = rnn(embed, hidden, **stack, seed=seed + 1)
         self.dec_embed = Embedding(vocab, embed, seed=seed + 2)
@@ -143,12 +146,14 @@ def show(q: np.ndarray, predicted: np.ndarray) -> str:
 def train(args: argparse.Namespace) -> dict[str, object]:
     backend = _common.setup_runtime(args)
     train_set, val = split(args.examples, args.held_out, args.seed)
-    model = Seq2Seq(args.cell, args.embed, args.hidden, args.seed, args.layers, args.dropout)
+    model = Seq2Seq(args.cell, args.embed, args.hidden, args.seed, args.layers, args.dropout,
+                    variant(args))
     adam = optim.Adam(model, lr=args.lr)
     rng = np.random.default_rng(args.seed + 100)
     n_train = train_set[0].shape[1]
     print(f"addition: {n_train} training / {val[0].shape[1]} validation questions, "
-          f"{args.cell} {args.hidden}, {model.num_parameters():,} parameters, backend {backend}")
+          f"{cell_name(args)} {args.hidden}, {model.num_parameters():,} parameters, "
+          f"backend {backend}")
 
     clock, losses, accuracy, seconds_to_target, epoch = _common.Stopwatch(), [], [], None, 0
     for epoch in range(1, args.epochs + 1):
@@ -185,9 +190,24 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         "final_train_loss": float(np.mean(losses[-50:])),
         "parameters": model.num_parameters(),
         **{k: getattr(args, k) for k in CONFIG_KEYS},
+        "peephole": args.peephole,
+        "coupled_gates": args.coupled_gates,
         **_common.runtime_figures(backend),
     }
     return figures
+
+
+def variant(args: argparse.Namespace) -> dict[str, bool]:
+    """The LSTM variant's keyword arguments, for --cell lstm (run refuses them with a GRU)."""
+    return {"peephole": args.peephole, "coupled_gates": args.coupled_gates} if (
+        args.cell == "lstm") else {}
+
+
+def cell_name(args: argparse.Namespace) -> str:
+    """The cell as the summary line names it: "lstm", "lstm (peephole, coupled gates)"."""
+    chosen = [name for name, on in (("peephole", args.peephole),
+                                     ("coupled gates", args.coupled_gates)) if on]
+    return args.cell + (f" ({', '.join(chosen)})" if chosen else "")
 
 
 CONFIG_KEYS = ("cell", "hidden", "layers", "dropout", "embed", "batch", "lr", "lr_decay", "clip",
@@ -197,8 +217,8 @@ CONFIG_KEYS = ("cell", "hidden", "layers", "dropout", "embed", "batch", "lr", "l
 def memory_parts(args: argparse.Namespace) -> dict[str, int]:
     """The float32 numbers a run holds, by what sizes them (see _common.check_fits)."""
     V, E, H, L, G, B = (len(VOCAB), args.embed, args.hidden, args.layers,  # noqa: N806
-                        GATES[args.cell], args.batch)
-    stack = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
+                        GATES[args.cell] - args.coupled_gates, args.batch)
+    stack = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2) + 3 * L * H * args.peephole
     params = 2 * V * E + 2 * stack + H * V + V
     steps = QUESTION_LEN + ANSWER_LEN
     return {
@@ -215,6 +235,10 @@ def memory_parts(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     _common.check_common_arguments(args)
+    for flag, on in (("--peephole", args.peephole), ("--coupled-gates", args.coupled_gates)):
+        if on and args.cell != "lstm":
+            raise _common.AppError(f"{flag}: an LSTM variant, for --cell lstm only; got --cell "
+                                   f"{args.cell}")
     if args.examples > 1000**2:
         raise _common.AppError(f"--examples: at most {1000**2} distinct questions exist, "
                                f"got {args.examples}")
@@ -240,6 +264,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "addition", help="encoder-decoder that learns to add (\"535+61\" -> \"596\")",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", choices=sorted(CELLS), default="lstm", help="(default: lstm)")
+    parser.add_argument("--peephole", action="store_true",
+                        help="LSTM with peephole connections: i and f see c_{t-1}, o sees c_t")
+    parser.add_argument("--coupled-gates", action="store_true",
+                        help="LSTM with coupled input and forget gates, i = 1 - f")
     parser.add_argument("--hidden", type=_common.positive_int, default=128,
                         help="hidden units of encoder and decoder (default: 128)")
     parser.add_argument("--layers", type=_common.positive_int, default=1,

@@ -2,7 +2,9 @@
 
 Task: read T one-hot symbols and, at the end, name the first one (a marker channel flags it;
 the other T-1 are random distractors), so the only useful gradient has to travel back through
-all T steps. For a vanilla RNN, an LSTM and a GRU, the network runs one step at a time through
+all T steps. For a vanilla RNN, an LSTM, an LSTM with peepholes (its gates read the cell state
+c, Gers and Schmidhuber), a GRU and the original GRU (reset gate before the recurrent product,
+as ONNX and Keras have it), the network runs one step at a time through
 ``pyrnn.functional`` (one tape per step), and the backward pass walks those steps from T down
 to 0: the dh0 each step returns is dLoss/dh_t, whose norm (mean over the batch) is recorded.
 This is done at initialisation and again after --train-steps of training.
@@ -28,11 +30,14 @@ from pyrnn.losses import cross_entropy
 
 from . import _common
 
-CELLS = {"rnn": pyrnn.RNN, "lstm": pyrnn.LSTM, "gru": pyrnn.GRU}
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+# name: the module and its keyword arguments
+CELLS = {"rnn": (pyrnn.RNN, {}), "lstm": (pyrnn.LSTM, {}),
+         "lstm_peephole": (pyrnn.LSTM, {"peephole": True}), "gru": (pyrnn.GRU, {}),
+         "gru_reset_before": (pyrnn.GRU, {"reset_after": False})}
+GATES = {"rnn": 1, "lstm": 4, "lstm_peephole": 4, "gru": 3, "gru_reset_before": 3}
 TEST_BATCH = 1000  # sequences the trained models' accuracy is measured on
 # Where the "keep the old state" gate's bias sits in the stacked (G*H,) bias: LSTM f, GRU z.
-KEEP_GATE = {"lstm": 1, "gru": 1}
+KEEP_GATE = {"lstm": 1, "lstm_peephole": 1, "gru": 1, "gru_reset_before": 1}
 
 
 def recall_batch(rng: np.random.Generator, steps: int, symbols: int, batch: int
@@ -47,11 +52,14 @@ def recall_batch(rng: np.random.Generator, steps: int, symbols: int, batch: int
 
 
 class Recall(pyrnn.Module):
-    def __init__(self, cell: str, symbols: int, hidden: int, seed: int) -> None:
+    def __init__(self, cell: str, symbols: int, hidden: int, seed: int,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.cell = cell
         # float64, so that gradients of 1e-30 and below are measured rather than lost to underflow
-        self.rnn = CELLS[cell](symbols + 1, hidden, dtype=np.float64, seed=seed)
+        module, options = CELLS[cell]
+        self.rnn = module(symbols + 1, hidden, dtype=np.float64, seed=seed, backend=backend,
+                          **options)
         self.head = Linear(hidden, symbols, dtype=np.float64, seed=seed + 1)
 
     def chrono_init(self, steps: int, rng: np.random.Generator) -> None:
@@ -76,20 +84,20 @@ class Recall(pyrnn.Module):
             out, _ = self.rnn(x)
             return float((self.head(out[-1]).argmax(-1) == y).mean())
 
-    def weights(self) -> list[tuple[np.ndarray, ...]]:
-        p = self.rnn.params
-        return [(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"])]
+    def weights(self) -> list[tuple[np.ndarray | None, ...]]:
+        """The recurrent layer's weights as the kernels take them (functional.rnn_forward)."""
+        return self.rnn._weights()
 
 
-def grad_norms(model: Recall, x: np.ndarray, y: np.ndarray, backend: str) -> np.ndarray:
+def grad_norms(model: Recall, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """norms[t] = mean over the batch of ||dLoss/dh_t||, t = 0 (initial state) ... T."""
-    kernel = model.rnn.cell  # "rnn_tanh", "lstm" or "gru"
+    kernel = model.rnn.cell  # "rnn_tanh", "lstm_peephole", ...
     weights, tapes = model.weights(), []
     h = np.zeros((1, x.shape[1], model.rnn.hidden_size), x.dtype)
-    c = np.zeros_like(h) if kernel == "lstm" else None
+    c = np.zeros_like(h) if model.rnn._cell.has_c else None
     for t in range(x.shape[0]):  # one step per call, so each step's tape is kept apart
         _, h, c, tape = functional.rnn_forward(kernel, x[t : t + 1], weights, h, c,
-                                               backend=backend, keep_tape=True)
+                                               backend=model.rnn.backend, keep_tape=True)
         tapes.append(tape)
     head = Linear(model.head.in_features, model.head.out_features, dtype=np.float64)
     head.load_state_dict(model.head.state_dict())
@@ -102,13 +110,16 @@ def grad_norms(model: Recall, x: np.ndarray, y: np.ndarray, backend: str) -> np.
     return np.array(norms[::-1])
 
 
-def train_cell(cell: str, args: argparse.Namespace, backend: str) -> dict[str, object]:
+def train_cell(cell: str, args: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng(args.seed)
-    model = Recall(cell, args.symbols, args.hidden, args.seed)
+    try:
+        model = Recall(cell, args.symbols, args.hidden, args.seed, args.backend)
+    except RuntimeError as error:  # --backend cpp, for a cell this build of the core lacks
+        raise _common.AppError(f"--backend {args.backend}: {error}") from None
     if args.init == "chrono":
         model.chrono_init(args.T, rng)
     probe = recall_batch(np.random.default_rng(args.seed + 1), args.T, args.symbols, args.batch)
-    before = grad_norms(model, *probe, backend)
+    before = grad_norms(model, *probe)
     adam, losses = optim.Adam(model, lr=args.lr), []
     bar = _common.progress(range(args.train_steps), desc=f"training {cell}",
                            disable=args.no_progress)
@@ -120,19 +131,23 @@ def train_cell(cell: str, args: argparse.Namespace, backend: str) -> dict[str, o
         adam.step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     test = recall_batch(np.random.default_rng(args.seed + 2), args.T, args.symbols, TEST_BATCH)
-    return {"init": before, "trained": grad_norms(model, *probe, backend), "losses": losses,
+    return {"init": before, "trained": grad_norms(model, *probe), "losses": losses,
             "accuracy": model.accuracy(*test)}
 
 
 def table(results: dict[str, dict], T: int, rows: int = 11) -> str:
     """Norms at a few time steps, in scientific notation, for every cell and phase."""
     columns = [(cell, phase) for phase in ("init", "trained") for cell in results]
+    widths = [max(11, len(cell) + len(phase) + 3) for cell, phase in columns]
+    columns = list(zip(columns, widths, strict=True))
     lines = ["||dLoss/dh_t|| (mean over the batch), loss read at t = T",
-             "   t " + "".join(f"{cell + ' ' + phase:>15}" for cell, phase in columns)]
+             "   t " + "".join(f"{c + ' ' + p:>{w}}" for (c, p), w in columns)]
     for t in sorted({round(T * i / (rows - 1)) for i in range(rows)}, reverse=True):
-        lines.append(f"{t:4d} " + "".join(f"{results[c][p][t]:15.2e}" for c, p in columns))
+        lines.append(f"{t:4d} " + "".join(f"{results[c][p][t]:{w}.2e}"
+                                          for (c, p), w in columns))
     ratio = lambda v: v[0] / v[T] if v[T] > 0 else math.nan  # noqa: E731
-    lines.append("h_0/h_T" + "".join(f"{ratio(results[c][p]):13.1e}  " for c, p in columns))
+    lines.append("h_0/h_T" + "".join(f"{ratio(results[c][p]):{w - 2}.1e}  "
+                                     for (c, p), w in columns))
     return "\n".join(lines)
 
 
@@ -190,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gradflow: recall the first of {args.T} symbols ({args.symbols} kinds), hidden "
           f"{args.hidden}, {args.init} init, backend {backend}")
     clock = _common.Stopwatch()
-    results = {cell: train_cell(cell, args, backend) for cell in args.cells}
+    results = {cell: train_cell(cell, args) for cell in args.cells}
     print(table(results, args.T))
     print(f"accuracy after training (chance {1 / args.symbols:.2f}): "
           + ", ".join(f"{cell} {r['accuracy']:.3f}" for cell, r in results.items()))
@@ -218,7 +233,8 @@ def default_plot() -> str:
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "gradflow", help="measure vanishing gradients: RNN vs LSTM vs GRU",
+        "gradflow", help="measure vanishing gradients: RNN vs LSTM (plain, peephole) vs GRU "
+        "(reset after, before)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-T", "--steps", dest="T", type=_common.positive_int, default=100,
                         help="sequence length: how far back the answer lies (default: 100)")
@@ -234,6 +250,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--init", choices=("chrono", "default"), default="chrono",
                         help="gate-bias initialisation for LSTM/GRU (default: chrono)")
     parser.add_argument("--cells", nargs="+", choices=tuple(CELLS), default=list(CELLS),
-                        help="which cells to compare (default: rnn lstm gru)")
+                        help="which cells to compare (default: all: "
+                        f"{' '.join(CELLS)})")
     _common.add_common_arguments(parser, plot_default=default_plot())
     parser.set_defaults(run=run, parser=parser)
