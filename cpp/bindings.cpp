@@ -286,9 +286,8 @@ void forward_with_packs(const pyrnn::StackInputs<S>& in, const pyrnn::StackOutpu
   bool served = false;
   {
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
-    const pyrnn::LayerPlan plan = pyrnn::forward_layer_plan(in, false, threads);
-    if (auto lease = cache.lease<S>(signature, dm.B, threads, plan.lanes())) {
-      pyrnn::stack_forward(in, res, false, threads, lease->packs.get(), &plan);
+    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::stack_lanes(dm, in.residual, threads))) {
+      pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
       served = true;
     }
   }

@@ -756,10 +756,10 @@ def test_two_threads_agree_exactly_call_after_call(cell, threads):
                 np.testing.assert_array_equal(got, want)
 
 
-# Unidirectional stacks whose layers may run at once, each on a thread of its own (stack.hpp,
-# LayerPlan): a TeamChoice learns per kind of pass whether that or one layer after another is
-# faster, trying the other now and then (at calls 5, 13 and 30 of a new kind of pass). Every call
-# must give the bits of one thread, whichever way it ran, in both directions of a training pass.
+# Unidirectional stacks whose layers run at once on two threads, each layer on a thread of its own
+# (stack.hpp, layer_lanes), while one thread runs them one after another. Every call must give the
+# bits of one thread, in both directions of a training pass, and its small time loops may run on
+# their team or alone as TeamChoice learns (both give the same bits).
 # (T, B, H, L): batches of one and nine, a single step, a four-layer stack.
 LAYER_SHAPES = {"batch_of_one": (9, 1, 190, 2), "batch_of_nine": (7, 9, 40, 2),
                 "one_step": (1, 3, 24, 2), "four_layers": (6, 2, 24, 4)}

@@ -96,9 +96,8 @@ def test_frozen_agrees_for_every_step_plan_and_thread_count(kind, B_H, thread_co
 @needs_cpp
 @pytest.mark.parametrize("B", [1, 6])
 def test_frozen_stack_agrees_whichever_way_its_layers_run(kind, B, threads):  # noqa: N803
-    # Two layers, one direction, two threads: the layers may run at once, and the core learns per
-    # call which way is faster (stack.hpp, LayerPlan), keeping packs for each; every call must
-    # give the module's bits.
+    # Two layers, one direction, two threads: the layers run at once (stack.hpp, layer_lanes), on
+    # packs laid out for that; every call must give the module's bits.
     threads(2)
     m = make(kind, "cpp", I=8, H=48, num_layers=2)
     fast = m.frozen()

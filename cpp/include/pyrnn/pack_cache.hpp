@@ -4,7 +4,7 @@
 // is a good part of the call. A caller that runs the same weights many times (a frozen module)
 // keeps a PackCache: the first call with a given batch size and thread count fills a set of packs,
 // and later calls with the same ones read it. The step plan, and so the layout of the packs,
-// depends on both and on whether the layers run at once (see LayerPlan), hence one set per such
+// depends on both and on whether the layers run at once (see layer_lanes), hence one set per such
 // triple, the few most recently used kept.
 #pragma once
 
@@ -44,7 +44,7 @@ class PackCache {
   static constexpr size_t kKeep = 4;
 
   // The packs for a call with these weights, batch size B, thread count and layer lanes (see
-  // LayerPlan::lanes); nothing when the cache was first used with other weights or another stack.
+  // layer_lanes); nothing when the cache was first used with other weights or another stack.
   // Safe to call from many threads.
   template <typename S>
   std::optional<PackLease<S>> lease(const PackSignature& signature, Index B, int threads, int lanes) {

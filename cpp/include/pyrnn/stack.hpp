@@ -615,9 +615,11 @@ void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, Gat
   }
 }
 
-// The layers a stack's plan may run at once: a residual stack runs them one after another (its
-// layers' outputs are summed with their inputs between layers), which a plan of one layer says.
-inline Index planned_layers(const Dims& dm, bool residual) { return residual ? 1 : dm.L; }
+// The threads that run a stack's layers at once (see layer_lanes), or 1; a residual stack runs
+// them one after another (each layer's output is summed with its input between layers).
+inline int stack_lanes(const Dims& dm, bool residual, int threads) {
+  return residual ? 1 : layer_lanes(dm.L, dm.D, threads);
+}
 
 template <class Cell, typename S>
 void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, const S* d_c_n,
@@ -625,9 +627,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
   const Dims& dm = tape.dims;
   SortedGrads<Cell, S> sorted(tape, d_out, d_h_n, d_c_n);
   const OutputGrads<S> out = sorted.view();
-  const LayerPlan plan(kLayersBackward, dm.B, dm.I, dm.H, planned_layers(dm, tape.residual), dm.D, Cell::G,
-                       sizeof(S), threads);
-  const int lanes = plan.lanes();
+  const int lanes = stack_lanes(dm, tape.residual, threads);
   GateGrads<Cell, S> g(dm, lanes > 1);
   if (lanes > 1) {
     backward_layers_at_once<Cell>(tape, out, g.d_gates, g.d_hn, lanes);
@@ -639,32 +639,20 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
   layer_input_grad(tape, 0, g, tape.sorted ? grads.dx : dx_own.data(), threads);
   if (!tape.sorted) scatter_rows(dx_own.data(), grads.dx, dm.T, dm.B, dm.I, tape.order);
   sorted.scatter(tape, grads);
-  plan.finished(dm.T);
-}
-
-// How a forward pass runs its layers (see LayerPlan); the caller asks for it first when it keeps
-// packs, which are laid out for it.
-template <typename S>
-LayerPlan forward_layer_plan(const StackInputs<S>& in, bool keep_tape, int threads) {
-  const Dims& dm = in.dims;
-  return LayerPlan(keep_tape ? kLayersTraining : kLayersInference, dm.B, dm.I, dm.H, planned_layers(dm, in.residual),
-                   dm.D, gate_count(in.cell), Index(sizeof(S)), threads);
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
-// packs of these very weights for this batch size, thread count and plan, filled or to be filled;
-// used only without a tape (training plans its steps otherwise, and packs for the tape on its
-// own). plan: from forward_layer_plan for these inputs, or null to make one.
+// packs of these very weights for this batch size, thread count and stack_lanes, filled or to be
+// filled; used only without a tape (training plans its steps otherwise, and packs for the tape on
+// its own).
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out, bool keep_tape,
-                                       int threads, StackPacks<S>* packs = nullptr, const LayerPlan* plan = nullptr) {
-  std::optional<LayerPlan> own_plan;
-  if (!plan) plan = &own_plan.emplace(forward_layer_plan(in, keep_tape, threads));
+                                       int threads, StackPacks<S>* packs = nullptr) {
+  const int lanes = stack_lanes(in.dims, in.residual, threads);
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
-    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, plan->lanes());
+    tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, lanes);
   });
-  plan->finished(in.dims.T);
   return tape;
 }
 

@@ -2,8 +2,8 @@
 // layers at once: every decision on the size and shape of a team is made here.
 //
 // plan_steps is the rule for one time loop (a team, sharing each step by rows or by units);
-// layer_lanes the rule for a stack's layers. TeamChoice may override either, per kind of call,
-// with what the calls' own times show (see there).
+// layer_lanes the rule for a stack's layers. TeamChoice may run a small time loop on one thread
+// instead of its team, from what the loop's own calls take (see there).
 #pragma once
 
 #include <algorithm>
@@ -64,22 +64,22 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
 // a few steps behind layer l - 1: its steps need no meeting of threads, where a team that shares
 // out the units of a small step meets at every one. Only unidirectional stacks (a bidirectional
 // layer's first output needs its whole input), and only when every thread gets as many layers.
+// A fixed rule: measured against learning it per call, it was as fast or faster on small and
+// large stacks alike, quiet or beside a busy neighbour.
 inline int layer_lanes(Index layers, Index directions, int threads) {
   return directions == 1 && threads > 1 && layers % threads == 0 ? threads : 1;
 }
 
-// The kinds of time loop, and of a stack's passes over its layers: TeamChoice learns each apart.
-enum LoopKind { kForwardInference, kForwardTraining, kBackward, kLayersInference, kLayersTraining, kLayersBackward };
+// The kinds of time loop: TeamChoice learns each apart.
+enum LoopKind { kForwardInference, kForwardTraining, kBackward };
 
 // Multiply-adds per step below which a host's slow periods, not the rule, decide whether a team
 // that shares out units pays: only such loops let TeamChoice run them on one thread.
 constexpr Index kChoiceMaxMacs = Index(1) << 20;
 
-// TeamChoice decides, per kind and shape of call, which of two ways to run it is faster now (a
-// time loop: the team plan_steps gives it, or one thread; a stack: one layer after another, or its
-// layers at once where layer_lanes allows), because on a shared host a team that meets at every
-// step can for seconds at a time run several times slower, which no rule made on a quiet host
-// foresees.
+// TeamChoice decides, per kind and shape of small time loop, whether plan_steps' team or one
+// thread runs it faster now: on a shared host a team that meets at every step can for seconds at a
+// time run several times slower, which no rule made on a quiet host foresees.
 //
 // Each kind of call keeps a running estimate of its time per step on the option it uses, and now
 // and then tries the other (after 4 calls, then ever more rarely while the answer stays the same:
@@ -87,17 +87,16 @@ constexpr Index kChoiceMaxMacs = Index(1) << 20;
 // tests), so this changes the time of a call, never its result.
 class TeamChoice {
  public:
-  // team: the first way (a time loop's planned team); alone: the other (see LoopPlan, LayerPlan).
+  // team: the time loop's planned team; alone: one thread.
   enum Option { team = 0, alone = 1 };
   // What sets a loop's cost: its kind and shape, and the team it was planned with.
   struct Key {
     int loop;
     Index B, I, H, G, scalar_bytes;
     int team;
-    Index layers = 1;  // a stack's, when the choice is how its layers run (see LayerPlan)
     bool operator==(const Key& o) const {
       return loop == o.loop && B == o.B && I == o.I && H == o.H && G == o.G && scalar_bytes == o.scalar_bytes &&
-             team == o.team && layers == o.layers;
+             team == o.team;
     }
   };
 
@@ -187,31 +186,6 @@ class LoopPlan {
  private:
   StepPlan planned_;
   bool learning_;
-  TeamChoice::Key key_;
-  TeamChoice::Option option_;
-  std::chrono::steady_clock::time_point start_;
-};
-
-// How one pass of a stack runs its layers: one after another, each with all threads, or at once
-// where layer_lanes allows it and TeamChoice finds that faster now. Both give the same bits.
-class LayerPlan {
- public:
-  LayerPlan(LoopKind kind, Index B, Index I, Index H, Index L, Index D, Index G, Index scalar_bytes, int threads)
-      : lanes_(layer_lanes(L, D, threads)),
-        key_{kind, B, I, H, G, scalar_bytes, threads, L},
-        option_(lanes_ > 1 ? team_choice().pick(key_) : kLayerByLayer),
-        start_(std::chrono::steady_clock::now()) {}
-  // Threads that run the layers at once, or 1: one layer after another.
-  int lanes() const { return option_ == kLayersAtOnce ? lanes_ : 1; }
-  // Tells TeamChoice what the pass over T steps took.
-  void finished(Index T) const {
-    if (lanes_ > 1) team_choice().record(key_, option_, ns_since(start_) / double(std::max<Index>(1, T)));
-  }
-
- private:
-  // TeamChoice's options as a stack's pass takes them.
-  static constexpr TeamChoice::Option kLayerByLayer = TeamChoice::team, kLayersAtOnce = TeamChoice::alone;
-  int lanes_;
   TeamChoice::Key key_;
   TeamChoice::Option option_;
   std::chrono::steady_clock::time_point start_;
