@@ -27,6 +27,22 @@ SUITE: list[dict] = [
     {"name": "long", "T": 1000, "B": 8, "I": 256, "H": 256, "L": 2, "D": 1, "cells": CELLS},
 ]
 
+# The cell family's rows (bench/variants.py, ``--variants``): a variant of the LSTM or GRU by
+# its module options, the suite configurations it runs on (with overrides), and the peers that
+# have it. Each is timed beside its plain cell on the same configuration.
+VARIANT_ROWS: list[dict] = [
+    {"name": "peephole", "cell": "lstm_peephole", "options": {"peephole": True},
+     "configs": ["medium", "large"], "peers": ["onnxruntime"]},
+    {"name": "coupled", "cell": "lstm_coupled", "options": {"coupled_gates": True},
+     "configs": ["medium", "large"]},
+    {"name": "coupled-peephole", "cell": "lstm_coupled_peephole",
+     "options": {"coupled_gates": True, "peephole": True}, "configs": ["medium", "large"]},
+    {"name": "proj", "cell": "lstm", "options": {"proj_size": 128}, "configs": ["large"],
+     "peers": ["torch"]},
+    {"name": "reset-before", "cell": "gru_reset_before", "options": {"reset_after": False},
+     "configs": ["medium", "large"], "peers": ["onnxruntime"]},
+]
+
 BACKENDS = ("pyrnn-cpp", "pyrnn-numpy", "torch", "torch-nomkldnn", "onnxruntime")
 EXTRA_BACKENDS = ("pyrnn-cpp-kernels",)  # diagnostics, only when named with --backends
 MODES = ("infer", "train")

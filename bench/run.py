@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results",
                    help="output directory (default: bench/results)")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
+    p.add_argument("--variants", action="store_true",
+                   help="the cell family's rows (configs.VARIANT_ROWS): each variant beside its "
+                        "plain cell and its peers; see bench/variants.py")
     p.add_argument("--contention", action="store_true",
                    help="speed under load instead of the suite: each row (default: "
                         f"{cfg.CONTENTION['configs']}, cells {cfg.CONTENTION['cells']}, both "
@@ -515,6 +518,10 @@ def run(args: argparse.Namespace) -> int:
         from . import contention
 
         return contention.run_command(args)
+    if args.variants:
+        from . import variants
+
+        return variants.run(args)
     out_dir = Path(args.out)
     results = run_suite(args, out_dir)
     print(f"wrote {out_dir / 'results.json'} ({results['wall_s']:.0f} s)", file=sys.stderr)

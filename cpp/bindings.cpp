@@ -34,7 +34,12 @@ template <typename S>
 using Array = py::array_t<S, py::array::c_style>;
 using Shape = std::vector<Index>;
 
-const char* const kCells[] = {"rnn_tanh", "rnn_relu", "lstm", "gru"};
+// The cells by name, in the order of pyrnn::CellKind.
+const char* const kCells[] = {"rnn_tanh", "rnn_relu", "lstm", "gru", "lstm_peephole", "lstm_coupled",
+                              "lstm_coupled_peephole", "gru_reset_before"};
+constexpr int kCellCount = sizeof(kCells) / sizeof(kCells[0]);
+// The options of the kernel contract this build runs, besides its cells (see features()).
+const char* const kOptions[] = {"residual"};
 
 std::string shape_str(const Shape& shape) {
   std::string s = "(";
@@ -143,9 +148,12 @@ auto with_float_type(const py::object& obj, const Arg& arg, F&& f) {
 // ------------------------------------------------------------------------------ stack_forward
 
 pyrnn::CellKind parse_cell(const std::string& name) {
-  for (int k = 0; k < 4; ++k)
+  std::string names;
+  for (int k = 0; k < kCellCount; ++k) {
     if (name == kCells[k]) return static_cast<pyrnn::CellKind>(k);
-  throw py::value_error("cell must be one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '" + name + "'");
+    names += std::string(k ? ", '" : "'") + kCells[k] + "'";
+  }
+  throw py::value_error("cell must be one of " + names + ", got '" + name + "'");
 }
 
 // T, B, I from x (T, B, I); L, D and H from h0 (L*D, B, H).
@@ -176,28 +184,60 @@ struct Held {
 
 template <typename S>
 const S* guarded_c0(pyrnn::CellKind cell, const py::object& c0_obj, const pyrnn::Dims& dm, Held<S>& held) {
-  if (cell != pyrnn::CellKind::lstm) {
-    if (!c0_obj.is_none()) throw py::value_error("c0: only 'lstm' has a cell state; expected None");
+  if (!pyrnn::cell_shape(cell).has_c) {
+    if (!c0_obj.is_none())
+      throw py::value_error("c0: only 'lstm' has a cell state (with its variants 'lstm_*'); expected None");
     return nullptr;
   }
-  if (c0_obj.is_none()) throw py::value_error("c0: required for cell 'lstm', got None");
+  if (c0_obj.is_none())
+    throw py::value_error("c0: required for cell '" + std::string(kCells[static_cast<int>(cell)]) + "', got None");
   return held.other(guarded<S>(c0_obj, {"c0"}, {dm.L * dm.D, dm.B, dm.H}));
 }
 
-// weights: L*D tuples (w_ih, w_hh, b_ih, b_hh) of the shapes the kernel contract gives.
+// The parts of a weights tuple (see the kernel contract), and how many a cell's tuples have: 6 with
+// peepholes, else 4 (projection is not in this build).
+const char* const kParts[] = {"w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr"};
+Index parts_of(pyrnn::CellKind cell) { return pyrnn::cell_shape(cell).K > 0 ? 6 : 4; }
+
+// The shapes of weights[k]'s parts (w_hr: none, as no projection is run).
+std::vector<Shape> part_shapes(pyrnn::CellKind cell, const pyrnn::Dims& dm, Index k) {
+  const pyrnn::CellShape c = pyrnn::cell_shape(cell);
+  const Index GH = c.G * dm.H;
+  std::vector<Shape> shapes{{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
+  if (c.K > 0) shapes.push_back({c.K, dm.H});
+  return shapes;
+}
+
+// The parts of a tuple from `first` on must be None (w_hr: this build runs no projection).
+void guard_absent(const py::sequence& entry, Index first, const Arg& arg) {
+  for (Index j = first; j < static_cast<Index>(entry.size()); ++j)
+    if (!entry[j].is_none())
+      throw py::value_error(arg.str() + " " + kParts[j] + ": expected None (this build runs no projection)");
+}
+
+// One weights tuple, of its cell's form: 4 parts, or 6 with w_hr None.
+py::sequence guarded_entry(py::handle obj, pyrnn::CellKind cell, const Arg& arg) {
+  py::sequence entry = guarded_list(obj, arg, parts_of(cell));
+  guard_absent(entry, 5, arg);
+  return entry;
+}
+
+// weights: L*D tuples of the parts and shapes the kernel contract gives.
 template <typename S>
 std::vector<pyrnn::DirWeights<S>> guarded_weights(pyrnn::CellKind cell, const py::object& obj,
                                                   const pyrnn::Dims& dm, Held<S>& held) {
-  static const char* const parts[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
-  const Index LD = dm.L * dm.D, GH = pyrnn::gate_count(cell) * dm.H;
+  const Index LD = dm.L * dm.D;
   py::sequence weights = guarded_list(obj, {"weights"}, LD);
   std::vector<pyrnn::DirWeights<S>> dir_weights;
   for (Index k = 0; k < LD; ++k) {
-    py::sequence entry = guarded_list(weights[k], {"weights", k}, 4);
-    const Shape shapes[] = {{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
-    for (int j = 0; j < 4; ++j) held.weights.push_back(guarded<S>(entry[j], {"weights", k, parts[j]}, shapes[j]));
-    const Array<S>* w = &held.weights[4 * k];
-    dir_weights.push_back({w[0].data(), w[1].data(), w[2].data(), w[3].data()});
+    py::sequence entry = guarded_entry(weights[k], cell, {"weights", k});
+    const std::vector<Shape> shapes = part_shapes(cell, dm, k);
+    const size_t first = held.weights.size();
+    for (size_t j = 0; j < shapes.size(); ++j)
+      held.weights.push_back(guarded<S>(entry[j], {"weights", k, kParts[j]}, shapes[j]));
+    const Array<S>* w = &held.weights[first];
+    dir_weights.push_back({w[0].data(), w[1].data(), w[2].data(), w[3].data(),
+                           shapes.size() > 4 ? w[4].data() : nullptr});
   }
   return dir_weights;
 }
@@ -247,7 +287,7 @@ void forward_with_packs(const pyrnn::StackInputs<S>& in, const pyrnn::StackOutpu
   bool served = false;
   {
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
-    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::layer_lanes(dm.L, dm.D, threads))) {
+    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::stack_lanes(dm, in.residual, threads))) {
       pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
       served = true;
     }
@@ -264,7 +304,7 @@ template <typename S>
 py::tuple run_forward(const pyrnn::StackInputs<S>& in, bool keep_tape, pyrnn::PackCache* cache,
                       const py::object& packs_obj, const Held<S>& held) {
   const pyrnn::Dims& dm = in.dims;
-  const bool has_c = in.cell == pyrnn::CellKind::lstm;
+  const bool has_c = pyrnn::cell_shape(in.cell).has_c;
   const Shape state{dm.L * dm.D, dm.B, dm.H};
   Array<S> out = new_array<S>({dm.T, dm.B, dm.D * dm.H}), h_n = new_array<S>(state);
   Array<S> c_n = has_c ? new_array<S>(state) : Array<S>();
@@ -285,7 +325,7 @@ py::tuple run_forward(const pyrnn::StackInputs<S>& in, bool keep_tape, pyrnn::Pa
 template <typename S>
 py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x, const py::object& h0, const py::object& c0,
                        const py::object& weights, bool bidirectional, const py::object& lengths_obj,
-                       const py::object& masks, bool keep_tape, const py::object& packs) {
+                       const py::object& masks, bool keep_tape, const py::object& packs, bool residual) {
   pyrnn::PackCache* cache = guarded_packs(packs, keep_tape);
   const pyrnn::Dims dm = stack_dims(x, h0, bidirectional);
   const std::vector<std::int64_t> lengths = guarded_lengths(lengths_obj, dm.T, dm.B);
@@ -298,67 +338,76 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x, const py::objec
                                  guarded_c0<S>(cell, c0, dm, held),
                                  guarded_weights<S>(cell, weights, dm, held),
                                  lengths.empty() ? nullptr : lengths.data(),
-                                 guarded_masks<S>(masks, dm, held)};
+                                 guarded_masks<S>(masks, dm, held),
+                                 residual};
   return run_forward<S>(in, keep_tape, cache, packs, held);
 }
 
 py::tuple stack_forward(const std::string& cell, const py::object& x, const py::object& h0, const py::object& c0,
                         const py::object& weights, bool bidirectional, const py::object& lengths,
-                        const py::object& dropout_masks, bool keep_tape, const py::object& packs) {
+                        const py::object& dropout_masks, bool keep_tape, const py::object& packs, bool residual) {
   const pyrnn::CellKind kind = parse_cell(cell);
   return with_float_type(x, {"x"}, [&](auto s) {
     return forward_impl<decltype(s)>(kind, py::reinterpret_borrow<py::array>(x), h0, c0, weights, bidirectional,
-                                     lengths, dropout_masks, keep_tape, packs);
+                                     lengths, dropout_masks, keep_tape, packs, residual);
   });
 }
 
 // ----------------------------------------------------------------------------- stack_backward
 
-// The weight gradients' arrays, L*D times (dw_ih, dw_hh, db_ih, db_hh): new ones, or those of
-// accumulate_into, which the core adds into.
+// The weight gradients' arrays, L*D entries of the weights' parts (dw_ih, dw_hh, db_ih, db_hh
+// [, dw_peep]): new ones, or those of accumulate_into, which the core adds into.
 template <typename S>
-std::vector<Array<S>> weight_grad_arrays(const pyrnn::Tape<S>& tape, const py::object& into_obj) {
-  static const char* const parts[] = {"dw_ih", "dw_hh", "db_ih", "db_hh"};
+std::vector<std::vector<Array<S>>> weight_grad_arrays(const pyrnn::Tape<S>& tape, const py::object& into_obj) {
+  static const char* const parts[] = {"dw_ih", "dw_hh", "db_ih", "db_hh", "dw_peep"};
   const pyrnn::Dims& dm = tape.dims;
-  const Index LD = dm.L * dm.D, GH = pyrnn::gate_count(tape.cell) * dm.H;
+  const Index LD = dm.L * dm.D;
   const bool fresh = into_obj.is_none();
   py::sequence into = fresh ? py::sequence() : guarded_list(into_obj, {"accumulate_into"}, LD);
-  std::vector<Array<S>> arrays;
+  std::vector<std::vector<Array<S>>> arrays(LD);
   for (Index k = 0; k < LD; ++k) {
-    const Shape shapes[] = {{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
-    py::sequence entry = fresh ? py::sequence() : guarded_list(into[k], {"accumulate_into", k}, 4);
-    for (int j = 0; j < 4; ++j)
-      arrays.push_back(fresh ? new_array<S>(shapes[j])
-                             : guarded<S>(entry[j], {"accumulate_into", k, parts[j]}, shapes[j], true));
+    const std::vector<Shape> shapes = part_shapes(tape.cell, dm, k);
+    py::sequence entry = fresh ? py::sequence() : guarded_entry(into[k], tape.cell, {"accumulate_into", k});
+    for (size_t j = 0; j < shapes.size(); ++j)
+      arrays[k].push_back(fresh ? new_array<S>(shapes[j])
+                                : guarded<S>(entry[j], {"accumulate_into", k, parts[j]}, shapes[j], true));
   }
   return arrays;
+}
+
+// One entry of d_weights, in the form of the weights: 4 parts, or 6 with None where absent.
+template <typename S>
+py::tuple grads_entry(const std::vector<Array<S>>& w, Index parts) {
+  if (parts == 4) return py::make_tuple(w[0], w[1], w[2], w[3]);
+  return py::make_tuple(w[0], w[1], w[2], w[3], w[4], py::none());
 }
 
 template <typename S>
 py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj, const py::object& d_h_n_obj,
                         const py::object& d_c_n_obj, const py::object& into_obj) {
   const pyrnn::Dims& dm = tape.dims;
-  const bool has_c = tape.cell == pyrnn::CellKind::lstm;
+  const bool has_c = pyrnn::cell_shape(tape.cell).has_c;
   const Shape state{dm.L * dm.D, dm.B, dm.H};
   const Array<S> d_out = guarded<S>(d_out_obj, {"d_out"}, {dm.T, dm.B, dm.D * dm.H});
-  if (!has_c && !d_c_n_obj.is_none()) throw py::value_error("d_c_n: only 'lstm' has a cell state; expected None");
+  if (!has_c && !d_c_n_obj.is_none())
+    throw py::value_error("d_c_n: only 'lstm' has a cell state (with its variants 'lstm_*'); expected None");
   // A default-constructed array_t is an empty array, not null: presence is the argument's.
   const Array<S> d_h_n = d_h_n_obj.is_none() ? Array<S>() : guarded<S>(d_h_n_obj, {"d_h_n"}, state);
   const Array<S> d_c_n = d_c_n_obj.is_none() ? Array<S>() : guarded<S>(d_c_n_obj, {"d_c_n"}, state);
-  std::vector<Array<S>> weight_grads = weight_grad_arrays(tape, into_obj);
+  std::vector<std::vector<Array<S>>> weight_grads = weight_grad_arrays(tape, into_obj);
 
   Array<S> dx = new_array<S>({dm.T, dm.B, dm.I}), dh0 = new_array<S>(state);
   Array<S> dc0 = has_c ? new_array<S>(state) : Array<S>();
   pyrnn::StackGrads<S> grads{dx.mutable_data(), dh0.mutable_data(), has_c ? dc0.mutable_data() : nullptr,
-                             {}, {}, {}, {}, !into_obj.is_none()};
+                             {}, {}, {}, {}, {}, !into_obj.is_none()};
   py::list d_weights;
-  for (size_t i = 0; i < weight_grads.size(); i += 4) {
-    Array<S>* w = &weight_grads[i];
+  for (std::vector<Array<S>>& w : weight_grads) {
     grads.dw_ih.push_back(w[0].mutable_data());
     grads.dw_hh.push_back(w[1].mutable_data());
     grads.db_ih.push_back(w[2].mutable_data());
     grads.db_hh.push_back(w[3].mutable_data());
-    d_weights.append(py::make_tuple(w[0], w[1], w[2], w[3]));
+    if (w.size() > 4) grads.dw_peep.push_back(w[4].mutable_data());
+    d_weights.append(grads_entry(w, parts_of(tape.cell)));
   }
   const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
   const int threads = share.count();
@@ -644,6 +693,8 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
       py::module_local())
       .def_property_readonly("cell", [](const pyrnn::TapeBase& t) { return kCells[static_cast<int>(t.cell)]; })
       .def_property_readonly("dtype", &tape_dtype)
+      .def_property_readonly("proj_size", [](const pyrnn::TapeBase&) { return Index(0); },
+                             "P of a projected stack, else 0 (this build runs no projection).")
       .def_property_readonly("dims", [](const pyrnn::TapeBase& t) {
         const pyrnn::Dims& d = t.dims;
         return py::make_tuple(d.T, d.B, d.I, d.H, d.L, d.D);
@@ -682,7 +733,7 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
 
   m.def("stack_forward", &stack_forward, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("weights"), py::arg("bidirectional"), py::arg("lengths"), py::arg("dropout_masks"), py::arg("keep_tape"),
-        py::arg("packs") = py::none(),
+        py::arg("packs") = py::none(), py::arg("residual") = false,
         "Run a stack of layers and directions over (T, B, I) x; see pyrnn/_backend.py for the contract,\n"
         "which pyrnn._core.stack_forward checks. Returns (out, h_n, c_n or None, tape or None).");
   m.def("stack_backward", &stack_backward, py::arg("tape"), py::arg("d_out"), py::arg("d_h_n"), py::arg("d_c_n"),
@@ -699,6 +750,12 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("max_exp_avg_sq"), py::arg("neg_step_size"), py::arg("lerp_weight"), py::arg("beta2"),
         py::arg("bias_correction2_sqrt"), py::arg("eps"), py::arg("weight_decay"),
         "One Adam step in place (torch.optim.Adam's arithmetic); see pyrnn/_backend.py.");
+  m.def("features", [] {
+    py::list names;
+    for (const char* cell : kCells) names.append(cell);
+    for (const char* option : kOptions) names.append(option);
+    return names;
+  }, "What this build runs: its cells' names, and the options of the kernel contract it supports.");
   m.attr("max_threads") = pyrnn::kMaxThreads;
   m.def("set_num_threads", [](long long n) {
     if (n < 1 || n > pyrnn::kMaxThreads)

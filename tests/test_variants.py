@@ -264,8 +264,8 @@ def test_a_reset_gate_held_open_makes_both_gru_forms_one(kernels):
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_residual_stack_is_its_layers_plus_their_inputs(kernels, cell):
-    runs(kernels, cell, residual=True)
     proj = 3 if CELLS[cell].can_project else 0
+    runs(kernels, cell, proj, residual=True)
     x, h0, c0, weights = draw_stack(cell, 5, 3, 4, 5, L=3, D=2, proj=proj, seed=7)
     lengths = np.array([5, 1, 3])
     got = forward(kernels, cell, x, h0, c0, weights, True, lengths, residual=True)

@@ -29,6 +29,7 @@ struct DirWeights {
   const S* w_hh;  // (G*H, H)
   const S* b_ih;  // (G*H,)
   const S* b_hh;  // (G*H,)
+  const S* w_peep = nullptr;  // (K, H): peephole cells' vectors, one row per gate that sees c
 };
 
 // What BPTT needs from one direction's forward pass; the sequences indexed by time t, (T, B, ·).
@@ -39,6 +40,8 @@ struct DirTape {
   Buffer<S> c_prev;  // (T, B, H) lstm
   Buffer<S> tanh_c;  // (T, B, H) lstm: tanh(c_t)
   Buffer<S> hn;      // (T, B, H) gru: W_hn h_prev + b_hn
+  Buffer<S> c;       // (T, B, H) peephole cells: c_t, which o saw (for dw_co)
+  Buffer<S> w_peep;  // (K, H) peephole cells: the tape's copy of the vectors
   // The weights as backward multiplies by them, packed during forward: the tape's own copy of
   // them and backward's packing in one. W_hh (G*H, H) right of d_gates in BPTT, gru's n rows
   // apart (they multiply d_hn, so that no copy of the r and z gradients is written for them);
@@ -69,7 +72,7 @@ struct DirForward {
   Index ld_out;
   S* h_n;                 // (B, H) out
   S* c_n;                 // (B, H) out, lstm
-  DirTape<S>* tape;       // null: inference; else its gates, h_prev, c_prev, tanh_c, hn are written
+  DirTape<S>* tape;       // null: inference; else its gates, h_prev, c_prev, tanh_c, hn, c are written
   const LayerLink* link;  // null: the layers do not run at once
 };
 

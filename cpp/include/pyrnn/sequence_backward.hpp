@@ -57,24 +57,34 @@ class BackwardShare {
   // dh += d_out_t, then the cell's backward on the n active rows; rows past them get zero
   // d_gates (and d_hn).
   void pointwise(Index step, Index n) const {
-    const Index t = time(step), w = share_.w, t_block = t * io_.s.B * H_;
-    const DirTape<S>& tape = *io_.tape;
+    const Index t = time(step), w = share_.w;
     mat(dh_ + offset_h_, n, w, ld_h_) +=
         cmat(io_.d_out + t * io_.s.B * io_.ld_dout + share_.offset(io_.ld_dout), n, w, share_.stride(io_.ld_dout));
     S* dg_t = d_gates(t) + offset_g_;
-    Cell::backward(StepBackward<S>{n, w, ld_h_,
-                                   {tape.gates.data() + t * io_.s.B * GH_ + offset_g_, ld_g_, H_},
-                                   Cell::has_tanh_c ? tape.tanh_c.data() + t_block + offset_h_ : nullptr,
-                                   Cell::has_hn ? tape.hn.data() + t_block + offset_h_ : nullptr,
-                                   tape.h_prev.data() + t_block + offset_h_,
-                                   Cell::has_c ? tape.c_prev.data() + t_block + offset_h_ : nullptr,
-                                   dh_ + offset_h_,
-                                   Cell::has_c ? dc_ + offset_h_ : nullptr,
-                                   {dg_t, ld_g_, H_},
-                                   Cell::has_hn ? d_hn(t) + offset_h_ : nullptr});
+    Cell::backward(step_backward(t, n));
     for (Index g = 0; g < Cell::G; ++g) zero_cols(dg_t + g * H_, ld_g_, n, rows_, w);
     if constexpr (Cell::has_hn) zero_cols(d_hn(t) + offset_h_, ld_h_, n, rows_, w);
   }
+
+  // The cell's operands at time t for the share's first n rows.
+  StepBackward<S> step_backward(Index t, Index n) const {
+    const Index t_block = t * io_.s.B * H_;
+    const DirTape<S>& tape = *io_.tape;
+    return {n, share_.w, ld_h_,
+            {tape.gates.data() + t * io_.s.B * GH_ + offset_g_, ld_g_, H_},
+            Cell::has_tanh_c ? tape.tanh_c.data() + t_block + offset_h_ : nullptr,
+            Cell::has_hn ? tape.hn.data() + t_block + offset_h_ : nullptr,
+            tape.h_prev.data() + t_block + offset_h_,
+            Cell::has_c ? tape.c_prev.data() + t_block + offset_h_ : nullptr,
+            dh_ + offset_h_,
+            Cell::has_c ? dc_ + offset_h_ : nullptr,
+            {d_gates(t) + offset_g_, ld_g_, H_},
+            Cell::has_hn ? d_hn(t) + offset_h_ : nullptr,
+            Cell::K > 0 ? tape.w_peep.data() + share_.j0 : nullptr, H_};
+  }
+
+  // Ask for the n active rows of d_hn at once (see prefetch_shared).
+  void prefetch_d_hn(Index step, Index n) const { prefetch_shared(d_hn(time(step)), n * H_); }
 
   // Ask for the n active rows of d_gates (and d_hn) at once (see prefetch_shared).
   void prefetch_d_gates(Index step, Index n) const {
@@ -82,11 +92,20 @@ class BackwardShare {
     if constexpr (Cell::has_hn) prefetch_shared(d_hn(time(step)), n * H_);
   }
 
-  // dh_prev of the n active rows: d_gates W_hh (+ d_hn W_hn), plus what bypasses W_hh.
+  // A cell that splits its product (see Cell::split_product): d(r h_prev) = d_hn W_hn for the n
+  // active rows and the share's units, then the cell's backward_reset on them (d_r, and dh).
+  void through_w_hn(Index step, Index n) {
+    const Index t = time(step);
+    packed_gemm(n, d_hn(t) + share_.row0 * H_, ld_h_, w_hh_for_d_hn_, dh_hh_.data(), wp_, false);
+    Cell::backward_reset(step_backward(t, n), dh_hh_.data(), wp_);
+  }
+
+  // dh_prev of the n active rows: d_gates W_hh (+ d_hn W_hn), plus what bypasses W_hh. A cell
+  // that splits its product took d_hn through W_hn before (through_w_hn).
   void through_w_hh(Index step, Index n) {
     const Index t = time(step), w = share_.w;
     packed_gemm(n, d_gates(t) + share_.row0 * GH_, ld_g_, w_hh_for_d_gates_, dh_hh_.data(), wp_, false);
-    if constexpr (Cell::has_hn)
+    if constexpr (Cell::has_hn && !Cell::split_product)
       packed_gemm(n, d_hn(t) + share_.row0 * H_, ld_h_, w_hh_for_d_hn_, dh_hh_.data(), wp_, true);
     auto dh_prev = mat(dh_ + offset_h_, n, w, ld_h_);
     const auto from_w_hh = cmat(dh_hh_.data(), n, w, wp_);
@@ -127,6 +146,8 @@ void backward_by_rows(const DirBackward<S>& io, BackwardState<Cell, S>& state, c
     if (io.link && io.link->await_input) io.link->await_input(T - step);
     const Index n = part.active(step);
     part.pointwise(step, n);
+    if constexpr (Cell::split_product)
+      if (n > 0) part.through_w_hn(step, n);  // d_gates complete
     if (io.link && io.link->wrote) io.link->wrote(T - step);
     if (n > 0) part.through_w_hh(step, n);
   }
@@ -147,6 +168,13 @@ void backward_by_units(const DirBackward<S>& io, BackwardState<Cell, S>& state, 
     const Index n = part.active(step);
     if (has_units) part.pointwise(step, n);
     team.barrier();
+    if constexpr (Cell::split_product) {  // d_hn W_hn reads every unit of d_hn; d_gates complete after
+      if (has_units && n > 0) {
+        if (team.size > 1) part.prefetch_d_hn(step, n);
+        part.through_w_hn(step, n);
+      }
+      team.barrier();
+    }
     if (io.link && io.link->wrote) io.link->wrote(T - step);
     if (!has_units || n == 0) continue;
     if (team.size > 1) part.prefetch_d_gates(step, n);
@@ -199,10 +227,16 @@ void put_bias_sums(Index r0, Index n, const S* sums, std::initializer_list<S*> d
 // feeds both products. xb is x (rows, I) as a B (packed, or read in place: see weight_grad_operand).
 // With `accumulate` the gradients are added to what dw_*/db_* hold; added to zeros, they are the
 // same bits as written.
+//
+// hn_input: what the n rows of dW_hh multiply d_hn by (gru: h_prev; gru_reset_before: r * h_prev).
 template <typename S>
 void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const PackedB<S>& xb,
-                  const S* h_prev, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, bool accumulate, int threads) {
+                  const S* h_prev, const S* hn_input, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, bool accumulate,
+                  int threads) {
   const PackedB<S> hb = weight_grad_operand(h_prev, rows, H, GH, threads);
+  const PackedB<S> hn_own = d_hn && hn_input != h_prev ? weight_grad_operand(hn_input, rows, H, GH, threads)
+                                                       : PackedB<S>();
+  const PackedB<S>& hnb = d_hn && hn_input != h_prev ? hn_own : hb;
   const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, kMinGradRowsPerThread, kRowBlock, [&](Range g) {
     auto ih = [&](Index r) { return GemmTarget<S>{&xb, dw_ih + r * I, I}; };
@@ -215,12 +249,34 @@ void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, cons
       put_bias_sums<S>(g.begin, mid - g.begin, sums.data(), {db_ih, db_hh}, accumulate);
     }
     if (g.end > mid) {  // gru's n rows
-      const GemmTarget<S> n_ih = ih(mid), n_hh = hh(mid);
+      const GemmTarget<S> n_ih = ih(mid), n_hh{&hnb, dw_hh + mid * H, H};
       packed_gemm_targets<S>(g.end - mid, d_gates + mid, 1, GH, &n_ih, 1, accumulate, nullptr, sums.data());
       put_bias_sums<S>(mid, g.end - mid, sums.data(), {db_ih}, accumulate);
       packed_gemm_targets<S>(g.end - mid, d_hn + (mid - rows_from_d_gates), 1, H, &n_hh, 1, accumulate, nullptr,
                              sums.data());
       put_bias_sums<S>(mid, g.end - mid, sums.data(), {db_hh}, accumulate);
+    }
+  });
+}
+
+// The peephole vectors' gradients, summed over all steps and rows: row k of dw_peep (K, H) is the
+// column sums of gate peepholes[k].gate's d_gates times the c that gate saw (c_prev, or c_t: the
+// tape's, (rows, H) each). Threads split the units; each unit's sum runs over the rows in order,
+// so the bits do not depend on the threads. With `accumulate` added to what dw_peep holds.
+template <class Cell, typename S>
+void peephole_grads(Index rows, Index H, const S* d_gates, const S* c_prev, const S* c, S* dw_peep, bool accumulate,
+                    int threads) {
+  const Index GH = Cell::G * H;
+  parallel_for_blocks(H, threads, kUnitAlign, kUnitAlign, [&](Range u) {
+    std::vector<S> sums(u.size());
+    for (Index k = 0; k < Cell::K; ++k) {
+      const Peephole peep = Cell::peepholes[k];
+      const S* seen = (peep.new_c ? c : c_prev) + u.begin;
+      const S* dg = d_gates + peep.gate * H + u.begin;
+      std::fill(sums.begin(), sums.end(), S(0));
+      for (Index r = 0; r < rows; ++r)
+        for (Index j = 0; j < u.size(); ++j) sums[j] += dg[r * GH + j] * seen[r * H + j];
+      store_sums(dw_peep + k * H + u.begin, sums.data(), u.size(), accumulate);
     }
   });
 }

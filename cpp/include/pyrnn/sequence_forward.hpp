@@ -24,14 +24,16 @@
 namespace pyrnn {
 
 // One thread's units of the weights, sharing out units: W_hh's rows for them, and W_ih's (with
-// b_ih) when the thread projects its own input.
+// b_ih) when the thread projects its own input. For a cell whose step splits its product (see
+// Cell::split_product), W_hh's last gate (n) is packed apart, into w_hn.
 template <typename S>
 struct UnitPacks {
-  PackedB<S> w_hh;
+  PackedB<S> w_hh, w_hn;
   std::unique_ptr<GateProjection<S>> w_ih;  // null where the input is projected before the loop
 
-  void pack(const DirWeights<S>& wt, Index G, Index I, Index H, const Share& share, bool with_w_ih) {
-    pack_w_hh_units(w_hh, wt.w_hh, G, H, share.j0, share.w, 1);
+  void pack(const DirWeights<S>& wt, Index G, Index I, Index H, const Share& share, bool with_w_ih, bool split) {
+    pack_w_hh_units(w_hh, wt.w_hh, split ? G - 1 : G, H, share.j0, share.w, 1);
+    if (split) pack_w_hh_units(w_hn, wt.w_hh + (G - 1) * H * H, 1, H, share.j0, share.w, 1);
     if (with_w_ih) w_ih = std::make_unique<GateProjection<S>>(wt, G, I, H, share.j0, share.w);
   }
   // W_hh^T's columns for units [j0, j0 + w), gate g's at [g * w, g * w + w): the gates side by
@@ -51,7 +53,7 @@ struct ForwardPacks {
   bool filled = false;
   int team = 0;  // the team that packed `units` (OpenMP may give fewer threads than planned)
   std::unique_ptr<InputProjection<S>> up_front;  // every step's projection at once, by all threads
-  PackedB<S> w_hh_all;
+  PackedB<S> w_hh_all, w_hn_all;  // w_hn_all: the n gate apart, for a cell that splits its product
   std::unique_ptr<GateProjection<S>> w_ih_all;
   std::vector<UnitPacks<S>> units;
 
@@ -60,18 +62,19 @@ struct ForwardPacks {
     units.resize(planned_team);
   }
   // Sharing out rows every thread multiplies by all of W_hh and W_ih: packed once, by all of them.
-  void pack_for_rows(const DirWeights<S>& wt, Index G, Index I, Index H, bool with_w_ih, int threads) {
-    UnitPacks<S>::pack_w_hh_units(w_hh_all, wt.w_hh, G, H, 0, H, threads);
+  void pack_for_rows(const DirWeights<S>& wt, Index G, Index I, Index H, bool with_w_ih, bool split, int threads) {
+    UnitPacks<S>::pack_w_hh_units(w_hh_all, wt.w_hh, split ? G - 1 : G, H, 0, H, threads);
+    if (split) UnitPacks<S>::pack_w_hh_units(w_hn_all, wt.w_hh + (G - 1) * H * H, 1, H, 0, H, threads);
     if (with_w_ih) w_ih_all = std::make_unique<GateProjection<S>>(wt, G, I, H, 0, H, threads);
   }
   // This thread's units, sharing out units: the kept ones when a team of this size packed them,
   // else packed now, into these packs when `fill`, else into `own`.
   const UnitPacks<S>& units_of(const Team& team, bool fill, UnitPacks<S>& own, const DirWeights<S>& wt, Index G,
-                               Index I, Index H, const Share& share, bool with_w_ih) {
+                               Index I, Index H, const Share& share, bool with_w_ih, bool split) {
     if (!fill && this->team == team.size) return units[team.tid];
     if (fill && team.tid == 0) this->team = team.size;
     UnitPacks<S>& packed_now = fill ? units[team.tid] : own;
-    packed_now.pack(wt, G, I, H, share, with_w_ih);
+    packed_now.pack(wt, G, I, H, share, with_w_ih, split);
     return packed_now;
   }
 };
@@ -96,6 +99,7 @@ class ForwardState {
   // Time t's (B, H) block of the tape's c_prev, tanh_c and hn; without a tape, tanh_c and hn go
   // to a scratch block of their own.
   S* c_prev(Index t) const { return io_.tape->c_prev.data() + t * BH_; }
+  S* c_kept(Index t) const { return io_.tape->c.data() + t * BH_; }  // peephole cells: c_t
   S* tanh_c(Index t) const { return io_.tape ? io_.tape->tanh_c.data() + t * BH_ : tanh_c_.data(); }
   S* hn(Index t) const { return io_.tape ? io_.tape->hn.data() + t * BH_ : hn_.data(); }
 
@@ -110,8 +114,8 @@ template <class Cell, typename S>
 class ForwardShare {
  public:
   ForwardShare(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Share& share,
-               const PackedB<S>& w_hh)
-      : io_(io), state_(state), share_(share), w_hh_(w_hh), H_(io.s.H), offset_h_(share.offset(H_)),
+               const PackedB<S>& w_hh, const PackedB<S>& w_hn)
+      : io_(io), state_(state), share_(share), w_hh_(w_hh), w_hn_(w_hn), H_(io.s.H), offset_h_(share.offset(H_)),
         ld_h_(share.stride(H_)), rows_(share.rows(io.s.B)), hh_(io.s.B * Cell::G * share.w) {}
 
   void start() const {
@@ -133,6 +137,13 @@ class ForwardShare {
   }
   // Ask for those rows of h_prev at once (see prefetch_shared).
   void prefetch_h_prev(Index step, Index n) const { prefetch_shared(h_prev_rows(step), n * H_); }
+  // A cell that splits its product: hh's last gate = (r * h_prev) W_hn^T, r * h_prev being what
+  // the cell's forward_gates left in hn for every unit of the share's first n rows.
+  void reset_product(Index step, Index n) {
+    const Index gw = (Cell::G - 1) * share_.w;
+    packed_gemm(n, reset_rows(step), ld_h_, w_hn_, hh_.data() + gw, Cell::G * share_.w, false);
+  }
+  void prefetch_reset(Index step, Index n) const { prefetch_shared(reset_rows(step), n * H_); }
   // The cell's operands at step `step` for the share's first n rows, its gates' input at xp.
   StepForward<S> cell_step(Index step, Index n, const GateView<S>& xp) {
     const Index t = time(step), w = share_.w;
@@ -140,7 +151,8 @@ class ForwardShare {
             state_.h_before(step) + offset_h_, state_.h_before(step + 1) + offset_h_,
             Cell::has_c ? state_.c() + offset_h_ : nullptr,
             Cell::has_tanh_c ? state_.tanh_c(t) + offset_h_ : nullptr,
-            Cell::has_hn ? state_.hn(t) + offset_h_ : nullptr};
+            Cell::has_hn ? state_.hn(t) + offset_h_ : nullptr,
+            Cell::K > 0 ? io_.wt->w_peep + share_.j0 : nullptr};
   }
   // After the step: rows past the first n (finished, or not yet started) keep their state; out
   // gets the new h of the n rows and zeros past them.
@@ -152,6 +164,10 @@ class ForwardShare {
     S* out_t = io_.out + t * io_.s.B * io_.ld_out + share_.offset(io_.ld_out);
     copy_cols(out_t, share_.stride(io_.ld_out), h, ld_h_, 0, n, w);
     zero_cols(out_t, share_.stride(io_.ld_out), n, rows_, w);
+    if constexpr (Cell::K > 0)  // with a tape, the c that o saw, for dw_co
+      if (io_.tape) copy_cols(state_.c_kept(t) + offset_h_, ld_h_, state_.c() + offset_h_, ld_h_, 0, rows_, w);
+    if constexpr (Cell::split_product)  // the tape's r * h_prev: zero past the n rows, for dW_hn
+      if (io_.tape) zero_cols(state_.hn(t) + offset_h_, ld_h_, n, rows_, w);
   }
   void finish() const {
     copy_cols(io_.h_n + offset_h_, ld_h_, state_.h_before(io_.s.T) + offset_h_, ld_h_, 0, rows_, share_.w);
@@ -160,11 +176,13 @@ class ForwardShare {
 
  private:
   const S* h_prev_rows(Index step) const { return state_.h_before(step) + share_.row0 * H_; }
+  const S* reset_rows(Index step) const { return state_.hn(time(step)) + share_.row0 * H_; }
 
   const DirForward<S>& io_;
   const ForwardState<Cell, S>& state_;
   const Share share_;
   const PackedB<S>& w_hh_;
+  const PackedB<S>& w_hn_;  // a cell that splits its product: its last gate's rows
   const Index H_, offset_h_, ld_h_, rows_;
   Buffer<S> hh_;  // (rows, G*w) h_prev W_hh^T of the share
 };
@@ -173,6 +191,10 @@ class ForwardShare {
 template <class Cell, typename S>
 void step_by_rows(ForwardShare<Cell, S>& part, Index step, Index n, const GateView<S>& xp) {
   part.recurrent_product(step, n);
+  if constexpr (Cell::split_product) {
+    Cell::forward_gates(part.cell_step(step, n, xp));
+    part.reset_product(step, n);
+  }
   Cell::forward(part.cell_step(step, n, xp));
 }
 
@@ -185,11 +207,28 @@ void step_by_units(ForwardShare<Cell, S>& part, const Team& team, Index step, In
   Cell::forward(part.cell_step(step, n, xp));
 }
 
+// The same for a cell that splits its product: the second product reads every unit of what the
+// first pointwise pass wrote, so the team meets between them. Every thread comes to the meeting,
+// those without rows or units too (n = 0).
+template <class Cell, typename S>
+void split_step_by_units(ForwardShare<Cell, S>& part, const Team& team, Index step, Index n, const GateView<S>& xp) {
+  if (n > 0) {
+    if (team.size > 1) part.prefetch_h_prev(step, n);
+    part.recurrent_product(step, n);
+    Cell::forward_gates(part.cell_step(step, n, xp));
+  }
+  team.barrier();
+  if (n == 0) return;
+  if (team.size > 1) part.prefetch_reset(step, n);
+  part.reset_product(step, n);
+  Cell::forward(part.cell_step(step, n, xp));
+}
+
 // One thread's loop, sharing out rows: its rows are its own at every step, so it never waits.
 template <class Cell, typename S>
 void forward_by_rows(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Share& share,
-                     const PackedB<S>& w_hh, StepInputs<S>& inputs) {
-  ForwardShare<Cell, S> part(io, state, share, w_hh);
+                     const PackedB<S>& w_hh, const PackedB<S>& w_hn, StepInputs<S>& inputs) {
+  ForwardShare<Cell, S> part(io, state, share, w_hh, w_hn);
   part.start();
   for (Index step = 0; step < io.s.T; ++step) {
     const Index n = part.active(step);
@@ -206,15 +245,16 @@ void forward_by_rows(const DirForward<S>& io, const ForwardState<Cell, S>& state
 // before the first and after every step.
 template <class Cell, typename S>
 void forward_by_units(const DirForward<S>& io, const ForwardState<Cell, S>& state, const Team& team,
-                      const Share& share, const PackedB<S>& w_hh, StepInputs<S>& inputs) {
-  ForwardShare<Cell, S> part(io, state, share, w_hh);
+                      const Share& share, const PackedB<S>& w_hh, const PackedB<S>& w_hn, StepInputs<S>& inputs) {
+  ForwardShare<Cell, S> part(io, state, share, w_hh, w_hn);
   part.start();
   team.barrier();
   for (Index step = 0; step < io.s.T; ++step) {
     const Index n = part.active(step);
     const GateView<S> xp = inputs.at(step);
     part.keep_c_prev(step);
-    if (share.w > 0 && n > 0) step_by_units<Cell>(part, team, step, n, xp);
+    if constexpr (Cell::split_product) split_step_by_units<Cell>(part, team, step, share.w > 0 ? n : 0, xp);
+    else if (share.w > 0 && n > 0) step_by_units<Cell>(part, team, step, n, xp);
     part.end_step(step, n);
     team.barrier();
     if (io.link && io.link->wrote) io.link->wrote(step + 1);
@@ -224,15 +264,16 @@ void forward_by_units(const DirForward<S>& io, const ForwardState<Cell, S>& stat
 
 // Before the team starts: with `up_front` every step's projection into xp_all (T, B, G*H), by
 // all threads; sharing out rows, W_hh and W_ih for all units, packed once by all threads.
-template <typename S>
-void prepare_shared(ForwardPacks<S>& packs, bool fill, const DirForward<S>& io, Index G, const StepPlan& plan,
+template <class Cell, typename S>
+void prepare_shared(ForwardPacks<S>& packs, bool fill, const DirForward<S>& io, const StepPlan& plan,
                     bool up_front, S* xp_all, int threads) {
+  constexpr Index G = Cell::G;
   const SeqShape& s = io.s;
   if (up_front) {
     if (fill) packs.up_front = std::make_unique<InputProjection<S>>(*io.wt, s.I, G * s.H, threads);
     packs.up_front->run(s.T * s.B, s.I, G * s.H, io.x, xp_all, threads);
   }
-  if (plan.by_rows && fill) packs.pack_for_rows(*io.wt, G, s.I, s.H, !up_front, threads);
+  if (plan.by_rows && fill) packs.pack_for_rows(*io.wt, G, s.I, s.H, !up_front, Cell::split_product, threads);
 }
 
 // One thread's part of a pass: its share, its packs, its inputs, and the loop of its plan.
@@ -243,14 +284,15 @@ void run_share(const DirForward<S>& io, const ForwardState<Cell, S>& state, cons
   const Share share = Share::of(plan, team.tid, team.size, io.s);
   if (plan.by_rows) {
     StepInputs<S> inputs(io, G, share, packs.w_ih_all.get(), xp_all, up_front);
-    forward_by_rows<Cell>(io, state, share, packs.w_hh_all, inputs);
+    forward_by_rows<Cell>(io, state, share, packs.w_hh_all, packs.w_hn_all, inputs);
     return;
   }
   UnitPacks<S> own;
   const bool with_w_ih = !up_front && share.w > 0;
-  const UnitPacks<S>& units = packs.units_of(team, fill, own, *io.wt, G, io.s.I, io.s.H, share, with_w_ih);
+  const UnitPacks<S>& units =
+      packs.units_of(team, fill, own, *io.wt, G, io.s.I, io.s.H, share, with_w_ih, Cell::split_product);
   StepInputs<S> inputs(io, G, share, units.w_ih.get(), xp_all, up_front);
-  forward_by_units<Cell>(io, state, team, share, units.w_hh, inputs);
+  forward_by_units<Cell>(io, state, team, share, units.w_hh, units.w_hn, inputs);
 }
 
 // Forward through time (see DirForward). With a tape, its gates receive the activated gates.
@@ -278,7 +320,7 @@ void sequence_forward(const DirForward<S>& io, ForwardPacks<S>* kept, int thread
   // Every step's projection (T, B, G*H): the tape's gates, or made up front without a tape.
   Buffer<S> xp_up_front(up_front && !io.tape ? s.T * s.B * G * s.H : 0);
   S* const xp_all = io.tape ? io.tape->gates.data() : xp_up_front.data();
-  prepare_shared(packs, fill, io, G, plan, up_front, xp_all, threads);
+  prepare_shared<Cell>(packs, fill, io, plan, up_front, xp_all, threads);
   const ForwardState<Cell, S> state(io);
   run_team(plan.team, [&](const Team& team) { run_share<Cell>(io, state, team, plan, packs, fill, xp_all, up_front); });
   if (fill) packs.filled = true;  // only the filling call writes: others may be reading these packs
@@ -296,6 +338,10 @@ void keep_weights(DirTape<S>& tape, const DirWeights<S>& wt, Index I, Index H, i
     tape.w_hh_for_d_hn.pack_rows(H, H, padded_h, [&](Index k) { return wt.w_hh + (rows_from_d_gates + k) * H; },
                                  threads);
   tape.w_ih_for_dx.pack_rows(GH, I, I, [&](Index k) { return wt.w_ih + k * I; }, threads);
+  if constexpr (Cell::K > 0) {
+    tape.w_peep.allocate(Cell::K * H);
+    std::copy_n(wt.w_peep, Cell::K * H, tape.w_peep.data());
+  }
 }
 
 }  // namespace pyrnn

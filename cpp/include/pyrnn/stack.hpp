@@ -23,15 +23,9 @@
 
 namespace pyrnn {
 
-enum class CellKind { rnn_tanh, rnn_relu, lstm, gru };
-
-inline Index gate_count(CellKind cell) {
-  switch (cell) {
-    case CellKind::lstm: return LstmCell::G;
-    case CellKind::gru: return GruCell::G;
-    default: return 1;
-  }
-}
+// The cells, in the order of the bindings' table of names.
+enum class CellKind { rnn_tanh, rnn_relu, lstm, gru, lstm_peephole, lstm_coupled, lstm_coupled_peephole,
+                      gru_reset_before };
 
 // Call f(Cell{}) with the cell struct for `cell`.
 template <class F>
@@ -41,8 +35,24 @@ void with_cell(CellKind cell, F&& f) {
     case CellKind::rnn_relu: f(RnnReluCell{}); break;
     case CellKind::lstm: f(LstmCell{}); break;
     case CellKind::gru: f(GruCell{}); break;
+    case CellKind::lstm_peephole: f(LstmPeepholeCell{}); break;
+    case CellKind::lstm_coupled: f(LstmCoupledCell<false>{}); break;
+    case CellKind::lstm_coupled_peephole: f(LstmCoupledCell<true>{}); break;
+    case CellKind::gru_reset_before: f(GruResetBeforeCell{}); break;
   }
 }
+
+// What a cell's weights and states look like from outside: G, K (peephole rows), whether it has c.
+struct CellShape {
+  Index G, K;
+  bool has_c;
+};
+inline CellShape cell_shape(CellKind cell) {
+  CellShape shape{};
+  with_cell(cell, [&](auto c) { shape = {decltype(c)::G, decltype(c)::K, decltype(c)::has_c}; });
+  return shape;
+}
+inline Index gate_count(CellKind cell) { return cell_shape(cell).G; }
 
 struct Dims {
   Index T, B, I, H, L, D;
@@ -59,6 +69,7 @@ struct StackInputs {
   std::vector<DirWeights<S>> weights;  // L*D, ordered l0-fwd, l0-bwd, l1-fwd, ...
   const std::int64_t* lengths;         // (B,) in [1, T], or null: all T
   std::vector<const S*> masks;         // empty, or L-1 arrays (T, B, D*H)
+  bool residual = false;               // layer k > 0 adds its input (after the mask) to its output
 };
 
 template <typename S>
@@ -74,6 +85,7 @@ struct StackGrads {
   S* dh0;  // (L*D, B, H)
   S* dc0;  // (L*D, B, H), lstm only
   std::vector<S*> dw_ih, dw_hh, db_ih, db_hh;  // L*D each
+  std::vector<S*> dw_peep;                     // L*D (K, H) each, peephole cells; else empty
   // Add the weight gradients to what dw_*/db_* hold (as a module's gradients accumulate) instead
   // of writing them: the product lands in place, with no array of its own and no second pass.
   bool accumulate = false;
@@ -83,7 +95,8 @@ struct StackGrads {
 struct TapeBase {
   CellKind cell;
   Dims dims;
-  explicit TapeBase(CellKind c, Dims d) : cell(c), dims(d) {}
+  bool residual;
+  explicit TapeBase(CellKind c, Dims d, bool res = false) : cell(c), dims(d), residual(res) {}
   virtual ~TapeBase() = default;
 };
 
@@ -208,6 +221,10 @@ void forward_layer_by_layer(const StackInputs<S>& in, const Index* batch_sizes, 
       sequence_forward<Cell>(dir_forward<Cell>(in, batch_sizes, k, x, states, y, tape),
                              packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
     });
+    if (in.residual && layer > 0) {  // y and x: (T, B, D*H) both
+      const Index n = dm.T * dm.B * dm.D * dm.H;
+      arr(y, n) += carr(x, n);
+    }
     if (last) break;
     Buffer<S> next = next_layer_input(in, layer, order, std::move(y_own), tape);
     if (tape && layer > 0) tape->layer_input[layer] = std::move(x_own);
@@ -412,7 +429,7 @@ std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const s
                                   const std::vector<Index>& batch_sizes, int threads) {
   const Dims& dm = in.dims;
   const Index TBH = dm.T * dm.B * dm.H;
-  auto tape = std::make_unique<Tape<S>>(in.cell, dm);
+  auto tape = std::make_unique<Tape<S>>(in.cell, dm, in.residual);
   tape->sorted = sorted;
   tape->order = order;
   tape->batch_sizes = batch_sizes;
@@ -426,6 +443,7 @@ std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const s
     if (Cell::has_c) dt.c_prev.allocate(TBH);
     if (Cell::has_tanh_c) dt.tanh_c.allocate(TBH);
     if (Cell::has_hn) dt.hn.allocate(TBH);
+    if (Cell::K > 0) dt.c.allocate(TBH);
   }
   // Without lengths it keeps the caller's x as weight_grads multiplies by it, packed on every
   // thread: its copy and backward's packing in one pass.
@@ -544,9 +562,14 @@ void layer_weight_grads(const Tape<S>& tape, Index layer, GateGrads<Cell, S>& g,
       input_kept ? weight_grad_operand(tape.layer_input[layer].data(), rows, Ik, GH, threads) : PackedB<S>();
   for (Index d = 0; d < dm.D; ++d) {
     const Index k = layer * dm.D + d;
+    const DirTape<S>& dt = tape.dirs[k];
     weight_grads(rows, Ik, dm.H, GH, g.d_gates_of(layer, d), g.d_hn_of(layer, d),
-                 input_kept ? input_packed : tape.x_packed, tape.dirs[k].h_prev.data(), grads.dw_ih[k],
+                 input_kept ? input_packed : tape.x_packed, dt.h_prev.data(),
+                 Cell::split_product ? dt.hn.data() : dt.h_prev.data(), grads.dw_ih[k],
                  grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], grads.accumulate, threads);
+    if constexpr (Cell::K > 0)
+      peephole_grads<Cell>(rows, dm.H, g.d_gates_of(layer, d), tape.dirs[k].c_prev.data(), tape.dirs[k].c.data(),
+                           grads.dw_peep[k], grads.accumulate, threads);
   }
 }
 
@@ -585,10 +608,17 @@ void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, Gat
     // Into the layer below, back through its dropout mask.
     Buffer<S> next(n);
     layer_input_grad(tape, layer, g, next.data(), threads);
+    if (tape.residual) arr(next.data(), n) += carr(d_y, n);  // the input reached the output directly too
     if (!tape.masks.empty()) arr(next.data(), n) *= carr(tape.masks[layer - 1].data(), n);
     d_below = std::move(next);
     d_y = d_below.data();
   }
+}
+
+// The threads that run a stack's layers at once (see layer_lanes), or 1; a residual stack runs
+// them one after another (each layer's output is summed with its input between layers).
+inline int stack_lanes(const Dims& dm, bool residual, int threads) {
+  return residual ? 1 : layer_lanes(dm.L, dm.D, threads);
 }
 
 template <class Cell, typename S>
@@ -597,7 +627,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
   const Dims& dm = tape.dims;
   SortedGrads<Cell, S> sorted(tape, d_out, d_h_n, d_c_n);
   const OutputGrads<S> out = sorted.view();
-  const int lanes = layer_lanes(dm.L, dm.D, threads);
+  const int lanes = stack_lanes(dm, tape.residual, threads);
   GateGrads<Cell, S> g(dm, lanes > 1);
   if (lanes > 1) {
     backward_layers_at_once<Cell>(tape, out, g.d_gates, g.d_hn, lanes);
@@ -612,13 +642,13 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
 }
 
 // The entry points: inputs are assumed valid (the binding layer checks them). packs: null, or
-// packs of these very weights for this batch size, thread count and layer_lanes, filled or to be
+// packs of these very weights for this batch size, thread count and stack_lanes, filled or to be
 // filled; used only without a tape (training plans its steps otherwise, and packs for the tape on
 // its own).
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out, bool keep_tape,
                                        int threads, StackPacks<S>* packs = nullptr) {
-  const int lanes = layer_lanes(in.dims.L, in.dims.D, threads);
+  const int lanes = stack_lanes(in.dims, in.residual, threads);
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
     tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, lanes);
