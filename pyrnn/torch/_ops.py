@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import _backend, _checks
-from .._cells import CELLS
+from .._cells import CELLS, PLAIN_CELLS
 
 __all__ = ["rnn_forward", "rnn_backward", "kernel_threads", "kernel_backend"]
 
@@ -154,6 +154,8 @@ def kernel_backend(cell: str, projected: bool = False, residual: bool = False) -
     """The kernels that run such a stack: "cpp" when the loaded C++ core's features() lists
     all it needs, else "numpy" (the reference). residual counts only with more than one layer,
     where it does something (the callers pass it so)."""
+    if cell in PLAIN_CELLS and not (projected or residual):  # every build of the core runs these
+        return "cpp" if _backend.cpp_available() else "numpy"
     return "numpy" if _backend.missing_in_cpp(cell, projected, residual) else "cpp"
 
 

@@ -293,8 +293,8 @@ class _RNNBase(torch.nn.RNNBase):
         """Warn once per module when its stack runs on the NumPy reference kernels (correct,
         slower), because the loaded C++ core's features() lacks what it needs; the operators
         pick the kernels by the same test (_ops.kernel_backend)."""
-        if torch.compiler.is_compiling():
-            return
+        if (not self.proj_size and self._torch_runs_it()) or torch.compiler.is_compiling():
+            return  # torch.nn's cells: run by every build of the core (or by torch without it)
         missing = _backend.missing_in_cpp(self._kernel_cell(), self.proj_size > 0,
                                           self._residual_acts())
         if missing:
