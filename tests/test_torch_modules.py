@@ -232,13 +232,47 @@ def test_half_precision_runs_torchs_implementation(dtype):
     assert out.dtype == dtype and torch.equal(out, want) and torch.equal(c, c2)
 
 
-def test_projections_run_torchs_implementation():
+@pytest.mark.parametrize("options", OPTIONS[:6], ids=lambda o: "-".join(map(str, o)).replace(
+    "torch.", ""))
+def test_projections_run_pyrnns_kernels_and_match_torch_nn(options, monkeypatch):
+    """proj_size runs through pyrnn's operators (the C++ core when its features() lists
+    "projection", else the NumPy reference) and equals torch.nn.LSTM(proj_size) forward and
+    backward, its parameters included."""
+    layers, bidirectional, batch_first, bias, initial, packing, dtype = options
+    torch.manual_seed(layers)
+    T, B, I, H, P = 5, 3, 4, 6, 3  # noqa: N806, E741
+    ours, theirs = make_pair("lstm", I, H, num_layers=layers, bidirectional=bidirectional,
+                             batch_first=batch_first, bias=bias, dtype=dtype, proj_size=P)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+    D = 2 if bidirectional else 1  # noqa: N806
+    hx = None
+    if initial:
+        hx = (torch.randn(layers * D, B, P, dtype=dtype), torch.randn(layers * D, B, H,
+                                                                       dtype=dtype))
+    lengths = None
+    if packing:
+        lengths = torch.tensor([5, 4, 2] if packing == "sorted" else [2, 5, 3])
+    want = run(theirs, x, hx, lengths, packing == "sorted")
+
+    def torch_only(*args):
+        raise AssertionError("torch's own implementation ran a projected LSTM")
+
+    monkeypatch.setattr(ours, "_run_torch", torch_only)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "pyrnn.torch.LSTM: running pyrnn's NumPy reference")
+        got = run(ours, x, hx, lengths, packing == "sorted")
+    assert_same(got[0], want[0], dtype)
+    assert_same(got[1], want[1], dtype)
+
+
+def test_projections_off_the_cpu_run_torchs_implementation(monkeypatch):
     ours, theirs = make_pair("lstm", 4, 6, proj_size=3, num_layers=2)
+    monkeypatch.setattr(pt_modules, "_device_type", lambda t: "cuda")
     x = torch.randn(5, 3, 4, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="proj_size > 0"):
+    with pytest.warns(RuntimeWarning, match="running torch's own implementation"):
         got = run(ours, x, None)
     assert_same(got[0], run(theirs, x, None)[0], torch.float64)
-    assert_same(got[1], run(theirs, x, None)[1], torch.float64)
 
 
 def test_forward_mode_ad_runs_torchs_implementation():
