@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from _sanitizers import measures_rss
 
 import pyrnn
 from pyrnn import _backend
@@ -53,6 +54,7 @@ def test_default_bounds_are_the_documented_ones(default_bounds):
     assert info["cached_bytes"] == 0 and info["cached_blocks"] == 0
 
 
+@measures_rss
 @needs_cpp
 def test_release_memory_frees_every_cached_block_and_returns_its_bytes(default_bounds):
     large_step()
@@ -67,6 +69,7 @@ def test_release_memory_frees_every_cached_block_and_returns_its_bytes(default_b
     assert pyrnn.release_memory() == 0
 
 
+@measures_rss
 @needs_cpp
 def test_cache_stays_under_its_limit_after_a_large_call(default_bounds):
     large_step()  # the first call also loads code and starts threads: not counted below
@@ -109,6 +112,7 @@ def test_blocks_idle_too_long_are_freed_at_the_next_call(default_bounds):
     assert pyrnn.memory_info()["cached_bytes"] <= 2 * kept_by_small < 4 * MiB
 
 
+@measures_rss
 @needs_cpp
 def test_repeated_medium_calls_reuse_their_blocks(default_bounds):
     pyrnn.set_memory_cache_limit(idle_seconds=60.0)  # a slow machine must not make it fail

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 from _child import child_env
+from _sanitizers import measures_rss
 
 import pyrnn
 from pyrnn import _backend, _checks, functional, optim, reference
@@ -164,6 +165,7 @@ def test_the_constructor_counts_the_arrays_as_well_as_the_numbers(monkeypatch):
         pyrnn.LSTM(8, 16, num_layers=10**6)
 
 
+@measures_rss
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
 def test_the_constructors_estimate_covers_what_it_allocates():
     code = (
@@ -278,6 +280,7 @@ print(status("VmHWM") - base)
 """
 
 
+@measures_rss
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS")
 @pytest.mark.parametrize("mode", ["infer", "train", "backward"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
