@@ -36,10 +36,18 @@ def flops(cell: str, c: dict, proj: int = 0) -> float:
     return 2.0 * c["T"] * c["B"] * (G * H * (c["I"] + P) + P * H * bool(proj))
 
 
+def row_options(row: dict, c: dict) -> dict:
+    """A row's module options in config c: its proj_size, or H // 4 where c's H is not wider."""
+    options = dict(row.get("options", {}))
+    if options.get("proj_size", 0) >= c["H"]:
+        options["proj_size"] = max(1, c["H"] // 4)
+    return options
+
+
 def module(row: dict, c: dict, plain: bool = False):
     """The pyrnn module of a row (or of its plain cell), float32, seeded, on the C++ core."""
     kind = "gru" if row["cell"].startswith("gru") else "lstm"
-    options = {} if plain else row.get("options", {})
+    options = {} if plain else row_options(row, c)
     return MODULES[kind](c["I"], c["H"], dtype=np.float32, seed=0, backend="cpp", **options)
 
 
@@ -185,7 +193,7 @@ def run_row(row: dict, c: dict, mode: str, threads: int, timing_args) -> dict:
                  if p not in ("variant", "plain")}
     stats = time_row(runners, timing_args)
     ms = {name: s["ms"] for name, s in stats.items()}
-    proj = row.get("options", {}).get("proj_size", 0)
+    proj = row_options(row, c).get("proj_size", 0)
     per_flop = (ms["variant"] / flops(row["cell"], c, proj)) / (ms["plain"] / flops(
         "gru" if row["cell"].startswith("gru") else "lstm", c))
     return result | {"ms": ms, "spread": {n: s["spread"] for n, s in stats.items()},

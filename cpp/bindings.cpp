@@ -13,6 +13,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,7 +40,7 @@ const char* const kCells[] = {"rnn_tanh", "rnn_relu", "lstm", "gru", "lstm_peeph
                               "lstm_coupled_peephole", "gru_reset_before"};
 constexpr int kCellCount = sizeof(kCells) / sizeof(kCells[0]);
 // The options of the kernel contract this build runs, besides its cells (see features()).
-const char* const kOptions[] = {"residual"};
+const char* const kOptions[] = {"projection", "residual"};
 
 std::string shape_str(const Shape& shape) {
   std::string s = "(";
@@ -156,8 +157,27 @@ pyrnn::CellKind parse_cell(const std::string& name) {
   throw py::value_error("cell must be one of " + names + ", got '" + name + "'");
 }
 
-// T, B, I from x (T, B, I); L, D and H from h0 (L*D, B, H).
-pyrnn::Dims stack_dims(const py::array& x, py::handle h0_obj, bool bidirectional) {
+// H of a projected stack: weights[0]'s w_hr (P, H), when the tuple has one; else 0 (not projected).
+// Only looks: the tuple's guards come later, in the order of the arguments.
+Index projected_hidden(pyrnn::CellKind cell, const py::object& weights, Index P) {
+  if (!py::isinstance<py::sequence>(weights) || py::len(weights) < 1) return 0;
+  const py::object entry = py::reinterpret_borrow<py::sequence>(weights)[0];
+  if (!py::isinstance<py::sequence>(entry) || py::len(entry) != 6) return 0;
+  const py::object w_hr = py::reinterpret_borrow<py::sequence>(entry)[5];
+  if (w_hr.is_none()) return 0;
+  if (!pyrnn::cell_shape(cell).has_c)
+    throw py::value_error(std::string("weights[0] w_hr: cell '") + kCells[static_cast<int>(cell)] +
+                          "' has no projection (only the LSTM cells have one); expected None");
+  const py::array a = array_arg(w_hr, {"weights", 0, "w_hr"});
+  if (a.ndim() != 2 || a.shape(0) != P || a.shape(1) < 1)
+    throw py::value_error("weights[0] w_hr: expected shape (P, H) with P = h0's width = " + std::to_string(P) +
+                          " and H >= 1, got " + shape_str(shape_of(a)));
+  return a.shape(1);
+}
+
+// T, B, I from x (T, B, I); L, D and P from h0 (L*D, B, P); H = P, or from weights[0]'s w_hr.
+pyrnn::Dims stack_dims(const py::array& x, py::handle h0_obj, bool bidirectional, pyrnn::CellKind cell,
+                       const py::object& weights) {
   if (x.ndim() != 3 || x.shape(0) < 1 || x.shape(1) < 1 || x.shape(2) < 1)
     throw py::value_error("x: expected shape (T, B, I) with every dimension >= 1, got " + shape_str(shape_of(x)));
   if (h0_obj.is_none()) throw py::value_error("h0: required, an array (L*D, B, H)");
@@ -166,7 +186,8 @@ pyrnn::Dims stack_dims(const py::array& x, py::handle h0_obj, bool bidirectional
   if (h0.ndim() != 3 || h0.shape(0) < 1 || h0.shape(0) % D != 0 || h0.shape(2) < 1)
     throw py::value_error("h0: expected shape (L*D, B, H) with L, H >= 1 and D = " + std::to_string(D) + ", got " +
                           shape_str(shape_of(h0)));
-  const pyrnn::Dims dm{x.shape(0), x.shape(1), x.shape(2), h0.shape(2), h0.shape(0) / D, D};
+  const Index P = h0.shape(2), H = projected_hidden(cell, weights, P);
+  const pyrnn::Dims dm{x.shape(0), x.shape(1), x.shape(2), H > 0 ? H : P, h0.shape(0) / D, D, P, H > 0};
   guard_size({dm.T, dm.B, 4 * dm.H, dm.L, dm.D}, "x and h0");
   return dm;
 }
@@ -194,31 +215,34 @@ const S* guarded_c0(pyrnn::CellKind cell, const py::object& c0_obj, const pyrnn:
   return held.other(guarded<S>(c0_obj, {"c0"}, {dm.L * dm.D, dm.B, dm.H}));
 }
 
-// The parts of a weights tuple (see the kernel contract), and how many a cell's tuples have: 6 with
-// peepholes, else 4 (projection is not in this build).
+// The parts of a weights tuple (see the kernel contract), and how many a stack's tuples have: 6
+// with peepholes or a projection, else 4.
 const char* const kParts[] = {"w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr"};
-Index parts_of(pyrnn::CellKind cell) { return pyrnn::cell_shape(cell).K > 0 ? 6 : 4; }
+constexpr Index kPeep = 4, kHr = 5;
+Index parts_of(pyrnn::CellKind cell, const pyrnn::Dims& dm) {
+  return pyrnn::cell_shape(cell).K > 0 || dm.projected ? 6 : 4;
+}
 
-// The shapes of weights[k]'s parts (w_hr: none, as no projection is run).
-std::vector<Shape> part_shapes(pyrnn::CellKind cell, const pyrnn::Dims& dm, Index k) {
+// The shapes of weights[k]'s parts, 6 of them when the tuple has 6; an absent part (None), none.
+std::vector<std::optional<Shape>> part_shapes(pyrnn::CellKind cell, const pyrnn::Dims& dm, Index k) {
   const pyrnn::CellShape c = pyrnn::cell_shape(cell);
   const Index GH = c.G * dm.H;
-  std::vector<Shape> shapes{{GH, dm.input_size(k / dm.D)}, {GH, dm.H}, {GH}, {GH}};
-  if (c.K > 0) shapes.push_back({c.K, dm.H});
+  std::vector<std::optional<Shape>> shapes{Shape{GH, dm.input_size(k / dm.D)}, Shape{GH, dm.P}, Shape{GH},
+                                           Shape{GH}};
+  if (parts_of(cell, dm) == 4) return shapes;
+  shapes.push_back(c.K > 0 ? std::optional<Shape>(Shape{c.K, dm.H}) : std::nullopt);
+  shapes.push_back(dm.projected ? std::optional<Shape>(Shape{dm.P, dm.H}) : std::nullopt);
   return shapes;
 }
 
-// The parts of a tuple from `first` on must be None (w_hr: this build runs no projection).
-void guard_absent(const py::sequence& entry, Index first, const Arg& arg) {
-  for (Index j = first; j < static_cast<Index>(entry.size()); ++j)
-    if (!entry[j].is_none())
-      throw py::value_error(arg.str() + " " + kParts[j] + ": expected None (this build runs no projection)");
-}
-
-// One weights tuple, of its cell's form: 4 parts, or 6 with w_hr None.
-py::sequence guarded_entry(py::handle obj, pyrnn::CellKind cell, const Arg& arg) {
-  py::sequence entry = guarded_list(obj, arg, parts_of(cell));
-  guard_absent(entry, 5, arg);
+// One weights tuple, of its stack's form: 4 parts, or 6 with None where a part is absent.
+py::sequence guarded_entry(py::handle obj, pyrnn::CellKind cell, const pyrnn::Dims& dm, const Arg& arg) {
+  py::sequence entry = guarded_list(obj, arg, parts_of(cell, dm));
+  const std::vector<std::optional<Shape>> shapes = part_shapes(cell, dm, 0);
+  for (size_t j = 4; j < shapes.size(); ++j)
+    if (!shapes[j] && !entry[j].is_none())
+      throw py::value_error(arg.str() + " " + kParts[j] + ": expected None (" +
+                            (j == kHr ? "weights[0] has no projection)" : "the cell has no peepholes)"));
   return entry;
 }
 
@@ -230,14 +254,15 @@ std::vector<pyrnn::DirWeights<S>> guarded_weights(pyrnn::CellKind cell, const py
   py::sequence weights = guarded_list(obj, {"weights"}, LD);
   std::vector<pyrnn::DirWeights<S>> dir_weights;
   for (Index k = 0; k < LD; ++k) {
-    py::sequence entry = guarded_entry(weights[k], cell, {"weights", k});
-    const std::vector<Shape> shapes = part_shapes(cell, dm, k);
-    const size_t first = held.weights.size();
-    for (size_t j = 0; j < shapes.size(); ++j)
-      held.weights.push_back(guarded<S>(entry[j], {"weights", k, kParts[j]}, shapes[j]));
-    const Array<S>* w = &held.weights[first];
-    dir_weights.push_back({w[0].data(), w[1].data(), w[2].data(), w[3].data(),
-                           shapes.size() > 4 ? w[4].data() : nullptr});
+    py::sequence entry = guarded_entry(weights[k], cell, dm, {"weights", k});
+    const std::vector<std::optional<Shape>> shapes = part_shapes(cell, dm, k);
+    const S* parts[6] = {};
+    for (size_t j = 0; j < shapes.size(); ++j) {
+      if (!shapes[j]) continue;
+      held.weights.push_back(guarded<S>(entry[j], {"weights", k, kParts[j]}, *shapes[j]));
+      parts[j] = held.weights.back().data();
+    }
+    dir_weights.push_back({parts[0], parts[1], parts[2], parts[3], parts[kPeep], parts[kHr]});
   }
   return dir_weights;
 }
@@ -254,14 +279,14 @@ std::vector<std::int64_t> guarded_lengths(const py::object& obj, Index T, Index 
   return lengths;
 }
 
-// dropout_masks: None, or L-1 arrays (T, B, D*H).
+// dropout_masks: None, or L-1 arrays (T, B, D*P).
 template <typename S>
 std::vector<const S*> guarded_masks(const py::object& obj, const pyrnn::Dims& dm, Held<S>& held) {
   if (obj.is_none()) return {};
   py::sequence seq = guarded_list(obj, {"dropout_masks"}, dm.L - 1);
   std::vector<const S*> masks;
   for (Index k = 0; k + 1 < dm.L; ++k)
-    masks.push_back(held.other(guarded<S>(seq[k], {"dropout_masks", k}, {dm.T, dm.B, dm.D * dm.H})));
+    masks.push_back(held.other(guarded<S>(seq[k], {"dropout_masks", k}, {dm.T, dm.B, dm.D * dm.P})));
   return masks;
 }
 
@@ -305,9 +330,9 @@ py::tuple run_forward(const pyrnn::StackInputs<S>& in, bool keep_tape, pyrnn::Pa
                       const py::object& packs_obj, const Held<S>& held) {
   const pyrnn::Dims& dm = in.dims;
   const bool has_c = pyrnn::cell_shape(in.cell).has_c;
-  const Shape state{dm.L * dm.D, dm.B, dm.H};
-  Array<S> out = new_array<S>({dm.T, dm.B, dm.D * dm.H}), h_n = new_array<S>(state);
-  Array<S> c_n = has_c ? new_array<S>(state) : Array<S>();
+  const Shape h_state{dm.L * dm.D, dm.B, dm.P}, c_state{dm.L * dm.D, dm.B, dm.H};
+  Array<S> out = new_array<S>({dm.T, dm.B, dm.D * dm.P}), h_n = new_array<S>(h_state);
+  Array<S> c_n = has_c ? new_array<S>(c_state) : Array<S>();
   const pyrnn::StackOutputs<S> res{out.mutable_data(), h_n.mutable_data(), has_c ? c_n.mutable_data() : nullptr};
   std::unique_ptr<pyrnn::Tape<S>> tape;
   if (cache) {
@@ -327,14 +352,14 @@ py::tuple forward_impl(pyrnn::CellKind cell, const py::array& x, const py::objec
                        const py::object& weights, bool bidirectional, const py::object& lengths_obj,
                        const py::object& masks, bool keep_tape, const py::object& packs, bool residual) {
   pyrnn::PackCache* cache = guarded_packs(packs, keep_tape);
-  const pyrnn::Dims dm = stack_dims(x, h0, bidirectional);
+  const pyrnn::Dims dm = stack_dims(x, h0, bidirectional, cell, weights);
   const std::vector<std::int64_t> lengths = guarded_lengths(lengths_obj, dm.T, dm.B);
   Held<S> held;
   // Braced initialisers run in order: the guards raise in the order of the arguments.
   const pyrnn::StackInputs<S> in{cell,
                                  dm,
                                  held.other(guarded<S>(x, {"x"}, {dm.T, dm.B, dm.I})),
-                                 held.other(guarded<S>(h0, {"h0"}, {dm.L * dm.D, dm.B, dm.H})),
+                                 held.other(guarded<S>(h0, {"h0"}, {dm.L * dm.D, dm.B, dm.P})),
                                  guarded_c0<S>(cell, c0, dm, held),
                                  guarded_weights<S>(cell, weights, dm, held),
                                  lengths.empty() ? nullptr : lengths.data(),
@@ -356,30 +381,34 @@ py::tuple stack_forward(const std::string& cell, const py::object& x, const py::
 // ----------------------------------------------------------------------------- stack_backward
 
 // The weight gradients' arrays, L*D entries of the weights' parts (dw_ih, dw_hh, db_ih, db_hh
-// [, dw_peep]): new ones, or those of accumulate_into, which the core adds into.
+// [, dw_peep, dw_hr], an empty array where the part is absent): new ones, or those of
+// accumulate_into, which the core adds into.
 template <typename S>
 std::vector<std::vector<Array<S>>> weight_grad_arrays(const pyrnn::Tape<S>& tape, const py::object& into_obj) {
-  static const char* const parts[] = {"dw_ih", "dw_hh", "db_ih", "db_hh", "dw_peep"};
+  static const char* const parts[] = {"dw_ih", "dw_hh", "db_ih", "db_hh", "dw_peep", "dw_hr"};
   const pyrnn::Dims& dm = tape.dims;
   const Index LD = dm.L * dm.D;
   const bool fresh = into_obj.is_none();
   py::sequence into = fresh ? py::sequence() : guarded_list(into_obj, {"accumulate_into"}, LD);
   std::vector<std::vector<Array<S>>> arrays(LD);
   for (Index k = 0; k < LD; ++k) {
-    const std::vector<Shape> shapes = part_shapes(tape.cell, dm, k);
-    py::sequence entry = fresh ? py::sequence() : guarded_entry(into[k], tape.cell, {"accumulate_into", k});
-    for (size_t j = 0; j < shapes.size(); ++j)
-      arrays[k].push_back(fresh ? new_array<S>(shapes[j])
-                                : guarded<S>(entry[j], {"accumulate_into", k, parts[j]}, shapes[j], true));
+    const std::vector<std::optional<Shape>> shapes = part_shapes(tape.cell, dm, k);
+    py::sequence entry = fresh ? py::sequence() : guarded_entry(into[k], tape.cell, dm, {"accumulate_into", k});
+    for (size_t j = 0; j < shapes.size(); ++j) {
+      if (!shapes[j]) arrays[k].push_back(Array<S>());
+      else arrays[k].push_back(fresh ? new_array<S>(*shapes[j])
+                                     : guarded<S>(entry[j], {"accumulate_into", k, parts[j]}, *shapes[j], true));
+    }
   }
   return arrays;
 }
 
 // One entry of d_weights, in the form of the weights: 4 parts, or 6 with None where absent.
 template <typename S>
-py::tuple grads_entry(const std::vector<Array<S>>& w, Index parts) {
-  if (parts == 4) return py::make_tuple(w[0], w[1], w[2], w[3]);
-  return py::make_tuple(w[0], w[1], w[2], w[3], w[4], py::none());
+py::tuple grads_entry(const std::vector<Array<S>>& w, const std::vector<std::optional<Shape>>& shapes) {
+  if (w.size() == 4) return py::make_tuple(w[0], w[1], w[2], w[3]);
+  return py::make_tuple(w[0], w[1], w[2], w[3], or_none(shapes[kPeep].has_value(), w[kPeep]),
+                        or_none(shapes[kHr].has_value(), w[kHr]));
 }
 
 template <typename S>
@@ -387,27 +416,29 @@ py::tuple backward_impl(const pyrnn::Tape<S>& tape, const py::object& d_out_obj,
                         const py::object& d_c_n_obj, const py::object& into_obj) {
   const pyrnn::Dims& dm = tape.dims;
   const bool has_c = pyrnn::cell_shape(tape.cell).has_c;
-  const Shape state{dm.L * dm.D, dm.B, dm.H};
-  const Array<S> d_out = guarded<S>(d_out_obj, {"d_out"}, {dm.T, dm.B, dm.D * dm.H});
+  const Shape h_state{dm.L * dm.D, dm.B, dm.P}, c_state{dm.L * dm.D, dm.B, dm.H};
+  const Array<S> d_out = guarded<S>(d_out_obj, {"d_out"}, {dm.T, dm.B, dm.D * dm.P});
   if (!has_c && !d_c_n_obj.is_none())
     throw py::value_error("d_c_n: only 'lstm' has a cell state (with its variants 'lstm_*'); expected None");
   // A default-constructed array_t is an empty array, not null: presence is the argument's.
-  const Array<S> d_h_n = d_h_n_obj.is_none() ? Array<S>() : guarded<S>(d_h_n_obj, {"d_h_n"}, state);
-  const Array<S> d_c_n = d_c_n_obj.is_none() ? Array<S>() : guarded<S>(d_c_n_obj, {"d_c_n"}, state);
+  const Array<S> d_h_n = d_h_n_obj.is_none() ? Array<S>() : guarded<S>(d_h_n_obj, {"d_h_n"}, h_state);
+  const Array<S> d_c_n = d_c_n_obj.is_none() ? Array<S>() : guarded<S>(d_c_n_obj, {"d_c_n"}, c_state);
   std::vector<std::vector<Array<S>>> weight_grads = weight_grad_arrays(tape, into_obj);
 
-  Array<S> dx = new_array<S>({dm.T, dm.B, dm.I}), dh0 = new_array<S>(state);
-  Array<S> dc0 = has_c ? new_array<S>(state) : Array<S>();
+  Array<S> dx = new_array<S>({dm.T, dm.B, dm.I}), dh0 = new_array<S>(h_state);
+  Array<S> dc0 = has_c ? new_array<S>(c_state) : Array<S>();
   pyrnn::StackGrads<S> grads{dx.mutable_data(), dh0.mutable_data(), has_c ? dc0.mutable_data() : nullptr,
-                             {}, {}, {}, {}, {}, !into_obj.is_none()};
+                             {}, {}, {}, {}, {}, {}, !into_obj.is_none()};
+  const std::vector<std::optional<Shape>> shapes = part_shapes(tape.cell, dm, 0);
   py::list d_weights;
   for (std::vector<Array<S>>& w : weight_grads) {
     grads.dw_ih.push_back(w[0].mutable_data());
     grads.dw_hh.push_back(w[1].mutable_data());
     grads.db_ih.push_back(w[2].mutable_data());
     grads.db_hh.push_back(w[3].mutable_data());
-    if (w.size() > 4) grads.dw_peep.push_back(w[4].mutable_data());
-    d_weights.append(grads_entry(w, parts_of(tape.cell)));
+    if (w.size() > 4 && shapes[kPeep]) grads.dw_peep.push_back(w[kPeep].mutable_data());
+    if (w.size() > 4 && shapes[kHr]) grads.dw_hr.push_back(w[kHr].mutable_data());
+    d_weights.append(grads_entry(w, shapes));
   }
   const pyrnn::ThreadShare share;  // the core's threads this call may use, until it returns
   const int threads = share.count();
@@ -693,8 +724,8 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
       py::module_local())
       .def_property_readonly("cell", [](const pyrnn::TapeBase& t) { return kCells[static_cast<int>(t.cell)]; })
       .def_property_readonly("dtype", &tape_dtype)
-      .def_property_readonly("proj_size", [](const pyrnn::TapeBase&) { return Index(0); },
-                             "P of a projected stack, else 0 (this build runs no projection).")
+      .def_property_readonly("proj_size", [](const pyrnn::TapeBase& t) { return t.dims.projected ? t.dims.P : 0; },
+                             "P of a projected stack, else 0.")
       .def_property_readonly("dims", [](const pyrnn::TapeBase& t) {
         const pyrnn::Dims& d = t.dims;
         return py::make_tuple(d.T, d.B, d.I, d.H, d.L, d.D);

@@ -18,6 +18,8 @@ namespace pyrnn {
 
 struct SeqShape {
   Index T, B, I, H;
+  Index P;                   // width of h: the projection's size for a projected LSTM, else H
+  bool projected;            // h = m W_hr^T (an LSTM with w_hr; P may equal H)
   const Index* batch_sizes;  // (T,) active rows at each time step
   // Whether every row is active at every step (batch_sizes never rises, so its last says).
   bool same_lengths() const { return T == 0 || batch_sizes[T - 1] == B; }
@@ -30,22 +32,25 @@ struct DirWeights {
   const S* b_ih;  // (G*H,)
   const S* b_hh;  // (G*H,)
   const S* w_peep = nullptr;  // (K, H): peephole cells' vectors, one row per gate that sees c
+  const S* w_hr = nullptr;    // (P, H): a projected LSTM's projection, h = m w_hr^T
 };
 
 // What BPTT needs from one direction's forward pass; the sequences indexed by time t, (T, B, ·).
 template <typename S>
 struct DirTape {
   Buffer<S> gates;   // (T, B, G*H) activated gates
-  Buffer<S> h_prev;  // (T, B, H) the state each step started from
+  Buffer<S> h_prev;  // (T, B, P) the state each step started from
   Buffer<S> c_prev;  // (T, B, H) lstm
   Buffer<S> tanh_c;  // (T, B, H) lstm: tanh(c_t)
   Buffer<S> hn;      // (T, B, H) gru: W_hn h_prev + b_hn
   Buffer<S> c;       // (T, B, H) peephole cells: c_t, which o saw (for dw_co)
   Buffer<S> w_peep;  // (K, H) peephole cells: the tape's copy of the vectors
+  Buffer<S> m;       // (T, B, H) projected: m_t = o * tanh(c_t), zero past each sequence's end
+  PackedB<S> w_hr_for_dh;  // projected: W_hr (P, H) right of dh, dm = dh W_hr
   // The weights as backward multiplies by them, packed during forward: the tape's own copy of
   // them and backward's packing in one. W_hh (G*H, H) right of d_gates in BPTT, gru's n rows
   // apart (they multiply d_hn, so that no copy of the r and z gradients is written for them);
-  // W_ih (G*H, I) right of d_gates for dx.
+  // W_ih (G*H, I) right of d_gates for dx. Projected, W_hh is (G*H, P).
   PackedB<S> w_hh_for_d_gates, w_hh_for_d_hn, w_ih_for_dx;
 };
 
@@ -66,11 +71,11 @@ struct DirForward {
   const DirWeights<S>* wt;
   bool reverse;           // run from t = T - 1 down to 0
   const S* x;             // (T, B, I)
-  const S* h0;            // (B, H)
+  const S* h0;            // (B, P)
   const S* c0;            // (B, H), lstm
-  S* out;                 // (T, B, H) out: this direction's slice of a (T, B, ld_out) buffer
+  S* out;                 // (T, B, P) out: this direction's slice of a (T, B, ld_out) buffer
   Index ld_out;
-  S* h_n;                 // (B, H) out
+  S* h_n;                 // (B, P) out
   S* c_n;                 // (B, H) out, lstm
   DirTape<S>* tape;       // null: inference; else its gates, h_prev, c_prev, tanh_c, hn, c are written
   const LayerLink* link;  // null: the layers do not run at once
@@ -82,13 +87,14 @@ struct DirBackward {
   SeqShape s;
   bool reverse;
   const DirTape<S>* tape;
-  const S* d_out;         // (T, B, H): this direction's slice of a (T, B, ld_dout) buffer
+  const S* d_out;         // (T, B, P): this direction's slice of a (T, B, ld_dout) buffer
   Index ld_dout;
-  const S* d_h_n;         // (B, H), or null: zero
+  const S* d_h_n;         // (B, P), or null: zero
   const S* d_c_n;         // (B, H), lstm, or null: zero
   S* d_gates;             // (T, B, G*H) out; rows past a sequence's end zero
   S* d_hn;                // (T, B, H) out, gru (else null); rows past a sequence's end zero
-  S* dh0;                 // (B, H) out
+  S* dh_kept;             // (T, B, P) out, projected (else null): dL/dh_t of every step, for dW_hr
+  S* dh0;                 // (B, P) out
   S* dc0;                 // (B, H) out, lstm
   const LayerLink* link;  // null: the layers do not run at once
 };
@@ -122,6 +128,13 @@ struct Share {
   Index offset(Index ld) const { return row0 * ld + j0; }
   Index stride(Index ld) const { return ld * row_step; }
 };
+
+// A projected loop is shared out by rows (each step's projection, forward and back, reads every
+// unit of its rows): one thread where the plan was units.
+inline StepPlan projected_plan(StepPlan plan, const SeqShape& s) {
+  if (s.projected && !plan.by_rows) return {1, true};
+  return plan;
+}
 
 inline Index time_at(Index step, Index T, bool reverse) { return reverse ? T - 1 - step : step; }
 inline Index round_up(Index n, Index m) { return (n + m - 1) / m * m; }

@@ -22,23 +22,28 @@
 
 namespace pyrnn {
 
-// The gradients one backward pass carries from step to step, (B, H) each, which its team shares
-// (each thread writes only its share): dh in: dL/dh_t; out: dL/dh_prev. dc likewise (lstm).
+// The gradients one backward pass carries from step to step, which its team shares (each thread
+// writes only its share): dh (B, P) in: dL/dh_t; out: dL/dh_prev. dc (B, H) likewise (lstm).
+// Projected, dm (B, H) = dh W_hr, dL/dm_t, which the cell's backward reads as its dh.
 template <class Cell, typename S>
 struct BackwardState {
-  Buffer<S> dh, dc;
-  explicit BackwardState(const SeqShape& s) : dh(s.B * s.H), dc(Cell::has_c ? s.B * s.H : 0) {}
+  Buffer<S> dh, dc, dm;
+  explicit BackwardState(const SeqShape& s)
+      : dh(s.B * s.P), dc(Cell::has_c ? s.B * s.H : 0), dm(s.projected ? s.B * s.H : 0) {}
 };
 
 // One thread's share of a backward pass: d_h_n/d_c_n in, its rows and units of every step,
-// dh0/dc0 out.
+// dh0/dc0 out. A projected pass is shared out by rows: its share's dh is all P columns of its
+// rows, its dc and dm all H.
 template <class Cell, typename S>
 class BackwardShare {
  public:
   BackwardShare(const DirBackward<S>& io, BackwardState<Cell, S>& state, const Share& share)
-      : io_(io), share_(share), H_(io.s.H), GH_(Cell::G * io.s.H), offset_h_(share.offset(H_)), ld_h_(share.stride(H_)),
-        offset_g_(share.offset(GH_)), ld_g_(share.stride(GH_)), rows_(share.rows(io.s.B)),
-        wp_(round_up(share.w, kPacket<S>)), dh_(state.dh.data()), dc_(state.dc.data()), dh_hh_(io.s.B * wp_) {
+      : io_(io), share_(share), H_(io.s.H), P_(io.s.P), GH_(Cell::G * io.s.H), offset_h_(share.offset(H_)),
+        ld_h_(share.stride(H_)), offset_p_(share.offset(P_)), ld_p_(share.stride(P_)),
+        hw_(io.s.projected ? P_ : share.w), offset_g_(share.offset(GH_)), ld_g_(share.stride(GH_)),
+        rows_(share.rows(io.s.B)), wp_(round_up(hw_, kPacket<S>)), dh_(state.dh.data()), dc_(state.dc.data()),
+        dm_(state.dm.data()), dh_hh_(io.s.B * wp_) {
     // This share's columns [j0, j0 + w) of the tape's W_hh panels, whole panels (j0 falls on a
     // panel's edge; past H they are zero): dh_hh receives d_gates W_hh (+ d_hn W_hn) for them.
     static_assert(kUnitAlign % kPacket<S> == 0, "a share of units must start on a panel's edge");
@@ -48,18 +53,19 @@ class BackwardShare {
   }
 
   void start() const {
-    start_with(dh_, io_.d_h_n);
-    if constexpr (Cell::has_c) start_with(dc_, io_.d_c_n);
+    start_with(dh_, io_.d_h_n, true);
+    if constexpr (Cell::has_c) start_with(dc_, io_.d_c_n, false);
   }
   Index time(Index step) const { return time_at(step, io_.s.T, io_.reverse); }
   Index active(Index step) const { return share_.rows(io_.s.batch_sizes[time(step)]); }
 
-  // dh += d_out_t, then the cell's backward on the n active rows; rows past them get zero
-  // d_gates (and d_hn).
+  // dh += d_out_t, (projected: kept, and through W_hr into dm) then the cell's backward on the n
+  // active rows; rows past them get zero d_gates (and d_hn).
   void pointwise(Index step, Index n) const {
     const Index t = time(step), w = share_.w;
-    mat(dh_ + offset_h_, n, w, ld_h_) +=
-        cmat(io_.d_out + t * io_.s.B * io_.ld_dout + share_.offset(io_.ld_dout), n, w, share_.stride(io_.ld_dout));
+    mat(dh_ + offset_p_, n, hw_, ld_p_) +=
+        cmat(io_.d_out + t * io_.s.B * io_.ld_dout + share_.offset(io_.ld_dout), n, hw_, share_.stride(io_.ld_dout));
+    if (io_.s.projected) through_w_hr(t, n);
     S* dg_t = d_gates(t) + offset_g_;
     Cell::backward(step_backward(t, n));
     for (Index g = 0; g < Cell::G; ++g) zero_cols(dg_t + g * H_, ld_g_, n, rows_, w);
@@ -74,9 +80,9 @@ class BackwardShare {
             {tape.gates.data() + t * io_.s.B * GH_ + offset_g_, ld_g_, H_},
             Cell::has_tanh_c ? tape.tanh_c.data() + t_block + offset_h_ : nullptr,
             Cell::has_hn ? tape.hn.data() + t_block + offset_h_ : nullptr,
-            tape.h_prev.data() + t_block + offset_h_,
+            tape.h_prev.data() + t * io_.s.B * P_ + offset_p_,
             Cell::has_c ? tape.c_prev.data() + t_block + offset_h_ : nullptr,
-            dh_ + offset_h_,
+            io_.s.projected ? dm_ + offset_h_ : dh_ + offset_h_,
             Cell::has_c ? dc_ + offset_h_ : nullptr,
             {d_gates(t) + offset_g_, ld_g_, H_},
             Cell::has_hn ? d_hn(t) + offset_h_ : nullptr,
@@ -103,35 +109,46 @@ class BackwardShare {
   // dh_prev of the n active rows: d_gates W_hh (+ d_hn W_hn), plus what bypasses W_hh. A cell
   // that splits its product took d_hn through W_hn before (through_w_hn).
   void through_w_hh(Index step, Index n) {
-    const Index t = time(step), w = share_.w;
+    const Index t = time(step);
     packed_gemm(n, d_gates(t) + share_.row0 * GH_, ld_g_, w_hh_for_d_gates_, dh_hh_.data(), wp_, false);
     if constexpr (Cell::has_hn && !Cell::split_product)
       packed_gemm(n, d_hn(t) + share_.row0 * H_, ld_h_, w_hh_for_d_hn_, dh_hh_.data(), wp_, true);
-    auto dh_prev = mat(dh_ + offset_h_, n, w, ld_h_);
-    const auto from_w_hh = cmat(dh_hh_.data(), n, w, wp_);
+    auto dh_prev = mat(dh_ + offset_p_, n, hw_, ld_p_);
+    const auto from_w_hh = cmat(dh_hh_.data(), n, hw_, wp_);
     if constexpr (Cell::dh_bypasses_w_hh) dh_prev += from_w_hh;
     else dh_prev = from_w_hh;
   }
 
   void finish() const {
-    copy_cols(io_.dh0 + offset_h_, ld_h_, dh_ + offset_h_, ld_h_, 0, rows_, share_.w);
+    copy_cols(io_.dh0 + offset_p_, ld_p_, dh_ + offset_p_, ld_p_, 0, rows_, hw_);
     if constexpr (Cell::has_c) copy_cols(io_.dc0 + offset_h_, ld_h_, dc_ + offset_h_, ld_h_, 0, rows_, share_.w);
   }
 
  private:
   S* d_gates(Index t) const { return io_.d_gates + t * io_.s.B * GH_; }
   S* d_hn(Index t) const { return io_.d_hn + t * io_.s.B * H_; }
-  // The share of a gradient from the caller's (B, H) block, or zero.
-  void start_with(S* d, const S* given) const {
-    if (given) copy_cols(d + offset_h_, ld_h_, given + offset_h_, ld_h_, 0, rows_, share_.w);
-    else zero_cols(d + offset_h_, ld_h_, 0, rows_, share_.w);
+  // The share of a gradient from the caller's (B, P) block (dh), or (B, H) block (dc), or zero.
+  void start_with(S* d, const S* given, bool is_h) const {
+    const Index offset = is_h ? offset_p_ : offset_h_, ld = is_h ? ld_p_ : ld_h_, w = is_h ? hw_ : share_.w;
+    if (given) copy_cols(d + offset, ld, given + offset, ld, 0, rows_, w);
+    else zero_cols(d + offset, ld, 0, rows_, w);
+  }
+  // Projected: dh_t of the n active rows kept for dW_hr (zero past them), and dm = dh W_hr.
+  void through_w_hr(Index t, Index n) const {
+    S* kept = io_.dh_kept + t * io_.s.B * P_ + offset_p_;
+    copy_cols(kept, ld_p_, dh_ + offset_p_, ld_p_, 0, n, P_);
+    zero_cols(kept, ld_p_, n, rows_, P_);
+    packed_gemm(n, dh_ + offset_p_, ld_p_, io_.tape->w_hr_for_dh, dm_ + offset_h_, ld_h_, false);
   }
 
   const DirBackward<S>& io_;
   const Share share_;
-  const Index H_, GH_, offset_h_, ld_h_, offset_g_, ld_g_, rows_, wp_;
+  const Index H_, P_, GH_, offset_h_, ld_h_, offset_p_, ld_p_;
+  const Index hw_;  // the share's columns of dh: P projected, else its units
+  const Index offset_g_, ld_g_, rows_, wp_;
   S* const dh_;
   S* const dc_;
+  S* const dm_;
   PackedB<S> w_hh_for_d_gates_, w_hh_for_d_hn_;
   Buffer<S> dh_hh_;  // (rows, wp) the product through W_hh
 };
@@ -188,8 +205,8 @@ template <class Cell, typename S>
 void sequence_backward(const DirBackward<S>& io, int threads) {
   const SeqShape& s = io.s;
   if (io.link) threads = 1;
-  const LoopPlan loop_plan(kBackward, s.B, 0, s.H, Cell::G, sizeof(S), threads, true);
-  const StepPlan plan = loop_plan.steps();
+  const LoopPlan loop_plan(kBackward, s.B, 0, s.H, Cell::G, sizeof(S), threads, !s.projected);
+  const StepPlan plan = projected_plan(loop_plan.steps(), s);
   BackwardState<Cell, S> state(s);
   run_team(plan.team, [&](const Team& team) {
     const Share share = Share::of(plan, team.tid, team.size, s);
@@ -229,18 +246,19 @@ void put_bias_sums(Index r0, Index n, const S* sums, std::initializer_list<S*> d
 // same bits as written.
 //
 // hn_input: what the n rows of dW_hh multiply d_hn by (gru: h_prev; gru_reset_before: r * h_prev).
+// h_prev is (rows, P), P the width of h (H but for a projected LSTM).
 template <typename S>
-void weight_grads(Index rows, Index I, Index H, Index GH, const S* d_gates, const S* d_hn, const PackedB<S>& xb,
-                  const S* h_prev, const S* hn_input, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh, bool accumulate,
-                  int threads) {
-  const PackedB<S> hb = weight_grad_operand(h_prev, rows, H, GH, threads);
+void weight_grads(Index rows, Index I, Index H, Index P, Index GH, const S* d_gates, const S* d_hn,
+                  const PackedB<S>& xb, const S* h_prev, const S* hn_input, S* dw_ih, S* dw_hh, S* db_ih, S* db_hh,
+                  bool accumulate, int threads) {
+  const PackedB<S> hb = weight_grad_operand(h_prev, rows, P, GH, threads);
   const PackedB<S> hn_own = d_hn && hn_input != h_prev ? weight_grad_operand(hn_input, rows, H, GH, threads)
                                                        : PackedB<S>();
   const PackedB<S>& hnb = d_hn && hn_input != h_prev ? hn_own : hb;
   const Index rows_from_d_gates = d_hn ? GH - H : GH;
   parallel_for_blocks(GH, threads, kMinGradRowsPerThread, kRowBlock, [&](Range g) {
     auto ih = [&](Index r) { return GemmTarget<S>{&xb, dw_ih + r * I, I}; };
-    auto hh = [&](Index r) { return GemmTarget<S>{&hb, dw_hh + r * H, H}; };
+    auto hh = [&](Index r) { return GemmTarget<S>{&hb, dw_hh + r * P, P}; };
     std::vector<S> sums(g.size());
     const Index mid = std::clamp(rows_from_d_gates, g.begin, g.end);
     if (mid > g.begin) {
@@ -278,6 +296,18 @@ void peephole_grads(Index rows, Index H, const S* d_gates, const S* c_prev, cons
         for (Index j = 0; j < u.size(); ++j) sums[j] += dg[r * GH + j] * seen[r * H + j];
       store_sums(dw_peep + k * H + u.begin, sums.data(), u.size(), accumulate);
     }
+  });
+}
+
+// A projected LSTM's dW_hr = sum over steps of dh_t^T m_t: (P, rows) x (rows, H), dh read
+// transposed in place. Threads split W_hr's rows; each sum over steps runs in one order. With
+// `accumulate` added to what dw_hr holds.
+template <typename S>
+void projection_grads(Index rows, Index H, Index P, const S* dh, const S* m, S* dw_hr, bool accumulate, int threads) {
+  const PackedB<S> mb = weight_grad_operand(m, rows, H, P, threads);
+  parallel_for_blocks(P, threads, kMinGradRowsPerThread, kRowBlock, [&](Range g) {
+    const GemmTarget<S> target{&mb, dw_hr + g.begin * H, H};
+    packed_gemm_targets<S>(g.size(), dh + g.begin, 1, P, &target, 1, accumulate);
   });
 }
 

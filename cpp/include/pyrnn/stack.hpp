@@ -54,9 +54,12 @@ inline CellShape cell_shape(CellKind cell) {
 }
 inline Index gate_count(CellKind cell) { return cell_shape(cell).G; }
 
+// P: the width of h (h0, h_n, out), a projected LSTM's projection size, else H; projected: the
+// stack has w_hr (P may equal H).
 struct Dims {
-  Index T, B, I, H, L, D;
-  Index input_size(Index layer) const { return layer == 0 ? I : D * H; }
+  Index T, B, I, H, L, D, P;
+  bool projected;
+  Index input_size(Index layer) const { return layer == 0 ? I : D * P; }
 };
 
 template <typename S>
@@ -64,28 +67,29 @@ struct StackInputs {
   CellKind cell;
   Dims dims;
   const S* x;                          // (T, B, I)
-  const S* h0;                         // (L*D, B, H)
+  const S* h0;                         // (L*D, B, P)
   const S* c0;                         // (L*D, B, H), lstm only
   std::vector<DirWeights<S>> weights;  // L*D, ordered l0-fwd, l0-bwd, l1-fwd, ...
   const std::int64_t* lengths;         // (B,) in [1, T], or null: all T
-  std::vector<const S*> masks;         // empty, or L-1 arrays (T, B, D*H)
+  std::vector<const S*> masks;         // empty, or L-1 arrays (T, B, D*P)
   bool residual = false;               // layer k > 0 adds its input (after the mask) to its output
 };
 
 template <typename S>
 struct StackOutputs {
-  S* out;  // (T, B, D*H)
-  S* h_n;  // (L*D, B, H)
+  S* out;  // (T, B, D*P)
+  S* h_n;  // (L*D, B, P)
   S* c_n;  // (L*D, B, H), lstm only
 };
 
 template <typename S>
 struct StackGrads {
   S* dx;   // (T, B, I)
-  S* dh0;  // (L*D, B, H)
+  S* dh0;  // (L*D, B, P)
   S* dc0;  // (L*D, B, H), lstm only
   std::vector<S*> dw_ih, dw_hh, db_ih, db_hh;  // L*D each
   std::vector<S*> dw_peep;                     // L*D (K, H) each, peephole cells; else empty
+  std::vector<S*> dw_hr;                       // L*D (P, H) each, projected; else empty
   // Add the weight gradients to what dw_*/db_* hold (as a module's gradients accumulate) instead
   // of writing them: the product lands in place, with no array of its own and no second pass.
   bool accumulate = false;
@@ -164,7 +168,8 @@ void for_each_direction(Index D, int threads, F&& f) {
   }
 }
 
-// Initial and final states of every layer and direction, (L*D, B, H) each, in sorted row order.
+// Initial and final states of every layer and direction, (L*D, B, P) h and (L*D, B, H) c, in
+// sorted row order.
 template <typename S>
 struct LayerStates {
   const S* h0;
@@ -174,30 +179,30 @@ struct LayerStates {
 };
 
 // What one direction k = layer * D + d of a forward pass reads and writes: its input x, its
-// columns of the layer's output y (T, B, D*H).
+// columns of the layer's output y (T, B, D*P).
 template <class Cell, typename S>
 DirForward<S> dir_forward(const StackInputs<S>& in, const Index* batch_sizes, Index k, const S* x,
                           const LayerStates<S>& states, S* y, Tape<S>* tape, const LayerLink* link = nullptr) {
   const Dims& dm = in.dims;
-  const Index d = k % dm.D, state = k * dm.B * dm.H, DH = dm.D * dm.H;
-  return {SeqShape{dm.T, dm.B, dm.input_size(k / dm.D), dm.H, batch_sizes},
+  const Index d = k % dm.D, h_state = k * dm.B * dm.P, c_state = k * dm.B * dm.H, DP = dm.D * dm.P;
+  return {SeqShape{dm.T, dm.B, dm.input_size(k / dm.D), dm.H, dm.P, dm.projected, batch_sizes},
           &in.weights[k], d == 1, x,
-          states.h0 + state, Cell::has_c ? states.c0 + state : nullptr,
-          y + d * dm.H, DH,
-          states.h_n + state, Cell::has_c ? states.c_n + state : nullptr,
+          states.h0 + h_state, Cell::has_c ? states.c0 + c_state : nullptr,
+          y + d * dm.P, DP,
+          states.h_n + h_state, Cell::has_c ? states.c_n + c_state : nullptr,
           tape ? &tape->dirs[k] : nullptr, link};
 }
 
-// The input of layer `layer` + 1: y, this layer's output (T, B, D*H), through the layer's dropout
+// The input of layer `layer` + 1: y, this layer's output (T, B, D*P), through the layer's dropout
 // mask, which the tape keeps. Moves y when there are no masks.
 template <typename S>
 Buffer<S> next_layer_input(const StackInputs<S>& in, Index layer, const std::vector<Index>& order, Buffer<S>&& y,
                            Tape<S>* tape) {
   if (in.masks.empty()) return std::move(y);
   const Dims& dm = in.dims;
-  const Index n = dm.T * dm.B * dm.D * dm.H;
+  const Index n = dm.T * dm.B * dm.D * dm.P;
   Buffer<S> mask(n), next(n);
-  gather_rows(in.masks[layer], mask.data(), dm.T, dm.B, dm.D * dm.H, order);
+  gather_rows(in.masks[layer], mask.data(), dm.T, dm.B, dm.D * dm.P, order);
   arr(next.data(), n) = carr(y.data(), n) * carr(mask.data(), n);
   if (tape) tape->masks.push_back(std::move(mask));
   return next;
@@ -214,15 +219,15 @@ void forward_layer_by_layer(const StackInputs<S>& in, const Index* batch_sizes, 
   Buffer<S> x_own;  // this layer's input, past the first
   for (Index layer = 0; layer < dm.L; ++layer) {
     const bool last = layer + 1 == dm.L;
-    Buffer<S> y_own(last ? 0 : dm.T * dm.B * dm.D * dm.H);
+    Buffer<S> y_own(last ? 0 : dm.T * dm.B * dm.D * dm.P);
     S* y = last ? y_last : y_own.data();
     for_each_direction(dm.D, threads, [&](int d, int dir_threads) {
       const Index k = layer * dm.D + d;
       sequence_forward<Cell>(dir_forward<Cell>(in, batch_sizes, k, x, states, y, tape),
                              packs && !tape ? &packs->dirs[k] : nullptr, dir_threads);
     });
-    if (in.residual && layer > 0) {  // y and x: (T, B, D*H) both
-      const Index n = dm.T * dm.B * dm.D * dm.H;
+    if (in.residual && layer > 0) {  // y and x: (T, B, D*P) both
+      const Index n = dm.T * dm.B * dm.D * dm.P;
       arr(y, n) += carr(x, n);
     }
     if (last) break;
@@ -311,22 +316,23 @@ void forward_layers_at_once(const StackInputs<S>& in, const Index* batch_sizes, 
 // The gradients reaching a stack's outputs and states, in sorted row order.
 template <typename S>
 struct OutputGrads {
-  const S* d_y;    // (T, B, D*H): the last layer's output
-  const S* d_h_n;  // (L*D, B, H), or null: zero
+  const S* d_y;    // (T, B, D*P): the last layer's output
+  const S* d_h_n;  // (L*D, B, P), or null: zero
   const S* d_c_n;  // (L*D, B, H), lstm, or null: zero
-  S* dh0;          // (L*D, B, H) out
+  S* dh0;          // (L*D, B, P) out
   S* dc0;          // (L*D, B, H) out, lstm
 };
 
 // What BPTT through direction k reads and writes.
 template <class Cell, typename S>
 DirBackward<S> dir_backward(const Tape<S>& tape, Index k, const S* d_y, Index ld_dy, const OutputGrads<S>& g,
-                            S* d_gates, S* d_hn, const LayerLink* link = nullptr) {
+                            S* d_gates, S* d_hn, S* dh_kept = nullptr, const LayerLink* link = nullptr) {
   const Dims& dm = tape.dims;
-  const Index state = k * dm.B * dm.H;
-  return {SeqShape{dm.T, dm.B, 0, dm.H, tape.batch_sizes.data()}, k % dm.D == 1, &tape.dirs[k], d_y, ld_dy,
-          g.d_h_n ? g.d_h_n + state : nullptr, g.d_c_n ? g.d_c_n + state : nullptr, d_gates,
-          Cell::has_hn ? d_hn : nullptr, g.dh0 + state, Cell::has_c ? g.dc0 + state : nullptr, link};
+  const Index h_state = k * dm.B * dm.P, c_state = k * dm.B * dm.H;
+  return {SeqShape{dm.T, dm.B, 0, dm.H, dm.P, dm.projected, tape.batch_sizes.data()}, k % dm.D == 1, &tape.dirs[k],
+          d_y, ld_dy,
+          g.d_h_n ? g.d_h_n + h_state : nullptr, g.d_c_n ? g.d_c_n + c_state : nullptr, d_gates,
+          Cell::has_hn ? d_hn : nullptr, dh_kept, g.dh0 + h_state, Cell::has_c ? g.dc0 + c_state : nullptr, link};
 }
 
 // BPTT through a unidirectional stack with its layers at once (see layer_lanes). The gradient
@@ -417,7 +423,8 @@ void backward_layers_at_once(const Tape<S>& tape, const OutputGrads<S>& grads, s
       const LayerLink link = layers.link(l, sent, right, ready);
       const S* d_y = l + 1 == L ? grads.d_y : layers.d_out_of(l);
       sequence_backward<Cell>(
-          dir_backward<Cell>(tape, l, d_y, H, grads, d_gates[l].data(), Cell::has_hn ? d_hn[l].data() : nullptr, &link),
+          dir_backward<Cell>(tape, l, d_y, H, grads, d_gates[l].data(), Cell::has_hn ? d_hn[l].data() : nullptr,
+                             static_cast<S*>(nullptr), &link),
           1);
     }
   }
@@ -428,7 +435,7 @@ template <class Cell, typename S>
 std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const std::vector<Index>& order,
                                   const std::vector<Index>& batch_sizes, int threads) {
   const Dims& dm = in.dims;
-  const Index TBH = dm.T * dm.B * dm.H;
+  const Index TBH = dm.T * dm.B * dm.H, TBP = dm.T * dm.B * dm.P;
   auto tape = std::make_unique<Tape<S>>(in.cell, dm, in.residual);
   tape->sorted = sorted;
   tape->order = order;
@@ -437,9 +444,10 @@ std::unique_ptr<Tape<S>> new_tape(const StackInputs<S>& in, bool sorted, const s
   tape->dirs.resize(dm.L * dm.D);
   for (Index k = 0; k < dm.L * dm.D; ++k) {
     DirTape<S>& dt = tape->dirs[k];
-    keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / dm.D), dm.H, threads);
+    keep_weights<Cell>(dt, in.weights[k], dm.input_size(k / dm.D), dm.H, dm.P, threads);
     dt.gates.allocate(TBH * Cell::G);
-    dt.h_prev.allocate(TBH);
+    dt.h_prev.allocate(TBP);
+    if (dm.projected) dt.m.allocate(TBH);
     if (Cell::has_c) dt.c_prev.allocate(TBH);
     if (Cell::has_tanh_c) dt.tanh_c.allocate(TBH);
     if (Cell::has_hn) dt.hn.allocate(TBH);
@@ -469,7 +477,7 @@ template <class Cell, typename S>
 std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const StackOutputs<S>& res,
                                             bool keep_tape, StackPacks<S>* packs, int threads, int lanes) {
   const Dims& dm = in.dims;
-  const Index T = dm.T, B = dm.B, H = dm.H, LD = dm.L * dm.D, DH = dm.D * H;
+  const Index T = dm.T, B = dm.B, H = dm.H, P = dm.P, LD = dm.L * dm.D, DP = dm.D * P;
   // Without lengths the rows need no sorting and no padding: the caller's x and out are used as
   // they are, saving two copies of the sequence.
   const bool sorted = in.lengths == nullptr;
@@ -478,21 +486,21 @@ std::unique_ptr<Tape<S>> stack_forward_cell(const StackInputs<S>& in, const Stac
   std::unique_ptr<Tape<S>> tape = keep_tape ? new_tape<Cell>(in, sorted, order, batch_sizes, threads) : nullptr;
 
   // Everything below is in sorted row order.
-  std::vector<S> h0(LD * B * H), c0(Cell::has_c ? LD * B * H : 0), h_n(h0.size()), c_n(c0.size());
-  gather_rows(in.h0, h0.data(), LD, B, H, order);
+  std::vector<S> h0(LD * B * P), c0(Cell::has_c ? LD * B * H : 0), h_n(h0.size()), c_n(c0.size());
+  gather_rows(in.h0, h0.data(), LD, B, P, order);
   if constexpr (Cell::has_c) gather_rows(in.c0, c0.data(), LD, B, H, order);
   Buffer<S> x_own = sorted ? Buffer<S>() : sorted_input(in, order, batch_sizes);
   const S* x = sorted ? in.x : x_own.data();
   // The last layer's output: the caller's out, or in sorted rows, scattered into it at the end.
-  Buffer<S> y_own(sorted ? 0 : T * B * DH);
+  Buffer<S> y_own(sorted ? 0 : T * B * DP);
   S* y = sorted ? res.out : y_own.data();
   const LayerStates<S> states{h0.data(), c0.data(), h_n.data(), c_n.data()};
   if (lanes > 1) forward_layers_at_once<Cell>(in, batch_sizes.data(), order, x, states, y, tape.get(), packs, lanes);
   else forward_layer_by_layer<Cell>(in, batch_sizes.data(), order, x, states, y, tape.get(), packs, threads);
   if (keep_tape) tape->layer_input[0] = std::move(x_own);
 
-  if (!sorted) scatter_rows(y, res.out, T, B, DH, order);
-  scatter_rows(h_n.data(), res.h_n, LD, B, H, order);
+  if (!sorted) scatter_rows(y, res.out, T, B, DP, order);
+  scatter_rows(h_n.data(), res.h_n, LD, B, P, order);
   if constexpr (Cell::has_c) scatter_rows(c_n.data(), res.c_n, LD, B, H, order);
   return tape;
 }
@@ -504,17 +512,18 @@ class SortedGrads {
  public:
   SortedGrads(const Tape<S>& tape, const S* d_out, const S* d_h_n, const S* d_c_n) {
     const Dims& dm = tape.dims;
-    const Index states = dm.L * dm.D * dm.B * dm.H;
+    const Index h_states = dm.L * dm.D * dm.B * dm.P, c_states = dm.L * dm.D * dm.B * dm.H;
     d_y_ = d_out;
     if (!tape.sorted) {
-      d_y_own_.allocate(dm.T * dm.B * dm.D * dm.H);
-      gather_rows(d_out, d_y_own_.data(), dm.T, dm.B, dm.D * dm.H, tape.order);
+      d_y_own_.allocate(dm.T * dm.B * dm.D * dm.P);
+      gather_rows(d_out, d_y_own_.data(), dm.T, dm.B, dm.D * dm.P, tape.order);
       d_y_ = d_y_own_.data();
     }
-    if (d_h_n) gather_rows(d_h_n, d_h_n_.emplace(states).data(), dm.L * dm.D, dm.B, dm.H, tape.order);
-    if (Cell::has_c && d_c_n) gather_rows(d_c_n, d_c_n_.emplace(states).data(), dm.L * dm.D, dm.B, dm.H, tape.order);
-    dh0_.resize(states);
-    dc0_.resize(Cell::has_c ? states : 0);
+    if (d_h_n) gather_rows(d_h_n, d_h_n_.emplace(h_states).data(), dm.L * dm.D, dm.B, dm.P, tape.order);
+    if (Cell::has_c && d_c_n)
+      gather_rows(d_c_n, d_c_n_.emplace(c_states).data(), dm.L * dm.D, dm.B, dm.H, tape.order);
+    dh0_.resize(h_states);
+    dc0_.resize(Cell::has_c ? c_states : 0);
   }
   OutputGrads<S> view() {
     return {d_y_, d_h_n_ ? d_h_n_->data() : nullptr, d_c_n_ ? d_c_n_->data() : nullptr, dh0_.data(), dc0_.data()};
@@ -522,7 +531,7 @@ class SortedGrads {
   // dh0 and dc0 into the caller's rows.
   void scatter(const Tape<S>& tape, const StackGrads<S>& grads) const {
     const Dims& dm = tape.dims;
-    scatter_rows(dh0_.data(), grads.dh0, dm.L * dm.D, dm.B, dm.H, tape.order);
+    scatter_rows(dh0_.data(), grads.dh0, dm.L * dm.D, dm.B, dm.P, tape.order);
     if constexpr (Cell::has_c) scatter_rows(dc0_.data(), grads.dc0, dm.L * dm.D, dm.B, dm.H, tape.order);
   }
 
@@ -533,19 +542,22 @@ class SortedGrads {
   std::vector<S> dh0_, dc0_;
 };
 
-// The d_gates (and gru's d_hn) of a backward pass: of one layer's directions at a time, or of every
-// layer when the layers run at once.
+// The d_gates (and gru's d_hn, a projected stack's dh) of a backward pass: of one layer's
+// directions at a time, or of every layer when the layers run at once (never projected).
 template <class Cell, typename S>
 struct GateGrads {
   bool all_layers;
-  std::vector<Buffer<S>> d_gates, d_hn;
+  std::vector<Buffer<S>> d_gates, d_hn, dh_kept;
   GateGrads(const Dims& dm, bool layers_at_once) : all_layers(layers_at_once) {
     const Index kept = layers_at_once ? dm.L : dm.D, rows = dm.T * dm.B;
     d_gates.resize(kept);
     d_hn.resize(Cell::has_hn ? kept : 0);
+    dh_kept.resize(dm.projected ? dm.D : 0);
     for (auto& b : d_gates) b.allocate(rows * Cell::G * dm.H);
     for (auto& b : d_hn) b.allocate(rows * dm.H);
+    for (auto& b : dh_kept) b.allocate(rows * dm.P);
   }
+  S* dh_kept_of(Index d) { return dh_kept.empty() ? nullptr : dh_kept[d].data(); }
   S* d_gates_of(Index layer, Index d) { return d_gates[all_layers ? layer : d].data(); }
   S* d_hn_of(Index layer, Index d) { return Cell::has_hn ? d_hn[all_layers ? layer : d].data() : nullptr; }
 };
@@ -563,13 +575,15 @@ void layer_weight_grads(const Tape<S>& tape, Index layer, GateGrads<Cell, S>& g,
   for (Index d = 0; d < dm.D; ++d) {
     const Index k = layer * dm.D + d;
     const DirTape<S>& dt = tape.dirs[k];
-    weight_grads(rows, Ik, dm.H, GH, g.d_gates_of(layer, d), g.d_hn_of(layer, d),
+    weight_grads(rows, Ik, dm.H, dm.P, GH, g.d_gates_of(layer, d), g.d_hn_of(layer, d),
                  input_kept ? input_packed : tape.x_packed, dt.h_prev.data(),
                  Cell::split_product ? dt.hn.data() : dt.h_prev.data(), grads.dw_ih[k],
                  grads.dw_hh[k], grads.db_ih[k], grads.db_hh[k], grads.accumulate, threads);
     if constexpr (Cell::K > 0)
       peephole_grads<Cell>(rows, dm.H, g.d_gates_of(layer, d), tape.dirs[k].c_prev.data(), tape.dirs[k].c.data(),
                            grads.dw_peep[k], grads.accumulate, threads);
+    if (dm.projected)
+      projection_grads(rows, dm.H, dm.P, g.dh_kept_of(d), dt.m.data(), grads.dw_hr[k], grads.accumulate, threads);
   }
 }
 
@@ -593,14 +607,15 @@ template <class Cell, typename S>
 void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, GateGrads<Cell, S>& g,
                              const StackGrads<S>& grads, int threads) {
   const Dims& dm = tape.dims;
-  const Index n = dm.T * dm.B * dm.D * dm.H;
+  const Index n = dm.T * dm.B * dm.D * dm.P;
   const S* d_y = out.d_y;
   Buffer<S> d_below;  // the gradient reaching the layer below's output
   for (Index layer = dm.L - 1; layer >= 0; --layer) {
     for_each_direction(dm.D, threads, [&](int d, int dir_threads) {
       const Index k = layer * dm.D + d;
       sequence_backward<Cell>(
-          dir_backward<Cell>(tape, k, d_y + d * dm.H, dm.D * dm.H, out, g.d_gates_of(layer, d), g.d_hn_of(layer, d)),
+          dir_backward<Cell>(tape, k, d_y + d * dm.P, dm.D * dm.P, out, g.d_gates_of(layer, d), g.d_hn_of(layer, d),
+                             g.dh_kept_of(d)),
           dir_threads);
     });
     layer_weight_grads(tape, layer, g, grads, threads);
@@ -616,9 +631,10 @@ void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, Gat
 }
 
 // The threads that run a stack's layers at once (see layer_lanes), or 1; a residual stack runs
-// them one after another (each layer's output is summed with its input between layers).
+// them one after another (each layer's output is summed with its input between layers), and so
+// does a projected one (its loops share steps by rows; see projected_plan).
 inline int stack_lanes(const Dims& dm, bool residual, int threads) {
-  return residual ? 1 : layer_lanes(dm.L, dm.D, threads);
+  return residual || dm.projected ? 1 : layer_lanes(dm.L, dm.D, threads);
 }
 
 template <class Cell, typename S>
