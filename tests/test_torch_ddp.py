@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -58,8 +59,9 @@ def _rank_gradients(rank: int, port: int, out: str) -> None:
         ids, targets = batch()
         half = slice(rank * B // 2, (rank + 1) * B // 2)
         grads = gradients(ddp, ids[:, half], targets[:, half])
-        if rank == 0:
-            torch.save([g.clone() for g in grads], out)
+        if rank == 0:  # with whether this rank ran pyrnn's core, as the test process does
+            torch.save({"grads": [g.clone() for g in grads],
+                        "cpp": pyrnn.backend_info()["cpp_available"]}, out)
     finally:
         dist.destroy_process_group()
 
@@ -70,10 +72,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_averages_gradients_equal_to_one_process_on_the_combined_batch(tmp_path):
+def test_ddp_averages_gradients_equal_to_one_process_on_the_combined_batch(tmp_path, monkeypatch):
+    # The ranks start with this process's sys.path, where the bench tests put the repository
+    # first; they must import the pyrnn this process imported (CI's clean clone has no compiled
+    # core in its tree).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(pyrnn.__file__)))
+    monkeypatch.setattr(sys, "path", [package_parent, *sys.path])
     out = str(tmp_path / "grads.pt")
     mp.spawn(_rank_gradients, args=(free_port(), out), nprocs=2, join=True)
-    averaged = torch.load(out)
+    saved = torch.load(out)
+    assert saved["cpp"], "a rank imported a pyrnn without its C++ core"
+    averaged = saved["grads"]
     model = charrnn_torch.torch_model(CONFIG)
     assert type(model.rnn).__module__ == "pyrnn.torch.modules"
     combined = gradients(model, *batch())
