@@ -27,7 +27,7 @@ from . import _backend, _checks
 from ._cells import CELLS, gru_cell, rnn_cell
 from .functional import Tape, rnn_backward, rnn_forward
 from .module import Module, is_grad_enabled
-from .modules import ParamLayout
+from .modules import ParamLayout, lstm_variant_repr
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -179,7 +179,21 @@ def _user_state(a: Array, batched: bool) -> Array:
     return a[0] if batched else a[0, 0]
 
 
-class RNNCell(_CellBase):
+class _HiddenStateCell(_CellBase):
+    """A cell whose state is h alone (RNNCell, GRUCell)."""
+
+    def __call__(self, x: Array, hx: Array | None = None) -> Array:
+        return self._step(x, _checks.single_state("hx", hx), None)[0]
+
+    forward = __call__
+
+    def backward(self, dh1: Array | None) -> tuple[Array, Array]:
+        """Undo the most recent call: its (dx, dh0); the weight gradients go into grads."""
+        dx, dh0, _ = self._undo(_checks.single_state("dh1", dh1), None)
+        return dx, dh0
+
+
+class RNNCell(_HiddenStateCell):
     """h1 = act(W_ih x + b_ih + W_hh h0 + b_hh), act = tanh or relu (torch.nn.RNNCell).
 
     ``h1 = cell(x, h0=None)``; ``dx, dh0 = cell.backward(dh1)``.
@@ -193,22 +207,12 @@ class RNNCell(_CellBase):
                          backend)
         self.nonlinearity = nonlinearity
 
-    def __call__(self, x: Array, hx: Array | None = None) -> Array:
-        return self._step(x, _checks.single_state("hx", hx), None)[0]
-
-    forward = __call__
-
-    def backward(self, dh1: Array | None) -> tuple[Array, Array]:
-        """Undo the most recent call: its (dx, dh0); the weight gradients go into grads."""
-        dx, dh0, _ = self._undo(_checks.single_state("dh1", dh1), None)
-        return dx, dh0
-
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s + (", nonlinearity='relu'" if self.nonlinearity == "relu" else "")
 
 
-class GRUCell(_CellBase):
+class GRUCell(_HiddenStateCell):
     """torch.nn.GRUCell: gates r, z, n, n = tanh(W_in x + b_in + r * (W_hn h0 + b_hn)); with
     ``reset_after=False`` the original form n = tanh(W_in x + b_in + W_hn (r * h0) + b_hn).
 
@@ -222,16 +226,6 @@ class GRUCell(_CellBase):
         super().__init__(gru_cell(reset_after), input_size, hidden_size, bias, dtype, seed,
                          backend)
         self.reset_after = reset_after
-
-    def __call__(self, x: Array, hx: Array | None = None) -> Array:
-        return self._step(x, _checks.single_state("hx", hx), None)[0]
-
-    forward = __call__
-
-    def backward(self, dh1: Array | None) -> tuple[Array, Array]:
-        """Undo the most recent call: its (dx, dh0); the weight gradients go into grads."""
-        dx, dh0, _ = self._undo(_checks.single_state("dh1", dh1), None)
-        return dx, dh0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
@@ -266,9 +260,4 @@ class LSTMCell(_CellBase):
         return dx, (dh0, dc0)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.peephole:
-            s += ", peephole=True"
-        if self.coupled_gates:
-            s += ", coupled_gates=True"
-        return s
+        return super().extra_repr() + lstm_variant_repr(self.peephole, self.coupled_gates)

@@ -99,6 +99,12 @@ _USED = (
 )
 
 
+def lstm_variant_repr(peephole: bool, coupled_gates: bool) -> str:
+    """The LSTM variant flags that differ from their defaults, as a repr lists them."""
+    return ((", peephole=True" if peephole else "")
+            + (", coupled_gates=True" if coupled_gates else ""))
+
+
 class _RNNBase(Module):
     """What RNN, LSTM and GRU share; `cell` names the kernel ("rnn_tanh", "lstm", ...)."""
 
@@ -455,12 +461,7 @@ class LSTM(_RNNBase):
         self.peephole, self.coupled_gates = bool(peephole), bool(coupled_gates)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.peephole:
-            s += ", peephole=True"
-        if self.coupled_gates:
-            s += ", coupled_gates=True"
-        return s
+        return super().extra_repr() + lstm_variant_repr(self.peephole, self.coupled_gates)
 
     def _split_hx(self, hx: Any) -> tuple[Array | None, Array | None]:
         return _state_pair_hx(hx)
