@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -698,6 +699,16 @@ py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::
   });
 }
 
+// For the tests: TeamCap replayed (see replay_team_cap); events are (now_ns, wanted, span_ns, cpu_ns).
+std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double>>& events) {
+  std::vector<pyrnn::TeamCapEvent> replay;
+  for (const auto& [now_ns, wanted, span_ns, cpu_ns] : events) {
+    if (wanted < 1) throw py::value_error("team_cap_for_tests: wanted must be at least 1");
+    replay.push_back({now_ns, wanted, span_ns, cpu_ns});
+  }
+  return pyrnn::replay_team_cap(replay);
+}
+
 }  // namespace
 
 // The module name comes from CMake: one module per code-generation target (_core_avx2, ...).
@@ -799,6 +810,8 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("bias") = py::none(), py::arg("layout") = "columns", py::arg("a_transposed") = false,
         py::arg("row_sums") = false, py::arg("threads") = 1,
         "For the tests: the core's packed GEMM (see gemm_for_tests).");
+  m.def("_team_cap_for_tests", &team_cap_for_tests, py::arg("events"),
+        "For the tests: the team sizes TeamCap allows a scripted run of regions (see busy_host.hpp).");
 
   // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
   m.def("memory_cache_info", [] {

@@ -18,6 +18,7 @@
 #include <unistd.h>
 #endif
 
+#include "pyrnn/busy_host.hpp"
 #include "pyrnn/types.hpp"
 
 namespace pyrnn {
@@ -158,17 +159,44 @@ struct Team {
   }
 };
 
-// Run body(team) on a team of up to n threads (inline when n == 1). OpenMP may give fewer than
-// n (inside another parallel region): team.size is what it gave.
+// What the threads of one region add up as they finish (see RegionTimes), in whole nanoseconds.
+class RegionClock {
+ public:
+  RegionClock() : start_ns_(monotonic_ns()) {}
+  // The calling thread ran its part, which it began when its CPU time was `cpu_at_start_ns`.
+  void thread_done(double cpu_at_start_ns) {
+    span_ns_.fetch_add(static_cast<long long>(monotonic_ns() - start_ns_), std::memory_order_relaxed);
+    cpu_ns_.fetch_add(static_cast<long long>(thread_cpu_ns() - cpu_at_start_ns), std::memory_order_relaxed);
+  }
+  RegionTimes times(int threads) const { return {threads, double(span_ns_.load()), double(cpu_ns_.load())}; }
+
+ private:
+  const double start_ns_;
+  std::atomic<long long> span_ns_{0}, cpu_ns_{0};
+};
+
+// Run body(team) on a team of up to n threads (inline when n == 1): fewer while the team cap says
+// the host is busy (see busy_host.hpp), which measures every team this runs. OpenMP may give
+// fewer threads than asked (inside another parallel region): team.size is what it gave.
 template <class F>
 void run_team(int n, F&& body) {
   TeamBarrier barrier;
+  if (n > 1) n = team_cap().allowed(n);
   if (n <= 1) {
     body(Team{0, 1, &barrier});
     return;
   }
+  RegionClock clock;
+  int size = 1;
 #pragma omp parallel num_threads(n)
-  body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier});
+  {
+    const double cpu_at_start = thread_cpu_ns();
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+    if (team.tid == 0) size = team.size;
+    body(team);
+    clock.thread_done(cpu_at_start);
+  }
+  team_cap().observe(clock.times(size));
 }
 
 // The tid-th of `parts` contiguous slices of [0, n), with slice edges on multiples of `align`.

@@ -1,0 +1,143 @@
+// Whether this process's teams get the cores they ask for, and how many threads a team may use.
+//
+// On a host where other processes want the cores too, a thread of a team is often off its core:
+// the threads that wait for it at a barrier, or at the end of the region, wait a time slice
+// (milliseconds) for a step that takes microseconds. run_team measures each region it runs (per
+// thread, the CPU time it got against the wall time from the region's start to its own end) and
+// TeamCap turns that into a cap on the size of later teams: a team that keeps losing a large share
+// of its threads' time runs on the cores it did get (down to one thread), and now and then a
+// region tries the whole team again, so that a host that turns quiet gets its full speed back.
+//
+// The cap changes who computes what and on how many threads, never a result: every team's work is
+// split so that any team size gives the same bits.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <ctime>
+#include <mutex>
+#include <vector>
+
+namespace pyrnn {
+
+// Nanoseconds on the monotonic clock, and the CPU time the calling thread has had.
+inline double monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return double(ts.tv_sec) * 1e9 + double(ts.tv_nsec);
+}
+inline double thread_cpu_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) * 1e9 + double(ts.tv_nsec);
+}
+
+// One region as its team saw it, summed over its threads: `span_ns`, wall time from the region's
+// start to each thread's end (a worker's late start counts, its idle wait after it ends does not);
+// `cpu_ns`, CPU time each thread had in its part.
+struct RegionTimes {
+  int threads;
+  double span_ns, cpu_ns;
+};
+
+// A region whose threads were off their cores for more than kMaxOffShare of their span, and for
+// more than kMinOffNsPerThread on average (a worker woken from sleep on an idle host starts some
+// tens of us late; a spinning waiter is on its core): a team that did not get its cores.
+constexpr double kMaxOffShare = 0.25, kMinOffNsPerThread = 100e3;
+inline bool lost_its_cores(const RegionTimes& r) {
+  const double off = r.span_ns - r.cpu_ns;
+  return r.threads > 1 && off > kMinOffNsPerThread * r.threads && off > kMaxOffShare * r.span_ns;
+}
+
+// The cores a region's team had on average: its CPU time over the wall time of one thread.
+inline double cores_had(const RegionTimes& r) { return r.span_ns > 0 ? r.threads * r.cpu_ns / r.span_ns : 0; }
+
+// The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
+//
+// Two regions in a row that lost their cores set the cap to the cores the last had (at least one,
+// fewer than its team), for `hold_ns`; then one region runs with the team it asks for (a probe).
+// A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
+// keeps them lifts the cap. A team within the cap that keeps its cores clears the count.
+class TeamCap {
+ public:
+  static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9;
+
+  // Threads a region asking for `wanted` may have at `now_ns`.
+  int allowed(int wanted, double now_ns) {
+    if (cap_ >= wanted) return wanted;
+    if (now_ns < probe_at_ns_) return cap_;
+    probe_at_ns_ = now_ns + hold_ns_;  // one probe per hold, whoever asks next
+    return wanted;
+  }
+
+  // A region of `r.threads` threads finished at `now_ns`.
+  void observe(const RegionTimes& r, double now_ns) {
+    if (r.threads < 2) return;
+    const bool probe = r.threads > cap_;
+    if (!lost_its_cores(r)) {
+      strikes_ = 0;
+      if (probe) cap_ = INT_MAX, hold_ns_ = kFirstHoldNs;
+      return;
+    }
+    if (!probe && ++strikes_ < 2) return;
+    strikes_ = 0;
+    hold_ns_ = probe ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
+    cap_ = std::clamp(static_cast<int>(std::floor(cores_had(r))), 1, r.threads - 1);
+    probe_at_ns_ = now_ns + hold_ns_;
+  }
+
+  int cap() const { return cap_; }
+
+ private:
+  int cap_ = INT_MAX, strikes_ = 0;
+  double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0;
+};
+
+// The process's cap, shared by every team, and the lock that guards it.
+class SharedTeamCap {
+ public:
+  int allowed(int wanted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cap_.allowed(wanted, monotonic_ns());
+  }
+  void observe(const RegionTimes& r) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cap_.observe(r, monotonic_ns());
+  }
+  int cap() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cap_.cap();
+  }
+
+ private:
+  std::mutex mutex_;
+  TeamCap cap_;
+};
+
+inline SharedTeamCap& team_cap() {
+  static SharedTeamCap cap;
+  return cap;
+}
+
+// One step of a replay of TeamCap (for its tests): at `now_ns` a region asks for `wanted` threads;
+// it runs on what it is allowed, with `span_ns` and `cpu_ns` as measured.
+struct TeamCapEvent {
+  double now_ns;
+  int wanted;
+  double span_ns, cpu_ns;
+};
+
+// The threads each event was allowed, replayed on a fresh TeamCap.
+inline std::vector<int> replay_team_cap(const std::vector<TeamCapEvent>& events) {
+  TeamCap cap;
+  std::vector<int> allowed;
+  for (const TeamCapEvent& e : events) {
+    const int n = cap.allowed(e.wanted, e.now_ns);
+    allowed.push_back(n);
+    cap.observe({n, e.span_ns, e.cpu_ns}, e.now_ns);
+  }
+  return allowed;
+}
+
+}  // namespace pyrnn

@@ -1,0 +1,79 @@
+"""The core's cap on team sizes on a busy host (cpp/include/pyrnn/busy_host.hpp), replayed.
+
+Each event is a region that asks for some threads at a time (ns), and what its threads measured
+once it ran on what it was allowed: their wall time from the region's start to each one's end and
+the CPU time they had, both summed over the threads. Nothing here is timed: the times are given.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pyrnn import _core
+
+pytestmark = pytest.mark.skipif(not hasattr(_core, "_impl"), reason="C++ core not built")
+
+MS = 1e6
+REGION = 5 * MS  # wall time of each thread in a region
+
+
+def quiet(now_ms, wanted=2):
+    """A region whose threads had their cores the whole time."""
+    return (now_ms * MS, wanted, wanted * REGION, wanted * REGION * 0.98)
+
+
+def busy(now_ms, wanted=2, cores=1.0):
+    """A region whose `wanted` threads had `cores` cores between them on average."""
+    return (now_ms * MS, wanted, wanted * REGION, cores * REGION)
+
+
+def replay(events):
+    return _core._impl._team_cap_for_tests(events)
+
+
+def test_quiet_host_keeps_the_whole_team():
+    assert replay([quiet(t) for t in range(10)]) == [2] * 10
+
+
+def test_two_starved_regions_in_a_row_cap_the_team_at_the_cores_it_had():
+    assert replay([busy(0), busy(1), quiet(2), quiet(3)]) == [2, 2, 1, 1]
+    eight = [busy(0, 8, cores=5.5), busy(1, 8, cores=5.5), quiet(2, 8), quiet(3, 4)]
+    assert replay(eight) == [8, 8, 5, 4]
+
+
+def test_one_starved_region_is_no_reason():
+    assert replay([busy(0), quiet(1), busy(2), quiet(3), quiet(4)]) == [2] * 5
+
+
+def test_late_start_of_a_woken_worker_is_not_starvation():
+    # a 150 us region of two threads, the worker 80 us late: most of it off its core, but briefly
+    short = [(t * MS, 2, 300e3, 220e3) for t in range(5)]
+    assert replay(short) == [2] * 5
+
+
+def test_probe_after_the_hold_lifts_the_cap_on_a_quiet_host():
+    events = [busy(0), busy(1), quiet(10), quiet(22), quiet(23)]
+    assert replay(events) == [2, 2, 1, 2, 2]
+
+
+def test_failed_probe_keeps_the_cap_and_doubles_the_hold():
+    # capped at 1 ms for 20 ms; the probe at 22 ms fails: the next is due 40 ms later
+    events = [busy(0), busy(1), busy(22), quiet(50), quiet(61), quiet(62), quiet(63)]
+    assert replay(events) == [2, 2, 2, 1, 1, 2, 2]
+
+
+def test_holds_stop_doubling_at_a_second():
+    events, allowed = [busy(0), busy(1)], [2, 2]
+    last, hold = 1.0, 20.0  # capped at 1 ms for 20 ms
+    for _ in range(8):  # probes at 22, 63, 144, ... ms, each failing
+        last += hold + 1
+        hold = min(2 * hold, 1000.0)
+        events += [busy(last), busy(last + 0.9 * hold)]  # the probe; then, within the hold, capped
+        allowed += [2, 1]
+    events.append(busy(last + hold + 1))  # a second after the last probe: probing again
+    assert replay(events) == allowed + [2]
+
+
+def test_rejects_a_team_of_no_threads():
+    with pytest.raises(ValueError, match="wanted"):
+        replay([(0.0, 0, 1.0, 1.0)])
