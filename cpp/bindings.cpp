@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -812,6 +813,16 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         "For the tests: the core's packed GEMM (see gemm_for_tests).");
   m.def("_team_cap_for_tests", &team_cap_for_tests, py::arg("events"),
         "For the tests: the team sizes TeamCap allows a scripted run of regions (see busy_host.hpp).");
+  m.def("team_cap_info", [] {
+    const auto [cap, counts] = pyrnn::team_cap().state();
+    py::dict d;
+    d["cap"] = cap == INT_MAX ? py::object(py::none()) : py::object(py::int_(cap));
+    d["regions"] = counts.regions;
+    d["lost"] = counts.lost;
+    d["probes"] = counts.probes;
+    return d;
+  }, "The cap on team sizes on a busy host (None: none) and what set it: the regions of more than one "
+     "thread run, those whose threads lost their cores, the probes of a whole team.");
 
   // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
   m.def("memory_cache_info", [] {

@@ -281,9 +281,12 @@ def backend_info() -> dict[str, Any]:
     if _core is not None:
         info["core_module"] = _core.variant
         info.update(_core.build_info())
+        # on a busy host: the cap on team sizes and what set it (cpp/include/pyrnn/busy_host.hpp)
+        info["team_cap"] = _core._impl.team_cap_info()
         if _core.batch_one_variant is not None:  # batches of one run another build (see _core)
             info["core_module_batch_one"] = _core.batch_one_variant
             info["codegen_flags_batch_one"] = _core._batch_one.build_info()["codegen_flags"]
+            info["team_cap_batch_one"] = _core._batch_one.team_cap_info()
     else:
         info["import_error"] = str(_IMPORT_ERROR)
     return info

@@ -56,6 +56,27 @@ def test_probe_after_the_hold_lifts_the_cap_on_a_quiet_host():
     assert replay(events) == [2, 2, 1, 2, 2]
 
 
+def test_after_a_lifted_cap_one_starved_region_sets_it_again_for_longer():
+    # lifted by the probe at 22 ms; the loss at 30 ms caps at once, with the hold doubled to 40 ms
+    events = [busy(0), busy(1), quiet(22), busy(30), quiet(60), quiet(71)]
+    assert replay(events) == [2, 2, 2, 2, 1, 2]
+
+
+def test_a_trial_that_passes_needs_two_starved_regions_again():
+    events = [busy(0), busy(1), quiet(22)]  # lifted at 22 ms, on trial for a second
+    events += [busy(1100), quiet(1101), busy(1102), busy(1103), quiet(1104)]
+    assert replay(events) == [2, 2, 2, 2, 2, 2, 2, 1]
+
+
+def test_backend_info_reports_the_team_cap():
+    import pyrnn
+
+    info = pyrnn.backend_info()["team_cap"]
+    assert set(info) == {"cap", "regions", "lost", "probes"}
+    assert info["cap"] is None or info["cap"] >= 1
+    assert 0 <= info["lost"] <= info["regions"]
+
+
 def test_failed_probe_keeps_the_cap_and_doubles_the_hold():
     # capped at 1 ms for 20 ms; the probe at 22 ms fails: the next is due 40 ms later
     events = [busy(0), busy(1), busy(22), quiet(50), quiet(61), quiet(62), quiet(63)]

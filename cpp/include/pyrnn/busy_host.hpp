@@ -17,6 +17,7 @@
 #include <cmath>
 #include <ctime>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace pyrnn {
@@ -53,45 +54,58 @@ inline bool lost_its_cores(const RegionTimes& r) {
 // The cores a region's team had on average: its CPU time over the wall time of one thread.
 inline double cores_had(const RegionTimes& r) { return r.span_ns > 0 ? r.threads * r.cpu_ns / r.span_ns : 0; }
 
+// What TeamCap has seen: regions of more than one thread, those that lost their cores, probes.
+struct TeamCapCounts {
+  long long regions = 0, lost = 0, probes = 0;
+};
+
 // The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
 //
 // Two regions in a row that lost their cores set the cap to the cores the last had (at least one,
 // fewer than its team), for `hold_ns`; then one region runs with the team it asks for (a probe).
 // A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
-// keeps them lifts the cap. A team within the cap that keeps its cores clears the count.
+// keeps them lifts the cap on trial: for kTrialNs after it, one region that loses its cores is
+// enough to set the cap again, and the hold goes on doubling. A team within the cap that keeps its
+// cores clears the count.
 class TeamCap {
  public:
-  static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9;
+  static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 1e9;
 
   // Threads a region asking for `wanted` may have at `now_ns`.
   int allowed(int wanted, double now_ns) {
     if (cap_ >= wanted) return wanted;
     if (now_ns < probe_at_ns_) return cap_;
     probe_at_ns_ = now_ns + hold_ns_;  // one probe per hold, whoever asks next
+    ++counts_.probes;
     return wanted;
   }
 
   // A region of `r.threads` threads finished at `now_ns`.
   void observe(const RegionTimes& r, double now_ns) {
     if (r.threads < 2) return;
-    const bool probe = r.threads > cap_;
+    ++counts_.regions;
+    const bool probe = r.threads > cap_, on_trial = now_ns < trial_until_ns_;
     if (!lost_its_cores(r)) {
       strikes_ = 0;
-      if (probe) cap_ = INT_MAX, hold_ns_ = kFirstHoldNs;
+      if (probe) cap_ = INT_MAX, trial_until_ns_ = now_ns + kTrialNs;
       return;
     }
-    if (!probe && ++strikes_ < 2) return;
+    ++counts_.lost;
+    if (!probe && !on_trial && ++strikes_ < 2) return;
     strikes_ = 0;
-    hold_ns_ = probe ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
+    hold_ns_ = probe || on_trial ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
+    trial_until_ns_ = 0;
     cap_ = std::clamp(static_cast<int>(std::floor(cores_had(r))), 1, r.threads - 1);
     probe_at_ns_ = now_ns + hold_ns_;
   }
 
   int cap() const { return cap_; }
+  const TeamCapCounts& counts() const { return counts_; }
 
  private:
   int cap_ = INT_MAX, strikes_ = 0;
-  double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0;
+  double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0, trial_until_ns_ = 0;
+  TeamCapCounts counts_;
 };
 
 // The process's cap, shared by every team, and the lock that guards it.
@@ -105,9 +119,10 @@ class SharedTeamCap {
     std::lock_guard<std::mutex> lock(mutex_);
     cap_.observe(r, monotonic_ns());
   }
-  int cap() {
+  // The cap now (INT_MAX: none) and the counts so far.
+  std::pair<int, TeamCapCounts> state() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return cap_.cap();
+    return {cap_.cap(), cap_.counts()};
   }
 
  private:
