@@ -700,12 +700,14 @@ py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::
   });
 }
 
-// For the tests: TeamCap replayed (see replay_team_cap); events are (now_ns, wanted, span_ns, cpu_ns).
-std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double>>& events) {
+// For the tests: TeamCap replayed (see replay_team_cap); events are calls
+// (now_ns, wanted, span_ns, cpu_ns, regions).
+std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double, int>>& events) {
   std::vector<pyrnn::TeamCapEvent> replay;
-  for (const auto& [now_ns, wanted, span_ns, cpu_ns] : events) {
+  for (const auto& [now_ns, wanted, span_ns, cpu_ns, regions] : events) {
     if (wanted < 1) throw py::value_error("team_cap_for_tests: wanted must be at least 1");
-    replay.push_back({now_ns, wanted, span_ns, cpu_ns});
+    if (regions < 0 || regions > 1000) throw py::value_error("team_cap_for_tests: regions must be in [0, 1000]");
+    replay.push_back({now_ns, wanted, span_ns, cpu_ns, regions});
   }
   return pyrnn::replay_team_cap(replay);
 }
@@ -813,9 +815,12 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         "For the tests: the core's packed GEMM (see gemm_for_tests).");
   m.def("_team_cap_for_tests", &team_cap_for_tests, py::arg("events"),
         "For the tests: the team sizes TeamCap allows a scripted run of regions (see busy_host.hpp).");
+  m.def("set_adaptive_threads", [](bool on) { pyrnn::team_cap().set_enabled(on); }, py::arg("enabled"),
+        "Whether calls run on fewer threads while other programs keep their teams off the cores.");
   m.def("team_cap_info", [] {
     const auto [cap, counts] = pyrnn::team_cap().state();
     py::dict d;
+    d["enabled"] = pyrnn::team_cap().enabled();
     d["cap"] = cap == INT_MAX ? py::object(py::none()) : py::object(py::int_(cap));
     d["regions"] = counts.regions;
     d["lost"] = counts.lost;

@@ -252,6 +252,16 @@ def set_num_threads(n: int) -> None:
     _threads_set_by_user = True
 
 
+def set_adaptive_threads(enabled: bool) -> None:
+    """Whether the C++ kernels may run a call on fewer threads than ``get_num_threads()`` while
+    other programs keep them off their cores (on by default; results are the same either way).
+    Turn it off to time a fixed thread count. Either way the core forgets what it has measured."""
+    if not isinstance(enabled, bool | np.bool_):
+        raise TypeError(f"set_adaptive_threads: enabled must be a bool, got {enabled!r}")
+    if _core is not None:
+        _core.set_adaptive_threads(bool(enabled))
+
+
 def threads_set_by_user() -> bool:
     """Whether set_num_threads has been called in this process."""
     return _threads_set_by_user

@@ -1,12 +1,14 @@
 """The core's cap on team sizes on a busy host (cpp/include/pyrnn/busy_host.hpp), replayed.
 
-Each event is a region that asks for some threads at a time (ns), and what its threads measured
-once it ran on what it was allowed: their wall time from the region's start to each one's end and
-the CPU time they had, both summed over the threads. Nothing here is timed: the times are given.
+Each event is a call that asks for some threads at a time (ns) and runs one region (or several)
+on what it was allowed, and what the threads of each region measured: their wall time from the
+region's start to each one's end and the CPU time they had, both summed over the threads. Nothing
+here is timed: the times are given.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pyrnn import _core
@@ -17,14 +19,14 @@ MS = 1e6
 REGION = 5 * MS  # wall time of each thread in a region
 
 
-def quiet(now_ms, wanted=2):
-    """A region whose threads had their cores the whole time."""
-    return (now_ms * MS, wanted, wanted * REGION, wanted * REGION * 0.98)
+def quiet(now_ms, wanted=2, regions=1):
+    """A call whose threads had their cores the whole time."""
+    return (now_ms * MS, wanted, wanted * REGION, wanted * REGION * 0.98, regions)
 
 
-def busy(now_ms, wanted=2, cores=1.0):
-    """A region whose `wanted` threads had `cores` cores between them on average."""
-    return (now_ms * MS, wanted, wanted * REGION, cores * REGION)
+def busy(now_ms, wanted=2, cores=1.0, regions=1):
+    """A call whose `wanted` threads had `cores` cores between them on average."""
+    return (now_ms * MS, wanted, wanted * REGION, cores * REGION, regions)
 
 
 def replay(events):
@@ -47,7 +49,7 @@ def test_one_starved_region_is_no_reason():
 
 def test_late_start_of_a_woken_worker_is_not_starvation():
     # a 150 us region of two threads, the worker 80 us late: most of it off its core, but briefly
-    short = [(t * MS, 2, 300e3, 220e3) for t in range(5)]
+    short = [(t * MS, 2, 300e3, 220e3, 1) for t in range(5)]
     assert replay(short) == [2] * 5
 
 
@@ -71,10 +73,36 @@ def test_a_trial_that_passes_needs_two_starved_regions_again():
 def test_backend_info_reports_the_team_cap():
     import pyrnn
 
-    info = pyrnn.backend_info()["team_cap"]
-    assert set(info) == {"cap", "regions", "lost", "probes"}
-    assert info["cap"] is None or info["cap"] >= 1
-    assert 0 <= info["lost"] <= info["regions"]
+    pyrnn.set_adaptive_threads(True)
+    try:
+        x = np.ones((20, 64, 16), np.float32)
+        with pyrnn.no_grad():
+            pyrnn.GRU(16, 256, backend="cpp")(x)  # some teams of two, measured
+        info = pyrnn.backend_info()["team_cap"]
+        assert set(info) == {"enabled", "cap", "regions", "lost", "probes"}
+        assert info["enabled"] is True
+        assert info["cap"] is None or info["cap"] >= 1
+        assert 0 <= info["lost"] <= info["regions"]
+    finally:
+        pyrnn.set_adaptive_threads(False)
+
+
+def test_switched_off_nothing_is_measured_or_capped():
+    import pyrnn
+
+    pyrnn.set_adaptive_threads(False)
+    x = np.ones((20, 64, 16), np.float32)
+    with pyrnn.no_grad():
+        pyrnn.GRU(16, 256, backend="cpp")(x)
+    assert pyrnn.backend_info()["team_cap"] == {
+        "enabled": False, "cap": None, "regions": 0, "lost": 0, "probes": 0}
+
+
+def test_set_adaptive_threads_takes_a_bool():
+    import pyrnn
+
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        pyrnn.set_adaptive_threads(1)
 
 
 def test_failed_probe_keeps_the_cap_and_doubles_the_hold():
@@ -97,4 +125,21 @@ def test_holds_stop_doubling_at_a_second():
 
 def test_rejects_a_team_of_no_threads():
     with pytest.raises(ValueError, match="wanted"):
-        replay([(0.0, 0, 1.0, 1.0)])
+        replay([(0.0, 0, 1.0, 1.0, 1)])
+
+
+def test_a_call_of_many_regions_caps_the_calls_after_it():
+    assert replay([busy(0, regions=5), quiet(1), quiet(2)]) == [2, 1, 1]
+
+
+def test_a_probing_call_counts_once_however_many_regions_it_runs():
+    # the probe at 22 ms fails in all its 50 regions: the hold doubles once (to 40 ms), no more
+    events = [busy(0), busy(1), busy(22, regions=50), quiet(50), quiet(63), quiet(64)]
+    assert replay(events) == [2, 2, 2, 1, 2, 2]
+
+
+def test_a_probe_that_runs_no_team_leaves_the_next_call_to_tell():
+    # the probe at 22 ms runs only one-thread regions; the call at 23 ms is capped, and the cap
+    # holds until the next probe, 20 ms after the last
+    events = [busy(0), busy(1), quiet(22, regions=0), quiet(23), quiet(43), quiet(44)]
+    assert replay(events) == [2, 2, 2, 1, 2, 2]

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <ctime>
@@ -62,8 +63,8 @@ struct TeamCapCounts {
 // The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
 //
 // Two regions in a row that lost their cores set the cap to the cores the last had (at least one,
-// fewer than its team), for `hold_ns`; then one region runs with the team it asks for (a probe).
-// A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
+// fewer than its team), for `hold_ns`; then one call runs with the team it asks for (a probe),
+// and the first region of it that runs more than one thread tells. A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
 // keeps them lifts the cap on trial: for kTrialNs after it, one region that loses its cores is
 // enough to set the cap again, and the hold goes on doubling. A team within the cap that keeps its
 // cores clears the count.
@@ -71,11 +72,12 @@ class TeamCap {
  public:
   static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 1e9;
 
-  // Threads a region asking for `wanted` may have at `now_ns`.
+  // Threads a call asking for `wanted` may have at `now_ns`, for all its regions.
   int allowed(int wanted, double now_ns) {
     if (cap_ >= wanted) return wanted;
     if (now_ns < probe_at_ns_) return cap_;
     probe_at_ns_ = now_ns + hold_ns_;  // one probe per hold, whoever asks next
+    probe_open_ = true;
     ++counts_.probes;
     return wanted;
   }
@@ -83,8 +85,12 @@ class TeamCap {
   // A region of `r.threads` threads finished at `now_ns`.
   void observe(const RegionTimes& r, double now_ns) {
     if (r.threads < 2) return;
-    ++counts_.regions;
     const bool probe = r.threads > cap_, on_trial = now_ns < trial_until_ns_;
+    // Past the cap: the first region of the call that probes tells; the rest of that call, and
+    // calls begun before the cap was set, tell nothing more.
+    if (probe && !probe_open_) return;
+    probe_open_ = false;
+    ++counts_.regions;
     if (!lost_its_cores(r)) {
       strikes_ = 0;
       if (probe) cap_ = INT_MAX, trial_until_ns_ = now_ns + kTrialNs;
@@ -104,21 +110,33 @@ class TeamCap {
 
  private:
   int cap_ = INT_MAX, strikes_ = 0;
+  bool probe_open_ = false;  // a probe was allowed and no region of it has been seen
   double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0, trial_until_ns_ = 0;
   TeamCapCounts counts_;
 };
 
 // The process's cap, shared by every team, and the lock that guards it.
+// The process's cap, shared by every team, and the lock that guards it. Switched off, every call
+// gets the threads it asks for, and nothing is measured.
 class SharedTeamCap {
  public:
   int allowed(int wanted) {
+    if (!enabled_.load(std::memory_order_relaxed)) return wanted;
     std::lock_guard<std::mutex> lock(mutex_);
     return cap_.allowed(wanted, monotonic_ns());
   }
   void observe(const RegionTimes& r) {
+    if (!enabled_.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> lock(mutex_);
     cap_.observe(r, monotonic_ns());
   }
+  // Switching it either way starts afresh: no cap, no counts.
+  void set_enabled(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    enabled_.store(on, std::memory_order_relaxed);
+    cap_ = TeamCap{};
+  }
+  bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
   // The cap now (INT_MAX: none) and the counts so far.
   std::pair<int, TeamCapCounts> state() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -127,6 +145,7 @@ class SharedTeamCap {
 
  private:
   std::mutex mutex_;
+  std::atomic<bool> enabled_{true};
   TeamCap cap_;
 };
 
@@ -135,22 +154,23 @@ inline SharedTeamCap& team_cap() {
   return cap;
 }
 
-// One step of a replay of TeamCap (for its tests): at `now_ns` a region asks for `wanted` threads;
-// it runs on what it is allowed, with `span_ns` and `cpu_ns` as measured.
+// One call of a replay of TeamCap (for its tests): at `now_ns` a call asks for `wanted` threads and
+// runs `regions` regions on what it is allowed, each with `span_ns` and `cpu_ns` as measured.
 struct TeamCapEvent {
   double now_ns;
   int wanted;
   double span_ns, cpu_ns;
+  int regions;
 };
 
-// The threads each event was allowed, replayed on a fresh TeamCap.
+// The threads each call was allowed, replayed on a fresh TeamCap.
 inline std::vector<int> replay_team_cap(const std::vector<TeamCapEvent>& events) {
   TeamCap cap;
   std::vector<int> allowed;
   for (const TeamCapEvent& e : events) {
     const int n = cap.allowed(e.wanted, e.now_ns);
     allowed.push_back(n);
-    cap.observe({n, e.span_ns, e.cpu_ns}, e.now_ns);
+    for (int k = 0; k < e.regions; ++k) cap.observe({n, e.span_ns, e.cpu_ns}, e.now_ns);
   }
   return allowed;
 }

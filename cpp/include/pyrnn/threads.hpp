@@ -36,12 +36,14 @@ inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1
 
 // The threads of get_num_threads() shared among the calls that run at once (Python threads that
 // call in with the GIL released): a call takes what the calls already running left, at least one,
-// and gives it back when it ends. Concurrent calls thus put about get_num_threads() threads on the
+// and gives it back when it ends. While the host keeps teams off their cores, the team cap (see
+// busy_host.hpp) lowers what a call asks for; it is fixed for the whole call, so that the plans
+// and cached packs of its time loops match the teams that run them. Concurrent calls thus put about get_num_threads() threads on the
 // cores, not that many each: more threads than cores leave teams waiting at their barriers for a
 // thread that has no core. A team's size changes the time, never the bits.
 class ThreadShare {
  public:
-  ThreadShare() : count_(take(get_num_threads())) {}
+  ThreadShare() : count_(take(team_cap().allowed(get_num_threads()))) {}
   ~ThreadShare() { in_use().fetch_sub(count_, std::memory_order_relaxed); }
   ThreadShare(const ThreadShare&) = delete;
   ThreadShare& operator=(const ThreadShare&) = delete;
@@ -175,13 +177,12 @@ class RegionClock {
   std::atomic<long long> span_ns_{0}, cpu_ns_{0};
 };
 
-// Run body(team) on a team of up to n threads (inline when n == 1): fewer while the team cap says
-// the host is busy (see busy_host.hpp), which measures every team this runs. OpenMP may give
-// fewer threads than asked (inside another parallel region): team.size is what it gave.
+// Run body(team) on a team of up to n threads (inline when n == 1), and tell the team cap (see
+// busy_host.hpp) whether the team had its cores. OpenMP may give fewer threads than asked (inside
+// another parallel region): team.size is what it gave.
 template <class F>
 void run_team(int n, F&& body) {
   TeamBarrier barrier;
-  if (n > 1) n = team_cap().allowed(n);
   if (n <= 1) {
     body(Team{0, 1, &barrier});
     return;
