@@ -701,13 +701,13 @@ py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::
 }
 
 // For the tests: TeamCap replayed (see replay_team_cap); events are calls
-// (now_ns, wanted, span_ns, cpu_ns, regions).
+// (now_ns, wanted, wall_ns, work_ns, regions).
 std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double, int>>& events) {
   std::vector<pyrnn::TeamCapEvent> replay;
-  for (const auto& [now_ns, wanted, span_ns, cpu_ns, regions] : events) {
+  for (const auto& [now_ns, wanted, wall_ns, work_ns, regions] : events) {
     if (wanted < 1) throw py::value_error("team_cap_for_tests: wanted must be at least 1");
     if (regions < 0 || regions > 1000) throw py::value_error("team_cap_for_tests: regions must be in [0, 1000]");
-    replay.push_back({now_ns, wanted, span_ns, cpu_ns, regions});
+    replay.push_back({now_ns, wanted, wall_ns, work_ns, regions});
   }
   return pyrnn::replay_team_cap(replay);
 }

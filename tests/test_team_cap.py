@@ -1,9 +1,9 @@
 """The core's cap on team sizes on a busy host (cpp/include/pyrnn/busy_host.hpp), replayed.
 
 Each event is a call that asks for some threads at a time (ns) and runs one region (or several)
-on what it was allowed, and what the threads of each region measured: their wall time from the
-region's start to each one's end and the CPU time they had, both summed over the threads. Nothing
-here is timed: the times are given.
+on what it was allowed, and what each region measured: its wall time, and the work its threads
+did (their CPU time less the time they spun at barriers), summed over them. Nothing here is timed:
+the times are given.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from pyrnn import _core
 pytestmark = pytest.mark.skipif(not hasattr(_core, "_impl"), reason="C++ core not built")
 
 MS = 1e6
-REGION = 5 * MS  # wall time of each thread in a region
+REGION = 5 * MS  # wall time of each region
 
 
 def quiet(now_ms, wanted=2, regions=1):
     """A call whose threads had their cores the whole time."""
-    return (now_ms * MS, wanted, wanted * REGION, wanted * REGION * 0.98, regions)
+    return (now_ms * MS, wanted, REGION, wanted * REGION * 0.98, regions)
 
 
-def busy(now_ms, wanted=2, cores=1.0, regions=1):
-    """A call whose `wanted` threads had `cores` cores between them on average."""
-    return (now_ms * MS, wanted, wanted * REGION, cores * REGION, regions)
+def busy(now_ms, wanted=2, speedup=0.8, regions=1):
+    """A call whose `wanted` threads got `speedup` threads' worth of work done."""
+    return (now_ms * MS, wanted, REGION, speedup * REGION, regions)
 
 
 def replay(events):
@@ -39,8 +39,8 @@ def test_quiet_host_keeps_the_whole_team():
 
 def test_two_starved_regions_in_a_row_cap_the_team_at_the_cores_it_had():
     assert replay([busy(0), busy(1), quiet(2), quiet(3)]) == [2, 2, 1, 1]
-    eight = [busy(0, 8, cores=5.5), busy(1, 8, cores=5.5), quiet(2, 8), quiet(3, 4)]
-    assert replay(eight) == [8, 8, 5, 4]
+    eight = [busy(0, 8, speedup=3.5), busy(1, 8, speedup=3.5), quiet(2, 8), quiet(3, 4)]
+    assert replay(eight) == [8, 8, 3, 3]
 
 
 def test_one_starved_region_is_no_reason():
@@ -48,9 +48,14 @@ def test_one_starved_region_is_no_reason():
 
 
 def test_late_start_of_a_woken_worker_is_not_starvation():
-    # a 150 us region of two threads, the worker 80 us late: most of it off its core, but briefly
-    short = [(t * MS, 2, 300e3, 220e3, 1) for t in range(5)]
+    # a 150 us region of two threads, the worker 80 us late: slower than one thread, but briefly
+    short = [(t * MS, 2, 150e3, 130e3, 1) for t in range(5)]
     assert replay(short) == [2] * 5
+
+
+def test_a_team_that_beats_one_thread_is_not_capped():
+    # off their cores a third of the time, two threads still do 1.3 threads' work
+    assert replay([busy(t, speedup=1.3) for t in range(5)]) == [2] * 5
 
 
 def test_probe_after_the_hold_lifts_the_cap_on_a_quiet_host():

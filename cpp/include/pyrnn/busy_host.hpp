@@ -1,12 +1,12 @@
-// Whether this process's teams get the cores they ask for, and how many threads a team may use.
+// Whether this process's teams get the cores they ask for, and how many threads a call may use.
 //
 // On a host where other processes want the cores too, a thread of a team is often off its core:
-// the threads that wait for it at a barrier, or at the end of the region, wait a time slice
-// (milliseconds) for a step that takes microseconds. run_team measures each region it runs (per
-// thread, the CPU time it got against the wall time from the region's start to its own end) and
-// TeamCap turns that into a cap on the size of later teams: a team that keeps losing a large share
-// of its threads' time runs on the cores it did get (down to one thread), and now and then a
-// region tries the whole team again, so that a host that turns quiet gets its full speed back.
+// the threads that wait for it at a barrier wait a time slice (milliseconds) for a step that takes
+// microseconds. run_team measures each region it runs (the work its threads did, CPU time less
+// the time they spun at barriers, against its wall time) and TeamCap turns that into a cap on the
+// team size of later calls: while teams get less than half their threads' worth of work done, calls
+// run on as many threads as the teams' speed-up (down to one thread), and now and then a call tries
+// the whole team again, so that a host that turns quiet gets its full speed back.
 //
 // The cap changes who computes what and on how many threads, never a result: every team's work is
 // split so that any team size gives the same bits.
@@ -35,25 +35,26 @@ inline double thread_cpu_ns() {
   return double(ts.tv_sec) * 1e9 + double(ts.tv_nsec);
 }
 
-// One region as its team saw it, summed over its threads: `span_ns`, wall time from the region's
-// start to each thread's end (a worker's late start counts, its idle wait after it ends does not);
-// `cpu_ns`, CPU time each thread had in its part.
+// One region as its team measured it: `wall_ns` from its start to the end of its last thread, and
+// `work_ns`, the CPU time its threads had less the time they spun waiting for each other (a thread
+// off its core does no work, and one that waits for it does none either).
 struct RegionTimes {
   int threads;
-  double span_ns, cpu_ns;
+  double wall_ns, work_ns;
 };
 
-// A region whose threads were off their cores for more than kMaxOffShare of their span, and for
-// more than kMinOffNsPerThread on average (a worker woken from sleep on an idle host starts some
-// tens of us late; a spinning waiter is on its core): a team that did not get its cores.
-constexpr double kMaxOffShare = 0.25, kMinOffNsPerThread = 100e3;
-inline bool lost_its_cores(const RegionTimes& r) {
-  const double off = r.span_ns - r.cpu_ns;
-  return r.threads > 1 && off > kMinOffNsPerThread * r.threads && off > kMaxOffShare * r.span_ns;
-}
+// The team's speed-up: how many threads' work it got done per unit of wall time.
+inline double speedup(const RegionTimes& r) { return r.wall_ns > 0 ? r.work_ns / r.wall_ns : r.threads; }
 
-// The cores a region's team had on average: its CPU time over the wall time of one thread.
-inline double cores_had(const RegionTimes& r) { return r.span_ns > 0 ? r.threads * r.cpu_ns / r.span_ns : 0; }
+// A region whose team got less than kMinTeamShare of its threads' worth of work done, and lost
+// more than kMinLostNsPerThread a thread doing so (a worker woken from sleep on an idle host starts
+// some tens of us late): a team that did not get its cores. A team of two then did no better
+// than one thread would have on its own.
+constexpr double kMinTeamShare = 0.5, kMinLostNsPerThread = 100e3;
+inline bool lost_its_cores(const RegionTimes& r) {
+  const double lost_ns = r.threads * r.wall_ns - r.work_ns;
+  return r.threads > 1 && lost_ns > kMinLostNsPerThread * r.threads && speedup(r) < kMinTeamShare * r.threads;
+}
 
 // What TeamCap has seen: regions of more than one thread, those that lost their cores, probes.
 struct TeamCapCounts {
@@ -62,7 +63,7 @@ struct TeamCapCounts {
 
 // The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
 //
-// Two regions in a row that lost their cores set the cap to the cores the last had (at least one,
+// Two regions in a row that lost their cores set the cap to the last one's speed-up (at least one,
 // fewer than its team), for `hold_ns`; then one call runs with the team it asks for (a probe),
 // and the first region of it that runs more than one thread tells. A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
 // keeps them lifts the cap on trial: for kTrialNs after it, one region that loses its cores is
@@ -101,7 +102,7 @@ class TeamCap {
     strikes_ = 0;
     hold_ns_ = probe || on_trial ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
     trial_until_ns_ = 0;
-    cap_ = std::clamp(static_cast<int>(std::floor(cores_had(r))), 1, r.threads - 1);
+    cap_ = std::clamp(static_cast<int>(std::floor(speedup(r))), 1, r.threads - 1);
     probe_at_ns_ = now_ns + hold_ns_;
   }
 
@@ -155,11 +156,11 @@ inline SharedTeamCap& team_cap() {
 }
 
 // One call of a replay of TeamCap (for its tests): at `now_ns` a call asks for `wanted` threads and
-// runs `regions` regions on what it is allowed, each with `span_ns` and `cpu_ns` as measured.
+// runs `regions` regions on what it is allowed, each with `wall_ns` and `work_ns` as measured.
 struct TeamCapEvent {
   double now_ns;
   int wanted;
-  double span_ns, cpu_ns;
+  double wall_ns, work_ns;
   int regions;
 };
 
@@ -170,7 +171,7 @@ inline std::vector<int> replay_team_cap(const std::vector<TeamCapEvent>& events)
   for (const TeamCapEvent& e : events) {
     const int n = cap.allowed(e.wanted, e.now_ns);
     allowed.push_back(n);
-    for (int k = 0; k < e.regions; ++k) cap.observe({n, e.span_ns, e.cpu_ns}, e.now_ns);
+    for (int k = 0; k < e.regions; ++k) cap.observe({n, e.wall_ns, e.work_ns}, e.now_ns);
   }
   return allowed;
 }

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <climits>
 #include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -85,7 +86,9 @@ class TeamBarrier {
  public:
   // Every thread of a team of `team_size` calls this; none returns before all have called it,
   // and each then sees what the others wrote before they called it.
-  void wait(int team_size) {
+  // A waiter that spins past its first kShortSpin pauses adds the wall time of the rest of its
+  // spin to `spun_ns` (see RegionClock): CPU time that did no work.
+  void wait(int team_size, double* spun_ns) {
     // The generation cannot move before this thread arrives: it moves when all have.
     const unsigned generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team_size - 1) {
@@ -96,10 +99,12 @@ class TeamBarrier {
       if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
       return;
     }
-    const int spins = team_size > processors() ? kShortSpin : kSpinPauses;
-    for (int i = 0; i < spins; ++i) {
-      if (generation_.load(std::memory_order_acquire) != generation) return;
-      cpu_pause();
+    if (spin_while(generation, kShortSpin)) return;
+    if (team_size <= processors()) {
+      const double spin_start = monotonic_ns();
+      const bool released = spin_while(generation, kSpinPauses - kShortSpin);
+      *spun_ns += monotonic_ns() - spin_start;
+      if (released) return;
     }
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while(generation);
@@ -108,6 +113,14 @@ class TeamBarrier {
 
  private:
   static constexpr int kShortSpin = 64;  // pauses, about 1.6 us
+  // Spins up to `pauses` pauses while the generation is `generation`; whether it moved.
+  bool spin_while(unsigned generation, int pauses) const {
+    for (int i = 0; i < pauses; ++i) {
+      if (generation_.load(std::memory_order_acquire) != generation) return true;
+      cpu_pause();
+    }
+    return generation_.load(std::memory_order_acquire) != generation;
+  }
   // Read once: omp_get_num_procs() asks the kernel for the thread's affinity at every call.
   static int processors() {
     static const int count = omp_get_num_procs();
@@ -152,29 +165,47 @@ class StepCount {
   alignas(64) std::atomic<Index> steps_{0};  // a line of its own (the class is padded to 64 bytes)
 };
 
-// One thread of a team: its index, the team's size, and the team's barrier.
+// One thread of a team: its index, the team's size, the team's barrier, and where the thread adds
+// the time it spins at the barrier (see RegionClock).
 struct Team {
   int tid, size;
   TeamBarrier* team_barrier;
+  double* spun_ns;
   void barrier() const {
-    if (size > 1) team_barrier->wait(size);
+    if (size > 1) team_barrier->wait(size, spun_ns);
   }
 };
 
-// What the threads of one region add up as they finish (see RegionTimes), in whole nanoseconds.
+// What one region's threads measure of it (see RegionTimes). The work a thread did is the CPU time
+// it had less the time it spun at barriers; the region's wall time runs from its start to the end
+// of its last thread. Each thread writes only its own slot.
 class RegionClock {
  public:
-  RegionClock() : start_ns_(monotonic_ns()) {}
-  // The calling thread ran its part, which it began when its CPU time was `cpu_at_start_ns`.
-  void thread_done(double cpu_at_start_ns) {
-    span_ns_.fetch_add(static_cast<long long>(monotonic_ns() - start_ns_), std::memory_order_relaxed);
-    cpu_ns_.fetch_add(static_cast<long long>(thread_cpu_ns() - cpu_at_start_ns), std::memory_order_relaxed);
+  explicit RegionClock(int threads) : start_ns_(monotonic_ns()), slots_(threads) {}
+  // The calling thread begins its part / ends it.
+  void thread_start(int tid) { slots_[tid].cpu_ns = -thread_cpu_ns(); }
+  void thread_done(int tid) {
+    Slot& me = slots_[tid];
+    me.cpu_ns += thread_cpu_ns();
+    me.end_ns = monotonic_ns();
   }
-  RegionTimes times(int threads) const { return {threads, double(span_ns_.load()), double(cpu_ns_.load())}; }
+  double* spun_ns(int tid) { return &slots_[tid].spun_ns; }
+  // After the region, with `threads` of them run.
+  RegionTimes times(int threads) const {
+    double end_ns = start_ns_, work_ns = 0;
+    for (int t = 0; t < threads; ++t) {
+      end_ns = std::max(end_ns, slots_[t].end_ns);
+      work_ns += std::max(0.0, slots_[t].cpu_ns - slots_[t].spun_ns);
+    }
+    return {threads, end_ns - start_ns_, work_ns};
+  }
 
  private:
+  struct alignas(64) Slot {  // a cache line each: threads write their own as they run
+    double cpu_ns = 0, spun_ns = 0, end_ns = 0;
+  };
   const double start_ns_;
-  std::atomic<long long> span_ns_{0}, cpu_ns_{0};
+  std::vector<Slot> slots_;
 };
 
 // Run body(team) on a team of up to n threads (inline when n == 1), and tell the team cap (see
@@ -184,18 +215,28 @@ template <class F>
 void run_team(int n, F&& body) {
   TeamBarrier barrier;
   if (n <= 1) {
-    body(Team{0, 1, &barrier});
+    double unused = 0;
+    body(Team{0, 1, &barrier, &unused});
     return;
   }
-  RegionClock clock;
+  if (!team_cap().enabled()) {
+#pragma omp parallel num_threads(n)
+    {
+      double unused = 0;
+      body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier, &unused});
+    }
+    return;
+  }
+  RegionClock clock(n);
   int size = 1;
 #pragma omp parallel num_threads(n)
   {
-    const double cpu_at_start = thread_cpu_ns();
-    const Team team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
-    if (team.tid == 0) size = team.size;
+    const int tid = omp_get_thread_num();
+    clock.thread_start(tid);
+    const Team team{tid, omp_get_num_threads(), &barrier, clock.spun_ns(tid)};
+    if (tid == 0) size = team.size;
     body(team);
-    clock.thread_done(cpu_at_start);
+    clock.thread_done(tid);
   }
   team_cap().observe(clock.times(size));
 }
