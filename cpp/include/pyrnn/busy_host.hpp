@@ -46,10 +46,10 @@ struct RegionTimes {
 // The team's speed-up: how many threads' work it got done per unit of wall time.
 inline double speedup(const RegionTimes& r) { return r.wall_ns > 0 ? r.work_ns / r.wall_ns : r.threads; }
 
-// A region whose team got less than kMinTeamShare of its threads' worth of work done, and lost
-// more than kMinLostNsPerThread a thread doing so (a worker woken from sleep on an idle host starts
-// some tens of us late): a team that did not get its cores. A team of two then did no better
-// than one thread would have on its own.
+// A region whose team lost more than kMinLostNsPerThread a thread (a worker woken from sleep on an
+// idle host starts some tens of us late) and got less than kMinTeamShare of its threads' worth of
+// work done: a team of two then did no better than one thread would have on its own. Counted for
+// backend_info; the cap itself follows the share over recent time (see TeamCap).
 constexpr double kMinTeamShare = 0.5, kMinLostNsPerThread = 100e3;
 inline bool lost_its_cores(const RegionTimes& r) {
   const double lost_ns = r.threads * r.wall_ns - r.work_ns;
@@ -63,15 +63,18 @@ struct TeamCapCounts {
 
 // The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
 //
-// Two regions in a row that lost their cores set the cap to the last one's speed-up (at least one,
-// fewer than its team), for `hold_ns`; then one call runs with the team it asks for (a probe),
-// and the first region of it that runs more than one thread tells. A probe that loses its cores too keeps the cap and doubles the hold (up to kMaxHoldNs); one that
-// keeps them lifts the cap on trial: for kTrialNs after it, one region that loses its cores is
-// enough to set the cap again, and the hold goes on doubling. A team within the cap that keeps its
-// cores clears the count.
+// TeamCap keeps the share of its teams' thread time that did work over about the last kMemoryNs
+// (older regions fade): time, not regions, weighs, so a host busy one moment and quiet the next
+// caps teams only when they lose more than they gain over both. Once it has seen kMinEvidenceNs
+// of team time, a share below kMinTeamShare sets the cap to the threads' worth of work the teams
+// got (at least one, fewer than the team) for `hold_ns`. Then one call runs with the team it asks
+// for (a probe): its regions add to the share, and the first tells. A probe that finds the share
+// still low keeps the cap and doubles the hold (up to kMaxHoldNs); one that finds it high lifts
+// the cap on trial: a low share within kTrialNs sets it again with the hold doubled.
 class TeamCap {
  public:
   static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 1e9;
+  static constexpr double kMemoryNs = 50e6, kMinEvidenceNs = 1e6;
 
   // Threads a call asking for `wanted` may have at `now_ns`, for all its regions.
   int allowed(int wanted, double now_ns) {
@@ -86,23 +89,24 @@ class TeamCap {
   // A region of `r.threads` threads finished at `now_ns`.
   void observe(const RegionTimes& r, double now_ns) {
     if (r.threads < 2) return;
-    const bool probe = r.threads > cap_, on_trial = now_ns < trial_until_ns_;
+    remember(r, now_ns);
+    ++counts_.regions;
+    counts_.lost += lost_its_cores(r);
+    const bool probe = r.threads > cap_;
     // Past the cap: the first region of the call that probes tells; the rest of that call, and
-    // calls begun before the cap was set, tell nothing more.
+    // calls begun before the cap was set, only add to the share.
     if (probe && !probe_open_) return;
     probe_open_ = false;
-    ++counts_.regions;
-    if (!lost_its_cores(r)) {
-      strikes_ = 0;
+    const bool starved = team_ns_ >= kMinEvidenceNs && work_ns_ < kMinTeamShare * team_ns_;
+    if (!starved) {
       if (probe) cap_ = INT_MAX, trial_until_ns_ = now_ns + kTrialNs;
       return;
     }
-    ++counts_.lost;
-    if (!probe && !on_trial && ++strikes_ < 2) return;
-    strikes_ = 0;
-    hold_ns_ = probe || on_trial ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
+    if (!probe && cap_ < r.threads) return;  // a team within the cap
+    const bool again = probe || now_ns < trial_until_ns_;
+    hold_ns_ = again ? std::min(2 * hold_ns_, kMaxHoldNs) : kFirstHoldNs;
     trial_until_ns_ = 0;
-    cap_ = std::clamp(static_cast<int>(std::floor(speedup(r))), 1, r.threads - 1);
+    cap_ = std::clamp(static_cast<int>(std::floor(r.threads * work_ns_ / team_ns_)), 1, r.threads - 1);
     probe_at_ns_ = now_ns + hold_ns_;
   }
 
@@ -110,9 +114,20 @@ class TeamCap {
   const TeamCapCounts& counts() const { return counts_; }
 
  private:
-  int cap_ = INT_MAX, strikes_ = 0;
+  // Adds the region's thread time (threads x wall) and work to the fading sums; a loss under
+  // kMinLostNsPerThread a thread (a late start, not a lost core) counts as work.
+  void remember(const RegionTimes& r, double now_ns) {
+    const double fade = std::exp(-std::max(0.0, now_ns - last_ns_) / kMemoryNs);
+    const double thread_ns = r.threads * r.wall_ns;
+    const bool lost = thread_ns - r.work_ns > kMinLostNsPerThread * r.threads;
+    team_ns_ = team_ns_ * fade + thread_ns;
+    work_ns_ = work_ns_ * fade + (lost ? r.work_ns : thread_ns);
+    last_ns_ = now_ns;
+  }
+  int cap_ = INT_MAX;
   bool probe_open_ = false;  // a probe was allowed and no region of it has been seen
   double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0, trial_until_ns_ = 0;
+  double team_ns_ = 0, work_ns_ = 0, last_ns_ = 0;  // the fading sums, and when they were last added to
   TeamCapCounts counts_;
 };
 
