@@ -61,7 +61,7 @@ QUICK = {"configs": ["latency", "charrnn", "medium"], "threads": [2], "rounds": 
 # The --contention preset (bench/contention.py): the rows, and pyrnn's thread counts timed
 # beside its default; neighbours = spinning processes beside the timed one.
 CONTENTION = {"configs": ["latency", "medium"], "cells": ["lstm", "gru"], "threads": [1],
-              "neighbours": [1]}
+              "neighbours": [1], "neighbour_duty": 1.0}
 
 # Issue 4's targets. A rule applies to a row when every listed key matches (absent = any);
 # "peer" rules need ratio = peer ms / pyrnn-cpp ms >= min, "pct_gemm" rules need pyrnn-cpp's

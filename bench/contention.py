@@ -41,15 +41,23 @@ TARGET_NEIGHBOURS = (1, 2)
 PEER = "torch"
 
 # A neighbour: spins until its parent is no longer the process that started it (the parent was
-# killed, and the neighbour adopted), until terminated, or until Ctrl-C (quietly). Each inner
-# loop takes a few milliseconds.
+# killed, and the neighbour adopted), until terminated, or until Ctrl-C (quietly). With a duty
+# below 1 it spins that share of each 10 ms period and sleeps the rest, as a program that is busy
+# now and then does; each inner loop takes a few milliseconds.
 SPIN = """\
-import os, sys
-parent = int(sys.argv[1])
+import os, sys, time
+parent, duty = int(sys.argv[1]), float(sys.argv[2])
+period = 0.010
 try:
     while os.getppid() == parent:
-        for _ in range(100_000):
-            pass
+        busy_until = time.monotonic() + duty * period
+        while True:
+            for _ in range(20_000):
+                pass
+            if duty >= 1 or time.monotonic() >= busy_until:
+                break
+        if duty < 1:
+            time.sleep((1 - duty) * period)
 except KeyboardInterrupt:
     pass
 """
@@ -64,15 +72,16 @@ class Neighbours:
     them in the bench's session.
     """
 
-    def __init__(self, count: int, ramp_s: float = 0.2, own_session: bool = True):
-        self.count, self.ramp_s, self.own_session = count, ramp_s, own_session
+    def __init__(self, count: int, ramp_s: float = 0.2, own_session: bool = True,
+                 duty: float = 1.0):
+        self.count, self.ramp_s, self.own_session, self.duty = count, ramp_s, own_session, duty
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Neighbours:
         try:
             for _ in range(self.count):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-S", "-c", SPIN, str(os.getpid())],
+                    [sys.executable, "-S", "-c", SPIN, str(os.getpid()), str(self.duty)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     start_new_session=self.own_session))
             if self.procs:
@@ -201,7 +210,7 @@ def run_row(config: dict, cell: str, mode: str, who: dict[str, dict], neighbours
     with OthersLoad(neighbours) as load:
         run.time_all(runners, entries, args)
     row = {"config": config["name"], "cell": cell, "mode": mode,
-           "neighbours": neighbours.count,
+           "neighbours": neighbours.count, "neighbour_duty": neighbours.duty,
            "shape": {k: config[k] for k in ("T", "B", "I", "H", "L", "D")},
            "reference": reference, "others_pct": load.pct,
            "contenders": {label: {**who[label], **entries[label]} for label in who
@@ -314,8 +323,9 @@ def run_contention(args: argparse.Namespace, out_dir: Path, progress: bool = Tru
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": args.command,
         "settings": {k: getattr(args, k) for k in
-                     ("neighbours", "threads", "rounds", "round_s", "max_calls", "warmup_s",
-                      "budget_s", "quiet_pct", "quiet_wait_s", "settle_s")},
+                     ("neighbours", "neighbour_duty", "threads", "rounds", "round_s",
+                      "max_calls", "warmup_s", "budget_s", "quiet_pct", "quiet_wait_s",
+                      "settle_s")},
         "limit": LIMIT, "default_threads": defaults, "contenders": who,
         "machine": run.machine_info(), "versions": run.versions(),
         "git_commit": run.git_commit(), "pyrnn_backend_info": pyrnn.backend_info(),
@@ -328,7 +338,7 @@ def run_contention(args: argparse.Namespace, out_dir: Path, progress: bool = Tru
         with terminate_as_exit():
             for count in args.neighbours:
                 timing.wait_for_quiet(args.quiet_pct, args.quiet_wait_s)
-                with Neighbours(count) as neighbours:
+                with Neighbours(count, duty=args.neighbour_duty) as neighbours:
                     for config, cell, mode in rows:
                         if progress:
                             print(f"contention: {config['name']}/{cell}/{mode}, {count} "

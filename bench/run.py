@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --contention: how many spinning processes to run beside the "
                         "timed one; several counts run one after another, 0 = none "
                         f"(default: {cfg.CONTENTION['neighbours']})")
+    p.add_argument("--neighbour-duty", type=float,
+                   help="with --contention: the share of time each neighbour is busy, in "
+                        "(0, 1]; below 1 it spins that share of every 10 ms and sleeps the rest "
+                        f"(default: {cfg.CONTENTION['neighbour_duty']})")
 
 
 def parse_args(argv: list[str], prog: str = "python -m bench") -> argparse.Namespace:
@@ -108,7 +112,8 @@ def with_presets(args: argparse.Namespace) -> argparse.Namespace:
     preset = {**cfg.DEFAULTS, **(cfg.QUICK if args.quick else {}),
               **(cfg.CONTENTION if contention else {})}
     for key in ("configs", "cells", "threads", "rounds", "round_s", "max_calls", "warmup_s",
-                "gemm_size", "budget_s", "quiet_pct", "quiet_wait_s", "settle_s", "neighbours"):
+                "gemm_size", "budget_s", "quiet_pct", "quiet_wait_s", "settle_s", "neighbours",
+                "neighbour_duty"):
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key))
     check_args(args)
@@ -135,14 +140,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_contention_args(args: argparse.Namespace) -> None:
     if not getattr(args, "contention", False):
-        if args.neighbours is not None:
-            raise ValueError("--neighbours applies only with --contention")
+        if args.neighbours is not None or args.neighbour_duty is not None:
+            raise ValueError("--neighbours and --neighbour-duty apply only with --contention")
         return
     if args.backends:
         raise ValueError("--backends does not apply with --contention (its contenders are pyrnn "
                          "at its thread counts and torch at its default)")
     if any(n < 0 for n in args.neighbours):
         raise ValueError(f"--neighbours: every value must be >= 0, got {args.neighbours}")
+    if not 0 < args.neighbour_duty <= 1:
+        raise ValueError(f"--neighbour-duty must be in (0, 1], got {args.neighbour_duty}")
 
 
 def check_thread_counts(threads: list[int]) -> None:

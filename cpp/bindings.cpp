@@ -11,10 +11,12 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -698,6 +700,18 @@ py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::
   });
 }
 
+// For the tests: TeamCap replayed (see replay_team_cap); events are calls
+// (now_ns, wanted, wall_ns, work_ns, regions).
+std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double, int>>& events) {
+  std::vector<pyrnn::TeamCapEvent> replay;
+  for (const auto& [now_ns, wanted, wall_ns, work_ns, regions] : events) {
+    if (wanted < 1) throw py::value_error("team_cap_for_tests: wanted must be at least 1");
+    if (regions < 0 || regions > 1000) throw py::value_error("team_cap_for_tests: regions must be in [0, 1000]");
+    replay.push_back({now_ns, wanted, wall_ns, work_ns, regions});
+  }
+  return pyrnn::replay_team_cap(replay);
+}
+
 }  // namespace
 
 // The module name comes from CMake: one module per code-generation target (_core_avx2, ...).
@@ -799,6 +813,21 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
         py::arg("bias") = py::none(), py::arg("layout") = "columns", py::arg("a_transposed") = false,
         py::arg("row_sums") = false, py::arg("threads") = 1,
         "For the tests: the core's packed GEMM (see gemm_for_tests).");
+  m.def("_team_cap_for_tests", &team_cap_for_tests, py::arg("events"),
+        "For the tests: the team sizes TeamCap allows a scripted run of regions (see busy_host.hpp).");
+  m.def("set_adaptive_threads", [](bool on) { pyrnn::team_cap().set_enabled(on); }, py::arg("enabled"),
+        "Whether calls run on fewer threads while other programs keep their teams off the cores.");
+  m.def("team_cap_info", [] {
+    const auto [cap, counts] = pyrnn::team_cap().state();
+    py::dict d;
+    d["enabled"] = pyrnn::team_cap().enabled();
+    d["cap"] = cap == INT_MAX ? py::object(py::none()) : py::object(py::int_(cap));
+    d["regions"] = counts.regions;
+    d["lost"] = counts.lost;
+    d["probes"] = counts.probes;
+    return d;
+  }, "The cap on team sizes on a busy host (None: none) and what set it: the regions of more than one "
+     "thread run, those whose threads lost their cores, the probes of a whole team.");
 
   // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
   m.def("memory_cache_info", [] {

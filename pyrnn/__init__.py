@@ -12,6 +12,7 @@ from ._backend import (
     get_num_threads,
     memory_info,
     release_memory,
+    set_adaptive_threads,
     set_memory_cache_limit,
     set_num_threads,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "memory_info",
     "no_grad",
     "release_memory",
+    "set_adaptive_threads",
     "set_memory_cache_limit",
     "set_num_threads",
     *_LAZY_MODULES,

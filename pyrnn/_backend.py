@@ -252,6 +252,16 @@ def set_num_threads(n: int) -> None:
     _threads_set_by_user = True
 
 
+def set_adaptive_threads(enabled: bool) -> None:
+    """Whether the C++ kernels may run a call on fewer threads than ``get_num_threads()`` while
+    other programs keep them off their cores (on by default; results are the same either way).
+    Turn it off to time a fixed thread count. Either way the core forgets what it has measured."""
+    if not isinstance(enabled, bool | np.bool_):
+        raise TypeError(f"set_adaptive_threads: enabled must be a bool, got {enabled!r}")
+    if _core is not None:
+        _core.set_adaptive_threads(bool(enabled))
+
+
 def threads_set_by_user() -> bool:
     """Whether set_num_threads has been called in this process."""
     return _threads_set_by_user
@@ -281,9 +291,12 @@ def backend_info() -> dict[str, Any]:
     if _core is not None:
         info["core_module"] = _core.variant
         info.update(_core.build_info())
+        # on a busy host: the cap on team sizes and what set it (cpp/include/pyrnn/busy_host.hpp)
+        info["team_cap"] = _core._impl.team_cap_info()
         if _core.batch_one_variant is not None:  # batches of one run another build (see _core)
             info["core_module_batch_one"] = _core.batch_one_variant
             info["codegen_flags_batch_one"] = _core._batch_one.build_info()["codegen_flags"]
+            info["team_cap_batch_one"] = _core._batch_one.team_cap_info()
     else:
         info["import_error"] = str(_IMPORT_ERROR)
     return info

@@ -225,6 +225,11 @@ def set_num_threads(n: int) -> None:
         module.set_num_threads(n)
 
 
+def set_adaptive_threads(enabled: bool) -> None:
+    for module in _by_tape.values():
+        module.set_adaptive_threads(enabled)
+
+
 # Each build has its own buffer pool: these act on all of them, and sum what they hold.
 def memory_cache_info() -> dict[str, Any]:
     pools = [module.memory_cache_info() for module in _by_tape.values()]

@@ -40,3 +40,13 @@ def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_thread_counts():
+    """Tests that set a thread count check what that count does: on a loaded test machine the
+    core would otherwise run some calls on fewer threads (see pyrnn.set_adaptive_threads).
+    tests/test_team_cap.py checks the adaptation itself."""
+    _backend.set_adaptive_threads(False)
+    yield
+    _backend.set_adaptive_threads(True)

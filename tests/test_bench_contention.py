@@ -115,6 +115,15 @@ def test_neighbours_spin_while_running_and_are_gone_after_an_error():
     assert gone_within(pids, 1.0)
 
 
+@needs_proc
+def test_a_neighbour_with_a_duty_below_one_sleeps_the_rest_of_the_time():
+    with contention.Neighbours(1, ramp_s=0.1, duty=0.3) as neighbours:
+        cpu, start = neighbours.cpu_s(), time.perf_counter()
+        time.sleep(1.0)
+        used, wall = neighbours.cpu_s() - cpu, time.perf_counter() - start
+    assert 0 < used < 0.6 * wall  # it spins, but sleeps 70 % of each period whatever the load
+
+
 START_AND_WAIT = """
 import contextlib, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -149,6 +158,10 @@ def test_contention_arguments_are_checked(capsys):
     assert run.main(["--contention", "--neighbours", "-1"]) == 2
     assert "--neighbours" in capsys.readouterr().err
     assert run.main(["--neighbours", "1"]) == 2
+    assert "--contention" in capsys.readouterr().err
+    assert run.main(["--contention", "--neighbour-duty", "0"]) == 2
+    assert "--neighbour-duty" in capsys.readouterr().err
+    assert run.main(["--neighbour-duty", "0.5"]) == 2
     assert "--contention" in capsys.readouterr().err
     assert run.main(["--contention", "--backends", "torch"]) == 2
     assert "--backends" in capsys.readouterr().err

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <climits>
 #include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 #endif
 
+#include "pyrnn/busy_host.hpp"
 #include "pyrnn/types.hpp"
 
 namespace pyrnn {
@@ -35,12 +37,14 @@ inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1
 
 // The threads of get_num_threads() shared among the calls that run at once (Python threads that
 // call in with the GIL released): a call takes what the calls already running left, at least one,
-// and gives it back when it ends. Concurrent calls thus put about get_num_threads() threads on the
+// and gives it back when it ends. While the host keeps teams off their cores, the team cap (see
+// busy_host.hpp) lowers what a call asks for; it is fixed for the whole call, so that the plans
+// and cached packs of its time loops match the teams that run them. Concurrent calls thus put about get_num_threads() threads on the
 // cores, not that many each: more threads than cores leave teams waiting at their barriers for a
 // thread that has no core. A team's size changes the time, never the bits.
 class ThreadShare {
  public:
-  ThreadShare() : count_(take(get_num_threads())) {}
+  ThreadShare() : count_(take(team_cap().allowed(get_num_threads()))) {}
   ~ThreadShare() { in_use().fetch_sub(count_, std::memory_order_relaxed); }
   ThreadShare(const ThreadShare&) = delete;
   ThreadShare& operator=(const ThreadShare&) = delete;
@@ -82,7 +86,9 @@ class TeamBarrier {
  public:
   // Every thread of a team of `team_size` calls this; none returns before all have called it,
   // and each then sees what the others wrote before they called it.
-  void wait(int team_size) {
+  // A waiter that spins past its first kShortSpin pauses adds the wall time of the rest of its
+  // spin to `spun_ns` (see RegionClock): CPU time that did no work.
+  void wait(int team_size, double* spun_ns) {
     // The generation cannot move before this thread arrives: it moves when all have.
     const unsigned generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team_size - 1) {
@@ -93,10 +99,12 @@ class TeamBarrier {
       if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
       return;
     }
-    const int spins = team_size > processors() ? kShortSpin : kSpinPauses;
-    for (int i = 0; i < spins; ++i) {
-      if (generation_.load(std::memory_order_acquire) != generation) return;
-      cpu_pause();
+    if (spin_while(generation, kShortSpin)) return;
+    if (team_size <= processors()) {
+      const double spin_start = monotonic_ns();
+      const bool released = spin_while(generation, kSpinPauses - kShortSpin);
+      *spun_ns += monotonic_ns() - spin_start;
+      if (released) return;
     }
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (generation_.load(std::memory_order_seq_cst) == generation) sleep_while(generation);
@@ -105,6 +113,14 @@ class TeamBarrier {
 
  private:
   static constexpr int kShortSpin = 64;  // pauses, about 1.6 us
+  // Spins up to `pauses` pauses while the generation is `generation`; whether it moved.
+  bool spin_while(unsigned generation, int pauses) const {
+    for (int i = 0; i < pauses; ++i) {
+      if (generation_.load(std::memory_order_acquire) != generation) return true;
+      cpu_pause();
+    }
+    return generation_.load(std::memory_order_acquire) != generation;
+  }
   // Read once: omp_get_num_procs() asks the kernel for the thread's affinity at every call.
   static int processors() {
     static const int count = omp_get_num_procs();
@@ -149,26 +165,80 @@ class StepCount {
   alignas(64) std::atomic<Index> steps_{0};  // a line of its own (the class is padded to 64 bytes)
 };
 
-// One thread of a team: its index, the team's size, and the team's barrier.
+// One thread of a team: its index, the team's size, the team's barrier, and where the thread adds
+// the time it spins at the barrier (see RegionClock).
 struct Team {
   int tid, size;
   TeamBarrier* team_barrier;
+  double* spun_ns;
   void barrier() const {
-    if (size > 1) team_barrier->wait(size);
+    if (size > 1) team_barrier->wait(size, spun_ns);
   }
 };
 
-// Run body(team) on a team of up to n threads (inline when n == 1). OpenMP may give fewer than
-// n (inside another parallel region): team.size is what it gave.
+// What one region's threads measure of it (see RegionTimes). The work a thread did is the CPU time
+// it had less the time it spun at barriers; the region's wall time runs from its start to the end
+// of its last thread. Each thread writes only its own slot.
+class RegionClock {
+ public:
+  explicit RegionClock(int threads) : start_ns_(monotonic_ns()), slots_(threads) {}
+  // The calling thread begins its part / ends it.
+  void thread_start(int tid) { slots_[tid].cpu_ns = -thread_cpu_ns(); }
+  void thread_done(int tid) {
+    Slot& me = slots_[tid];
+    me.cpu_ns += thread_cpu_ns();
+    me.end_ns = monotonic_ns();
+  }
+  double* spun_ns(int tid) { return &slots_[tid].spun_ns; }
+  // After the region, with `threads` of them run.
+  RegionTimes times(int threads) const {
+    double end_ns = start_ns_, work_ns = 0;
+    for (int t = 0; t < threads; ++t) {
+      end_ns = std::max(end_ns, slots_[t].end_ns);
+      work_ns += std::max(0.0, slots_[t].cpu_ns - slots_[t].spun_ns);
+    }
+    return {threads, end_ns - start_ns_, work_ns};
+  }
+
+ private:
+  struct alignas(64) Slot {  // a cache line each: threads write their own as they run
+    double cpu_ns = 0, spun_ns = 0, end_ns = 0;
+  };
+  const double start_ns_;
+  std::vector<Slot> slots_;
+};
+
+// Run body(team) on a team of up to n threads (inline when n == 1), and tell the team cap (see
+// busy_host.hpp) whether the team had its cores. OpenMP may give fewer threads than asked (inside
+// another parallel region): team.size is what it gave.
 template <class F>
 void run_team(int n, F&& body) {
   TeamBarrier barrier;
   if (n <= 1) {
-    body(Team{0, 1, &barrier});
+    double unused = 0;
+    body(Team{0, 1, &barrier, &unused});
     return;
   }
+  if (!team_cap().enabled()) {
 #pragma omp parallel num_threads(n)
-  body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier});
+    {
+      double unused = 0;
+      body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier, &unused});
+    }
+    return;
+  }
+  RegionClock clock(n);
+  int size = 1;
+#pragma omp parallel num_threads(n)
+  {
+    const int tid = omp_get_thread_num();
+    clock.thread_start(tid);
+    const Team team{tid, omp_get_num_threads(), &barrier, clock.spun_ns(tid)};
+    if (tid == 0) size = team.size;
+    body(team);
+    clock.thread_done(tid);
+  }
+  team_cap().observe(clock.times(size));
 }
 
 // The tid-th of `parts` contiguous slices of [0, n), with slice edges on multiples of `align`.
