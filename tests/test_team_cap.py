@@ -75,6 +75,14 @@ def test_after_a_lifted_cap_starving_again_sets_it_for_longer():
     assert replay(events) == [2, 2, 2, 1, 2]
 
 
+def test_starving_again_seconds_after_a_lift_keeps_the_longer_hold():
+    # lifted at 22 ms; starved again 5 s later: the hold doubles to 40 ms; 11 s later: 20 ms
+    events = [busy(0), quiet(22), busy(5022), quiet(5050), quiet(5063)]
+    assert replay(events) == [2, 2, 2, 1, 2]
+    events = [busy(0), quiet(22), busy(11022), quiet(11043), quiet(11044)]
+    assert replay(events) == [2, 2, 2, 2, 2]
+
+
 def test_a_call_of_many_regions_caps_the_calls_after_it():
     assert replay([busy(0, regions=5), quiet(1), quiet(2)]) == [2, 1, 1]
 

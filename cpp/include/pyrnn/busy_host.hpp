@@ -70,10 +70,11 @@ struct TeamCapCounts {
 // got (at least one, fewer than the team) for `hold_ns`. Then one call runs with the team it asks
 // for (a probe): its regions add to the share, and the first tells. A probe that finds the share
 // still low keeps the cap and doubles the hold (up to kMaxHoldNs); one that finds it high lifts
-// the cap on trial: a low share within kTrialNs sets it again with the hold doubled.
+// the cap on trial: a low share within kTrialNs sets it again with the hold doubled (a host busy
+// a few seconds ago is likely busy again, and each probe costs a call on a starved team).
 class TeamCap {
  public:
-  static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 1e9;
+  static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 10e9;
   static constexpr double kMemoryNs = 50e6, kMinEvidenceNs = 1e6;
 
   // Threads a call asking for `wanted` may have at `now_ns`, for all its regions.
