@@ -114,6 +114,9 @@ TORCH_MODELS: list[dict] = [
      "cells": ("lstm", "gru")},
     {"name": "medium", "vocab": 96, "E": 128, "H": 512, "L": 2, "B": 32, "T": 64,
      "cells": ("lstm", "gru")},
+    # torch.nn.LSTM(proj_size=128) converted: a projected stack on pyrnn's C++ core
+    {"name": "charrnn-proj", "vocab": 96, "E": 64, "H": 256, "L": 2, "B": 32, "T": 64,
+     "proj_size": 128, "cells": ("lstm",)},
 ]
 TORCH_LATENCY: dict = {"name": "latency", "T": 1, "B": 1, "I": 64, "H": 128, "L": 1,
                        "cells": ("lstm", "gru")}
@@ -142,5 +145,7 @@ def torch_rules_for(row: dict) -> list[dict]:
         return []
     if "overhead_us" in row:
         return [r for r in TORCH_TARGETS if r.get("metric") == "overhead_us"]
+    if row.get("shape", {}).get("proj_size"):  # the targets are the plain LSTM and GRU models'
+        return []
     return [r for r in TORCH_TARGETS if "metric" not in r
             and row["cell"] in r["cells"] and row["mode"] in r["modes"]]

@@ -51,8 +51,9 @@ class CharModel(torch.nn.Module):
     def __init__(self, config: dict, cell: str) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(config["vocab"], config["E"])
-        self.rnn = TORCH_NN[cell](config["E"], config["H"], num_layers=config["L"])
-        self.head = torch.nn.Linear(config["H"], config["vocab"])
+        proj = {"proj_size": config["proj_size"]} if config.get("proj_size") else {}
+        self.rnn = TORCH_NN[cell](config["E"], config["H"], num_layers=config["L"], **proj)
+        self.head = torch.nn.Linear(config.get("proj_size") or config["H"], config["vocab"])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.embed(ids))
@@ -117,7 +118,8 @@ def model_row(config: dict, cell: str, mode: str, threads: int, args) -> dict:
     with runners["torch.nn"].scope():
         error = disagreement(runners)
     row = {"config": config["name"], "cell": cell, "mode": mode, "threads": threads,
-           "shape": {k: config[k] for k in ("vocab", "E", "H", "L", "B", "T")},
+           "shape": {k: config[k] for k in ("vocab", "E", "H", "proj_size", "L", "B", "T")
+                     if k in config},
            "max_rel_err": error}
     if not error <= TOLERANCE:
         row["status"] = f"mismatch: relative difference {error:.3g} > {TOLERANCE}"

@@ -241,6 +241,47 @@ def test_compile_fullgraph_with_inductor_gives_the_same_numbers():
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+def packed_run(rnn, cell, enforce_sorted):
+    """A function packing padded input, running rnn on it and padding its output: (out, h_n[,
+    c_n])."""
+    def run(x, lengths, h0):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        state = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
+        out, state = rnn(packed, state)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=x.shape[0])
+        return (padded, *state) if cell == "lstm" else (padded, state)
+    return run
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compile_runs_packed_sequences_as_eager_does(cell, enforce_sorted):
+    """A PackedSequence (lengths sorted or not) through a pyrnn.torch layer inside a compiled
+    function: outputs and every gradient equal eager's. With fullgraph=False: torch's own
+    pack_padded_sequence is marked by Dynamo as not to be traced, so fullgraph=True fails in torch
+    before pyrnn's layer is reached (asserted below, so that this test is revisited when torch
+    traces packing), and pyrnn's packed forward is a graph break too (its packed rows become
+    (T, B, I) by batch_sizes read on the host)."""
+    torch.manual_seed(0)
+    rnn = {"lstm": pt.LSTM, "gru": pt.GRU}[cell](3, 5, num_layers=2, bidirectional=True,
+                                                   dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 3, 1] if enforce_sorted else [3, 6, 1, 4])
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)
+    run = packed_run(rnn, cell, enforce_sorted)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pack_padded_sequence"):
+        torch.compile(run, fullgraph=True, backend="aot_eager")(x, lengths, h0)
+    results = []
+    for fn in (torch.compile(run, backend="aot_eager"), run):
+        outputs = fn(x, lengths, h0)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+                   for o in outputs)
+        grads = torch.autograd.grad(loss, [x, h0, *rnn.parameters()])
+        results.append([*outputs, *grads])
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*results, strict=True))
+
+
 def test_torch_nns_own_lstm_cannot_compile_fullgraph():
     """The premise of the test above: Dynamo refuses torch.nn.LSTM under fullgraph."""
     with pytest.raises(Exception, match="Attempted to wrap RNN, GRU, or LSTM"):

@@ -174,6 +174,10 @@ class _RNNBase(torch.nn.RNNBase):
             states = tuple(s.squeeze(1) for s in states)
         return out, self._join_state(states)
 
+    # Under torch.compile a graph break: turning packed rows into (T, B, I) and back reads
+    # batch_sizes on the host (shapes that depend on data), which Dynamo cannot trace; torch's own
+    # pack_padded_sequence is marked by Dynamo as not to be traced for the same reason.
+    @torch.compiler.disable
     def _forward_packed(self, packed: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         states = self._initial_states(data, hx, int(batch_sizes[0]), True)
