@@ -701,13 +701,14 @@ py::object gemm_for_tests(const py::object& a, const py::sequence& b, const py::
 }
 
 // For the tests: TeamCap replayed (see replay_team_cap); events are calls
-// (now_ns, wanted, wall_ns, work_ns, regions).
-std::vector<int> team_cap_for_tests(const std::vector<std::tuple<double, int, double, double, int>>& events) {
+// (now_ns, wanted, wall_ns, work_ns, regions, cores_free).
+std::vector<int> team_cap_for_tests(
+    const std::vector<std::tuple<double, int, double, double, int, bool>>& events) {
   std::vector<pyrnn::TeamCapEvent> replay;
-  for (const auto& [now_ns, wanted, wall_ns, work_ns, regions] : events) {
+  for (const auto& [now_ns, wanted, wall_ns, work_ns, regions, cores_free] : events) {
     if (wanted < 1) throw py::value_error("team_cap_for_tests: wanted must be at least 1");
     if (regions < 0 || regions > 1000) throw py::value_error("team_cap_for_tests: regions must be in [0, 1000]");
-    replay.push_back({now_ns, wanted, wall_ns, work_ns, regions});
+    replay.push_back({now_ns, wanted, wall_ns, work_ns, regions, cores_free});
   }
   return pyrnn::replay_team_cap(replay);
 }
@@ -825,9 +826,11 @@ PYBIND11_MODULE(PYRNN_MODULE_NAME, m) {
     d["regions"] = counts.regions;
     d["lost"] = counts.lost;
     d["probes"] = counts.probes;
+    d["postponed"] = counts.postponed;
     return d;
   }, "The cap on team sizes on a busy host (None: none) and what set it: the regions of more than one "
-     "thread run, those whose threads lost their cores, the probes of a whole team.");
+     "thread run, those whose threads lost their cores, the probes of a whole team, and the probes "
+     "postponed while the host had no free cores.");
 
   // The buffer pool (pyrnn/workspace.hpp): what it keeps, its bounds, and freeing it.
   m.def("memory_cache_info", [] {

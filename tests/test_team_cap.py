@@ -21,12 +21,12 @@ REGION = 5 * MS  # wall time of each region
 
 def quiet(now_ms, wanted=2, regions=1):
     """A call whose threads had their cores the whole time."""
-    return (now_ms * MS, wanted, REGION, wanted * REGION * 0.98, regions)
+    return (now_ms * MS, wanted, REGION, wanted * REGION * 0.98, regions, True)
 
 
 def busy(now_ms, wanted=2, speedup=0.8, regions=1):
     """A call whose `wanted` threads got `speedup` threads' worth of work done."""
-    return (now_ms * MS, wanted, REGION, speedup * REGION, regions)
+    return (now_ms * MS, wanted, REGION, speedup * REGION, regions, True)
 
 
 def replay(events):
@@ -44,13 +44,13 @@ def test_a_starved_team_caps_later_calls_at_the_work_it_got_done():
 
 
 def test_a_short_starved_region_among_quiet_ones_is_no_reason():
-    short = (2 * MS, 2, 0.5 * MS, 0.2 * MS, 1)  # 0.4 threads' work, for half a millisecond
+    short = (2 * MS, 2, 0.5 * MS, 0.2 * MS, 1, True)  # 0.4 threads' work, for half a millisecond
     assert replay([quiet(0), quiet(1), short, quiet(3), quiet(4)]) == [2] * 5
 
 
 def test_late_start_of_a_woken_worker_is_not_starvation():
     # 150 us regions of two threads, the worker 80 us late: slower than one thread, but briefly
-    short = [(t * MS, 2, 150e3, 130e3, 1) for t in range(20)]
+    short = [(t * MS, 2, 150e3, 130e3, 1, True) for t in range(20)]
     assert replay(short) == [2] * 20
 
 
@@ -83,6 +83,21 @@ def test_starving_again_seconds_after_a_lift_keeps_the_longer_hold():
     assert replay(events) == [2, 2, 2, 2, 2]
 
 
+def no_free_cores(event):
+    return (*event[:5], False)
+
+
+def test_a_probe_waits_while_the_host_has_no_free_cores():
+    # due at 20 ms, postponed by a hold at 22 and 43 ms; at 64 ms the cores are free
+    events = [busy(0), no_free_cores(quiet(22)), no_free_cores(quiet(43)), quiet(64), quiet(65)]
+    assert replay(events) == [2, 1, 1, 2, 2]
+
+
+def test_a_host_that_stays_busy_sees_a_probe_every_eight_holds():
+    events = [busy(0)] + [no_free_cores(quiet(21 * k)) for k in range(1, 11)]
+    assert replay(events) == [2] + [1] * 8 + [2, 2]
+
+
 def test_a_call_of_many_regions_caps_the_calls_after_it():
     assert replay([busy(0, regions=5), quiet(1), quiet(2)]) == [2, 1, 1]
 
@@ -109,7 +124,7 @@ def test_backend_info_reports_the_team_cap():
         with pyrnn.no_grad():
             pyrnn.GRU(16, 256, backend="cpp")(x)  # some teams of two, measured
         info = pyrnn.backend_info()["team_cap"]
-        assert set(info) == {"enabled", "cap", "regions", "lost", "probes"}
+        assert set(info) == {"enabled", "cap", "regions", "lost", "probes", "postponed"}
         assert info["enabled"] is True
         assert info["cap"] is None or info["cap"] >= 1
         assert 0 <= info["lost"] <= info["regions"]
@@ -125,7 +140,7 @@ def test_switched_off_nothing_is_measured_or_capped():
     with pyrnn.no_grad():
         pyrnn.GRU(16, 256, backend="cpp")(x)
     assert pyrnn.backend_info()["team_cap"] == {
-        "enabled": False, "cap": None, "regions": 0, "lost": 0, "probes": 0}
+        "enabled": False, "cap": None, "regions": 0, "lost": 0, "probes": 0, "postponed": 0}
 
 
 def test_set_adaptive_threads_takes_a_bool():
@@ -155,4 +170,4 @@ def test_holds_stop_doubling_at_a_second():
 
 def test_rejects_a_team_of_no_threads():
     with pytest.raises(ValueError, match="wanted"):
-        replay([(0.0, 0, 1.0, 1.0, 1)])
+        replay([(0.0, 0, 1.0, 1.0, 1, True)])

@@ -16,10 +16,13 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <ctime>
 #include <mutex>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 namespace pyrnn {
 
@@ -33,6 +36,26 @@ inline double thread_cpu_ns() {
   timespec ts;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return double(ts.tv_sec) * 1e9 + double(ts.tv_nsec);
+}
+
+// Threads runnable on the whole host now (the fourth field of /proc/loadavg), or -1 where that
+// cannot be read.
+inline int runnable_threads() {
+  std::FILE* file = std::fopen("/proc/loadavg", "r");
+  if (!file) return -1;
+  double load1, load5, load15;
+  int running = 0, total = 0;
+  const int read = std::fscanf(file, "%lf %lf %lf %d/%d", &load1, &load5, &load15, &running, &total);
+  std::fclose(file);
+  return read == 5 ? running : -1;
+}
+
+// Whether a team of `wanted` threads would find its cores free now: besides the calling thread,
+// the host runs at most its processors less the team. True where the count cannot be read.
+inline bool cores_free_for(int wanted) {
+  const int running = runnable_threads();
+  if (running < 0) return true;
+  return running - 1 <= sysconf(_SC_NPROCESSORS_ONLN) - wanted;
 }
 
 // One region as its team measured it: `wall_ns` from its start to the end of its last thread, and
@@ -58,7 +81,7 @@ inline bool lost_its_cores(const RegionTimes& r) {
 
 // What TeamCap has seen: regions of more than one thread, those that lost their cores, probes.
 struct TeamCapCounts {
-  long long regions = 0, lost = 0, probes = 0;
+  long long regions = 0, lost = 0, probes = 0, postponed = 0;
 };
 
 // The cap on team sizes, from the regions run so far. Not thread-safe: see team_cap().
@@ -76,6 +99,7 @@ class TeamCap {
  public:
   static constexpr double kFirstHoldNs = 20e6, kMaxHoldNs = 1e9, kTrialNs = 10e9;
   static constexpr double kMemoryNs = 50e6, kMinEvidenceNs = 1e6;
+  static constexpr int kMaxPostponed = 8;
 
   // Threads a call asking for `wanted` may have at `now_ns`, for all its regions.
   int allowed(int wanted, double now_ns) {
@@ -83,8 +107,22 @@ class TeamCap {
     if (now_ns < probe_at_ns_) return cap_;
     probe_at_ns_ = now_ns + hold_ns_;  // one probe per hold, whoever asks next
     probe_open_ = true;
+    postponed_ = 0;
     ++counts_.probes;
     return wanted;
+  }
+
+  // Whether a call asking for `wanted` at `now_ns` would probe, unless postponed.
+  bool probe_due(int wanted, double now_ns) const {
+    return cap_ < wanted && now_ns >= probe_at_ns_ && postponed_ < kMaxPostponed;
+  }
+  // The host has no free cores for the probe: wait another hold. A starved probe costs a whole
+  // call on a team that waits time slices for its threads; a host that stays busy is seen a
+  // probe at least every kMaxPostponed holds.
+  void postpone(double now_ns) {
+    probe_at_ns_ = now_ns + hold_ns_;
+    ++postponed_;
+    ++counts_.postponed;
   }
 
   // A region of `r.threads` threads finished at `now_ns`.
@@ -125,7 +163,7 @@ class TeamCap {
     work_ns_ = work_ns_ * fade + (lost ? r.work_ns : thread_ns);
     last_ns_ = now_ns;
   }
-  int cap_ = INT_MAX;
+  int cap_ = INT_MAX, postponed_ = 0;  // postponed_: probes postponed since the last
   bool probe_open_ = false;  // a probe was allowed and no region of it has been seen
   double hold_ns_ = kFirstHoldNs, probe_at_ns_ = 0, trial_until_ns_ = 0;
   double team_ns_ = 0, work_ns_ = 0, last_ns_ = 0;  // the fading sums, and when they were last added to
@@ -140,7 +178,9 @@ class SharedTeamCap {
   int allowed(int wanted) {
     if (!enabled_.load(std::memory_order_relaxed)) return wanted;
     std::lock_guard<std::mutex> lock(mutex_);
-    return cap_.allowed(wanted, monotonic_ns());
+    const double now_ns = monotonic_ns();
+    if (cap_.probe_due(wanted, now_ns) && !cores_free_for(wanted)) cap_.postpone(now_ns);
+    return cap_.allowed(wanted, now_ns);
   }
   void observe(const RegionTimes& r) {
     if (!enabled_.load(std::memory_order_relaxed)) return;
@@ -171,13 +211,15 @@ inline SharedTeamCap& team_cap() {
   return cap;
 }
 
-// One call of a replay of TeamCap (for its tests): at `now_ns` a call asks for `wanted` threads and
-// runs `regions` regions on what it is allowed, each with `wall_ns` and `work_ns` as measured.
+// One call of a replay of TeamCap (for its tests): at `now_ns` a call asks for `wanted` threads,
+// with the host's cores free for it or not, and runs `regions` regions on what it is allowed,
+// each with `wall_ns` and `work_ns` as measured.
 struct TeamCapEvent {
   double now_ns;
   int wanted;
   double wall_ns, work_ns;
   int regions;
+  bool cores_free;
 };
 
 // The threads each call was allowed, replayed on a fresh TeamCap.
@@ -185,6 +227,7 @@ inline std::vector<int> replay_team_cap(const std::vector<TeamCapEvent>& events)
   TeamCap cap;
   std::vector<int> allowed;
   for (const TeamCapEvent& e : events) {
+    if (cap.probe_due(e.wanted, e.now_ns) && !e.cores_free) cap.postpone(e.now_ns);
     const int n = cap.allowed(e.wanted, e.now_ns);
     allowed.push_back(n);
     for (int k = 0; k < e.regions; ++k) cap.observe({n, e.wall_ns, e.work_ns}, e.now_ns);
