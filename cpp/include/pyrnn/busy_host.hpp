@@ -69,14 +69,18 @@ struct RegionTimes {
 // The team's speed-up: how many threads' work it got done per unit of wall time.
 inline double speedup(const RegionTimes& r) { return r.wall_ns > 0 ? r.work_ns / r.wall_ns : r.threads; }
 
-// A region whose team lost more than kMinLostNsPerThread a thread (a worker woken from sleep on an
-// idle host starts some tens of us late) and got less than kMinTeamShare of its threads' worth of
-// work done: a team of two then did no better than one thread would have on its own. Counted for
-// backend_info; the cap itself follows the share over recent time (see TeamCap).
+// Whether a region's team lost more than kMinLostNsPerThread a thread: less is a worker woken from
+// sleep on an idle host, which starts some tens of us late, not a lost core.
 constexpr double kMinTeamShare = 0.5, kMinLostNsPerThread = 100e3;
+inline bool lost_time(const RegionTimes& r) {
+  return r.threads * r.wall_ns - r.work_ns > kMinLostNsPerThread * r.threads;
+}
+
+// A region whose team lost time and got less than kMinTeamShare of its threads' worth of work
+// done: a team of two then did no better than one thread would have on its own. Counted for
+// backend_info; the cap itself follows the share over recent time (see TeamCap).
 inline bool lost_its_cores(const RegionTimes& r) {
-  const double lost_ns = r.threads * r.wall_ns - r.work_ns;
-  return r.threads > 1 && lost_ns > kMinLostNsPerThread * r.threads && speedup(r) < kMinTeamShare * r.threads;
+  return r.threads > 1 && lost_time(r) && speedup(r) < kMinTeamShare * r.threads;
 }
 
 // What TeamCap has seen: regions of more than one thread, those that lost their cores, probes.
@@ -101,28 +105,24 @@ class TeamCap {
   static constexpr double kMemoryNs = 50e6, kMinEvidenceNs = 1e6;
   static constexpr int kMaxPostponed = 8;
 
-  // Threads a call asking for `wanted` may have at `now_ns`, for all its regions.
-  int allowed(int wanted, double now_ns) {
+  // Threads a call asking for `wanted` may have at `now_ns`, for all its regions. A probe that is
+  // due asks `cores_free(wanted)` (read only then) and waits another hold while the host has no
+  // free cores for it: a starved probe costs a whole call on a team that waits time slices for
+  // its threads. A host that stays busy still sees a probe every kMaxPostponed holds.
+  template <class CoresFree>
+  int allowed(int wanted, double now_ns, CoresFree&& cores_free) {
     if (cap_ >= wanted) return wanted;
     if (now_ns < probe_at_ns_) return cap_;
-    probe_at_ns_ = now_ns + hold_ns_;  // one probe per hold, whoever asks next
+    probe_at_ns_ = now_ns + hold_ns_;  // one probe or postponement per hold, whoever asks next
+    if (postponed_ < kMaxPostponed && !cores_free(wanted)) {
+      ++postponed_;
+      ++counts_.postponed;
+      return cap_;
+    }
     probe_open_ = true;
     postponed_ = 0;
     ++counts_.probes;
     return wanted;
-  }
-
-  // Whether a call asking for `wanted` at `now_ns` would probe, unless postponed.
-  bool probe_due(int wanted, double now_ns) const {
-    return cap_ < wanted && now_ns >= probe_at_ns_ && postponed_ < kMaxPostponed;
-  }
-  // The host has no free cores for the probe: wait another hold. A starved probe costs a whole
-  // call on a team that waits time slices for its threads; a host that stays busy is seen a
-  // probe at least every kMaxPostponed holds.
-  void postpone(double now_ns) {
-    probe_at_ns_ = now_ns + hold_ns_;
-    ++postponed_;
-    ++counts_.postponed;
   }
 
   // A region of `r.threads` threads finished at `now_ns`.
@@ -153,14 +153,13 @@ class TeamCap {
   const TeamCapCounts& counts() const { return counts_; }
 
  private:
-  // Adds the region's thread time (threads x wall) and work to the fading sums; a loss under
-  // kMinLostNsPerThread a thread (a late start, not a lost core) counts as work.
+  // Adds the region's thread time (threads x wall) and work to the fading sums; a loss too small
+  // for lost_time counts as work.
   void remember(const RegionTimes& r, double now_ns) {
     const double fade = std::exp(-std::max(0.0, now_ns - last_ns_) / kMemoryNs);
     const double thread_ns = r.threads * r.wall_ns;
-    const bool lost = thread_ns - r.work_ns > kMinLostNsPerThread * r.threads;
     team_ns_ = team_ns_ * fade + thread_ns;
-    work_ns_ = work_ns_ * fade + (lost ? r.work_ns : thread_ns);
+    work_ns_ = work_ns_ * fade + (lost_time(r) ? r.work_ns : thread_ns);
     last_ns_ = now_ns;
   }
   int cap_ = INT_MAX, postponed_ = 0;  // postponed_: probes postponed since the last
@@ -170,7 +169,6 @@ class TeamCap {
   TeamCapCounts counts_;
 };
 
-// The process's cap, shared by every team, and the lock that guards it.
 // The process's cap, shared by every team, and the lock that guards it. Switched off, every call
 // gets the threads it asks for, and nothing is measured.
 class SharedTeamCap {
@@ -178,9 +176,7 @@ class SharedTeamCap {
   int allowed(int wanted) {
     if (!enabled_.load(std::memory_order_relaxed)) return wanted;
     std::lock_guard<std::mutex> lock(mutex_);
-    const double now_ns = monotonic_ns();
-    if (cap_.probe_due(wanted, now_ns) && !cores_free_for(wanted)) cap_.postpone(now_ns);
-    return cap_.allowed(wanted, now_ns);
+    return cap_.allowed(wanted, monotonic_ns(), cores_free_for);
   }
   void observe(const RegionTimes& r) {
     if (!enabled_.load(std::memory_order_relaxed)) return;
@@ -227,8 +223,7 @@ inline std::vector<int> replay_team_cap(const std::vector<TeamCapEvent>& events)
   TeamCap cap;
   std::vector<int> allowed;
   for (const TeamCapEvent& e : events) {
-    if (cap.probe_due(e.wanted, e.now_ns) && !e.cores_free) cap.postpone(e.now_ns);
-    const int n = cap.allowed(e.wanted, e.now_ns);
+    const int n = cap.allowed(e.wanted, e.now_ns, [&](int) { return e.cores_free; });
     allowed.push_back(n);
     for (int k = 0; k < e.regions; ++k) cap.observe({n, e.wall_ns, e.work_ns}, e.now_ns);
   }

@@ -37,11 +37,12 @@ inline void set_num_threads(int n) { num_threads_setting().store(std::clamp(n, 1
 
 // The threads of get_num_threads() shared among the calls that run at once (Python threads that
 // call in with the GIL released): a call takes what the calls already running left, at least one,
-// and gives it back when it ends. While the host keeps teams off their cores, the team cap (see
-// busy_host.hpp) lowers what a call asks for; it is fixed for the whole call, so that the plans
-// and cached packs of its time loops match the teams that run them. Concurrent calls thus put about get_num_threads() threads on the
+// and gives it back when it ends. Concurrent calls thus put about get_num_threads() threads on the
 // cores, not that many each: more threads than cores leave teams waiting at their barriers for a
-// thread that has no core. A team's size changes the time, never the bits.
+// thread that has no core. While the host keeps teams off their cores, the team cap (see
+// busy_host.hpp) lowers what a call asks for; it is fixed for the whole call, so that the plans
+// and cached packs of its time loops match the teams that run them. A team's size changes the
+// time, never the bits.
 class ThreadShare {
  public:
   ThreadShare() : count_(take(team_cap().allowed(get_num_threads()))) {}
@@ -166,7 +167,7 @@ class StepCount {
 };
 
 // One thread of a team: its index, the team's size, the team's barrier, and where the thread adds
-// the time it spins at the barrier (see RegionClock).
+// the time it spins at the barrier (see RegionClock; null for a team of one, which never waits).
 struct Team {
   int tid, size;
   TeamBarrier* team_barrier;
@@ -215,30 +216,22 @@ template <class F>
 void run_team(int n, F&& body) {
   TeamBarrier barrier;
   if (n <= 1) {
-    double unused = 0;
-    body(Team{0, 1, &barrier, &unused});
+    body(Team{0, 1, &barrier, nullptr});
     return;
   }
-  if (!team_cap().enabled()) {
-#pragma omp parallel num_threads(n)
-    {
-      double unused = 0;
-      body(Team{omp_get_thread_num(), omp_get_num_threads(), &barrier, &unused});
-    }
-    return;
-  }
+  const bool measured = team_cap().enabled();  // the CPU-time reads are system calls: only then
   RegionClock clock(n);
   int size = 1;
 #pragma omp parallel num_threads(n)
   {
     const int tid = omp_get_thread_num();
-    clock.thread_start(tid);
+    if (measured) clock.thread_start(tid);
     const Team team{tid, omp_get_num_threads(), &barrier, clock.spun_ns(tid)};
     if (tid == 0) size = team.size;
     body(team);
-    clock.thread_done(tid);
+    if (measured) clock.thread_done(tid);
   }
-  team_cap().observe(clock.times(size));
+  if (measured) team_cap().observe(clock.times(size));
 }
 
 // The tid-th of `parts` contiguous slices of [0, n), with slice edges on multiples of `align`.
