@@ -108,6 +108,18 @@ def test_frozen_stack_agrees_whichever_way_its_layers_run(kind, B, threads):  # 
 
 
 @needs_cpp
+def test_frozen_stack_agrees_as_its_batch_moves_its_layers_between_lanes_and_teams(kind, threads):
+    # Two threads run this stack's layers at once for B=1 and one after another, each with both
+    # threads, for B=64 (past team_plan.hpp's kLanesMaxMacs), on packs laid out for either way.
+    threads(2)
+    m = make(kind, "cpp", I=8, H=256, num_layers=2)
+    fast = m.frozen()
+    for B in (1, 64, 1, 64):  # noqa: N806
+        x = data((3, B, 8))
+        assert_same(fast(x), m(x))
+
+
+@needs_cpp
 def test_frozen_keeps_one_set_of_packs_per_batch_size_and_thread_count(threads):
     m = make("lstm", "cpp", I=8, H=40)
     fast = m.frozen()

@@ -59,15 +59,21 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
   return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
 }
 
+// Multiply-adds in a step of a stack's widest layer from which its layers run one after another,
+// each with all threads. Below it, meeting at every step costs a team much of a small step; past
+// it the meetings cost little, and layers at once lose more to their unequal shares (a first
+// layer with a narrower input waits for the next). Measured on this rule's commit.
+constexpr Index kLanesMaxMacs = Index(1) << 23;
+
 // The rule for a stack: the threads that run its layers at once (1: layer after layer, each
 // with all threads). Layer l then runs on thread l % lanes, its time loop on that thread alone,
 // a few steps behind layer l - 1: its steps need no meeting of threads, where a team that shares
 // out the units of a small step meets at every one. Only unidirectional stacks (a bidirectional
-// layer's first output needs its whole input), and only when every thread gets as many layers.
-// A fixed rule: measured against learning it per call, it was as fast or faster on small and
-// large stacks alike, quiet or beside a busy neighbour.
-inline int layer_lanes(Index layers, Index directions, int threads) {
-  return directions == 1 && threads > 1 && layers % threads == 0 ? threads : 1;
+// layer's first output needs its whole input), only when every thread gets as many layers, and
+// only for steps of fewer than kLanesMaxMacs multiply-adds.
+inline int layer_lanes(Index layers, Index directions, Index step_macs, int threads) {
+  const bool at_once = directions == 1 && threads > 1 && layers % threads == 0 && step_macs < kLanesMaxMacs;
+  return at_once ? threads : 1;
 }
 
 // The kinds of time loop: TeamChoice learns each apart.
