@@ -130,6 +130,10 @@ def train(args: argparse.Namespace) -> dict[str, object] | None:
     if args.batch % world:
         raise _common.AppError(f"--batch {args.batch} must be divisible by the number of "
                                f"processes, {world}")
+    # _train's DistributedDataParallel is freed as it returns, while the group is registered. Freed
+    # after destroy_process_group, its reducer would drop the gloo group's last reference, whose
+    # destructor joins gloo's threads holding the GIL that one of them may wait for (the hang that
+    # tests/test_torch_ddp.py leaves by os._exit).
     try:
         return _train(args, rank, world)
     finally:
