@@ -314,7 +314,7 @@ void forward_with_packs(const pyrnn::StackInputs<S>& in, const pyrnn::StackOutpu
   bool served = false;
   {
     py::gil_scoped_release release;  // before the lease: a call filling the packs holds its lock
-    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::stack_lanes(dm, in.cell, in.residual, threads))) {
+    if (auto lease = cache.lease<S>(signature, dm.B, threads, pyrnn::stack_lanes<S>(dm, in.cell, in.residual, threads))) {
       pyrnn::stack_forward(in, res, false, threads, lease->packs.get());
       served = true;
     }

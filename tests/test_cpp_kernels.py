@@ -760,12 +760,12 @@ def test_two_threads_agree_exactly_call_after_call(cell, threads):
 # (stack.hpp, layer_lanes), while one thread runs them one after another. Every call must give the
 # bits of one thread, in both directions of a training pass, and its small time loops may run on
 # their team or alone as TeamChoice learns (both give the same bits).
-# (T, B, H, L): batches of one and nine, a single step, a four-layer stack, and steps wide enough
-# (2^23 multiply-adds or more, team_plan.hpp's kLanesMaxMacs) that two threads run the layers one
-# after another, each with both threads.
+# (T, B, H, L): batches of one and nine, a single step, a four-layer stack; and steps wide enough
+# (2^23 multiply-adds or more), or layers with enough weights (8 MiB or more), that two threads
+# run the layers one after another, each with both threads (team_plan.hpp, kLanesMax*).
 LAYER_SHAPES = {"batch_of_one": (9, 1, 190, 2), "batch_of_nine": (7, 9, 40, 2),
                 "one_step": (1, 3, 24, 2), "four_layers": (6, 2, 24, 4),
-                "wide_steps": (2, 64, 256, 2)}
+                "wide_steps": (2, 64, 256, 2), "many_weights": (2, 1, 1024, 2)}
 
 
 @pytest.mark.parametrize("shape", list(LAYER_SHAPES))

@@ -633,10 +633,11 @@ void backward_layer_by_layer(const Tape<S>& tape, const OutputGrads<S>& out, Gat
 // The threads that run a stack's layers at once (see layer_lanes), or 1; a residual stack runs
 // them one after another (each layer's output is summed with its input between layers), and so
 // does a projected one (its loops share steps by rows; see projected_plan).
-inline int stack_lanes(const Dims& dm, CellKind cell, bool residual, int threads) {
+template <typename S>
+int stack_lanes(const Dims& dm, CellKind cell, bool residual, int threads) {
   if (residual || dm.projected) return 1;
-  const Index widest_step_macs = dm.B * gate_count(cell) * dm.H * (std::max(dm.I, dm.D * dm.H) + dm.P);
-  return layer_lanes(dm.L, dm.D, widest_step_macs, threads);
+  const Index widest_row_macs = gate_count(cell) * dm.H * (std::max(dm.I, dm.D * dm.H) + dm.P);
+  return layer_lanes(dm.L, dm.D, dm.B * widest_row_macs, widest_row_macs * Index(sizeof(S)), threads);
 }
 
 template <class Cell, typename S>
@@ -645,7 +646,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
   const Dims& dm = tape.dims;
   SortedGrads<Cell, S> sorted(tape, d_out, d_h_n, d_c_n);
   const OutputGrads<S> out = sorted.view();
-  const int lanes = stack_lanes(dm, tape.cell, tape.residual, threads);
+  const int lanes = stack_lanes<S>(dm, tape.cell, tape.residual, threads);
   GateGrads<Cell, S> g(dm, lanes > 1);
   if (lanes > 1) {
     backward_layers_at_once<Cell>(tape, out, g.d_gates, g.d_hn, lanes);
@@ -666,7 +667,7 @@ void stack_backward_cell(const Tape<S>& tape, const S* d_out, const S* d_h_n, co
 template <typename S>
 std::unique_ptr<Tape<S>> stack_forward(const StackInputs<S>& in, const StackOutputs<S>& out, bool keep_tape,
                                        int threads, StackPacks<S>* packs = nullptr) {
-  const int lanes = stack_lanes(in.dims, in.cell, in.residual, threads);
+  const int lanes = stack_lanes<S>(in.dims, in.cell, in.residual, threads);
   std::unique_ptr<Tape<S>> tape;
   with_cell(in.cell, [&](auto cell) {
     tape = stack_forward_cell<decltype(cell)>(in, out, keep_tape, packs, threads, lanes);

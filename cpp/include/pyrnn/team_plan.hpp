@@ -59,21 +59,25 @@ inline StepPlan plan_steps(Index B, Index H, Index G, Index scalar_bytes, int th
   return {static_cast<int>(std::min<Index>(threads, std::max<Index>(1, H / kUnitAlign))), false};
 }
 
-// Multiply-adds in a step of a stack's widest layer from which its layers run one after another,
-// each with all threads. Below it, meeting at every step costs a team much of a small step; past
-// it the meetings cost little, and layers at once lose more to their unequal shares (a first
-// layer with a narrower input waits for the next). Measured on this rule's commit.
+// A stack's layers run at once only while a step of its widest layer is small and its weights
+// are few. Small: below kLanesMaxMacs multiply-adds, meeting at every step costs a team much of
+// the step; past it the meetings cost little, and layers at once lose more to their unequal
+// shares (a first layer with a narrower input waits for the next). Few: a layer's thread reads
+// all its weights at every step, and from kLanesMaxWeightBytes on it reads them at the pace of
+// one core's share of L3 or memory, where a team spreads them over every core's caches.
+// Measured on the commits that set them.
 constexpr Index kLanesMaxMacs = Index(1) << 23;
+constexpr Index kLanesMaxWeightBytes = Index(8) << 20;
 
 // The rule for a stack: the threads that run its layers at once (1: layer after layer, each
 // with all threads). Layer l then runs on thread l % lanes, its time loop on that thread alone,
 // a few steps behind layer l - 1: its steps need no meeting of threads, where a team that shares
 // out the units of a small step meets at every one. Only unidirectional stacks (a bidirectional
 // layer's first output needs its whole input), only when every thread gets as many layers, and
-// only for steps of fewer than kLanesMaxMacs multiply-adds.
-inline int layer_lanes(Index layers, Index directions, Index step_macs, int threads) {
-  const bool at_once = directions == 1 && threads > 1 && layers % threads == 0 && step_macs < kLanesMaxMacs;
-  return at_once ? threads : 1;
+// only for small steps of few weights (above). step_macs and weight_bytes: the widest layer's.
+inline int layer_lanes(Index layers, Index directions, Index step_macs, Index weight_bytes, int threads) {
+  const bool small = step_macs < kLanesMaxMacs && weight_bytes < kLanesMaxWeightBytes;
+  return directions == 1 && threads > 1 && layers % threads == 0 && small ? threads : 1;
 }
 
 // The kinds of time loop: TeamChoice learns each apart.
