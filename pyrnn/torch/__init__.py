@@ -20,6 +20,7 @@ except ImportError as _error:
 
 from ._convert import convert
 from ._ops import kernel_threads
+from .frozen import FrozenLayer
 from .modules import GRU, LSTM, RNN, from_module
 
-__all__ = ["RNN", "LSTM", "GRU", "convert", "from_module", "kernel_threads"]
+__all__ = ["RNN", "LSTM", "GRU", "FrozenLayer", "convert", "from_module", "kernel_threads"]
