@@ -151,14 +151,16 @@ def time_runners(runners: dict, args) -> dict:
 
 class LatencyRunner:
     """One recurrent call at batch 1 through one layer of the stack: "kernel" (pyrnn's C++ on
-    NumPy arrays), "op" (torch.ops.pyrnn on tensors), "pyrnn.torch" or "torch.nn" (modules).
-    In training a call is the forward pass and the backward pass."""
+    NumPy arrays), "op" (torch.ops.pyrnn on tensors), "pyrnn.torch" or "torch.nn" (modules),
+    or, in inference, "frozen" (the pyrnn.torch layer's frozen() snapshot). In training a call
+    is the forward pass and the backward pass."""
 
     def __init__(self, config: dict, cell: str, mode: str, threads: int, layer: str):
         T, B, I, H = (config[k] for k in ("T", "B", "I", "H"))  # noqa: N806, E741
         torch.manual_seed(0)
-        module = (pt if layer in ("op", "kernel", "pyrnn.torch") else torch.nn)
+        module = torch.nn if layer == "torch.nn" else pt
         self.module = getattr(module, cell.upper())(I, H)
+        self.fast = self.module.frozen() if layer == "frozen" else None
         self.x = torch.randn(T, B, I, requires_grad=mode == "train")
         self.h0 = torch.zeros(1, B, H)
         self.c0 = torch.zeros(1, B, H) if cell == "lstm" else None
@@ -187,6 +189,9 @@ class LatencyRunner:
             if train:
                 self.kernels.stack_backward(tape, self.d_out.numpy(), None, None)
             return out
+        if self.layer == "frozen":
+            with torch.no_grad():
+                return self.fast(self.x)[0]
         if self.layer == "op":
             with contextlib.nullcontext() if train else torch.no_grad():
                 out = self.call_op(keep_tape=False)[0]
@@ -234,11 +239,12 @@ class AutogradFloor:
 
 
 LATENCY_LAYERS = ("kernel", "op", "pyrnn.torch", "torch.nn")
+INFERENCE_LAYERS = ("frozen",)  # inference only: no backward
 
 
 def latency_row(config: dict, cell: str, mode: str, threads: int, args) -> dict:
-    runners = {layer: LatencyRunner(config, cell, mode, threads, layer)
-               for layer in LATENCY_LAYERS}
+    layers = LATENCY_LAYERS + (INFERENCE_LAYERS if mode == "infer" else ())
+    runners = {layer: LatencyRunner(config, cell, mode, threads, layer) for layer in layers}
     if mode == "train":
         runners["autograd floor"] = AutogradFloor(config, cell, mode, threads, "op")
     row = {"config": config["name"], "cell": cell, "mode": mode, "threads": threads,
@@ -386,14 +392,15 @@ def report(results: dict) -> str:
                      f"{_num(r['ratio'])} | {_num(r['cpu_ratio'])} | "
                      f"{_num(r['host_other_pct'], 0)} | {_verdict(r)} |")
     lines += ["", "| latency | mode | thr | kernel µs | op µs | pyrnn.torch µs | torch.nn µs | "
-              "autograd floor µs | op boundary µs/call | beyond autograd µs/call | "
-              "module overhead µs/call | target |", "|" + "---|" * 13]
+              "frozen µs | autograd floor µs | op boundary µs/call | beyond autograd µs/call | "
+              "module overhead µs/call | target |", "|" + "---|" * 14]
     for r in latency:
         us = {n: 1e3 * e["ms"] for n, e in r["backends"].items()}
         lines.append(f"| {r['cell']} T={r['shape']['T']} B={r['shape']['B']} "
                      f"H={r['shape']['H']} | {r['mode']} | {r['threads']} | "
                      + " | ".join(f"{us[n]:.1f}" for n in LATENCY_LAYERS)
-                     + f" | {_num(us.get('autograd floor'), 1)} | {r['overhead_us']:.1f} | "
+                     + f" | {_num(us.get('frozen'), 1)} | {_num(us.get('autograd floor'), 1)} | "
+                     f"{r['overhead_us']:.1f} | "
                      f"{_num(r.get('overhead_beyond_autograd_us'), 1)} | "
                      f"{r['module_overhead_us']:.1f} | {_verdict(r)} |")
     if results.get("scaling"):

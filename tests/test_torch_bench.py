@@ -46,7 +46,7 @@ def test_runner_writes_json_then_the_tables(tmp_path):
     assert latency["overhead_us"] == pytest.approx((ms["op"] - ms["kernel"]) * 1e3 / 2)
     assert latency["overhead_beyond_autograd_us"] == pytest.approx(
         (ms["op"] - ms["kernel"] - ms["autograd floor"]) * 1e3 / 2)
-    assert set(results["rows"][5]["backends"]) == set(torch_models.LATENCY_LAYERS)
+    assert set(results["rows"][5]["backends"]) == {*torch_models.LATENCY_LAYERS, "frozen"}
     table = (tmp_path / "torch_results.md").read_text()
     assert "| tiny | gru | infer | 1 |" in table and "op boundary µs/call" in table
 
