@@ -50,3 +50,15 @@ def _fixed_thread_counts():
     _backend.set_adaptive_threads(False)
     yield
     _backend.set_adaptive_threads(True)
+
+
+@pytest.fixture
+def default_threads(monkeypatch):
+    """pyrnn's thread count as never set by the user (pyrnn.torch's operators then follow
+    torch's); restored afterwards, as torch's. Skips without torch."""
+    torch = pytest.importorskip("torch")
+    core, torch_threads = _backend.get_num_threads(), torch.get_num_threads()
+    monkeypatch.setattr(_backend, "_threads_set_by_user", False)
+    yield
+    torch.set_num_threads(torch_threads)
+    _backend.set_core_threads(core)

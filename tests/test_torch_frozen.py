@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 import pyrnn
-from pyrnn import _backend
 
 torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
@@ -81,16 +80,6 @@ def test_frozen_runs_outside_no_grad_on_inputs_without_grad():
     out, (h_n, c_n) = layer.frozen()(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 4) and h_n.shape == c_n.shape == (1, 1, 4)
     assert not out.requires_grad
-
-
-@pytest.fixture
-def default_threads(monkeypatch):
-    """pyrnn's thread count as never set by the user; restored afterwards, as torch's."""
-    core, torch_threads = _backend.get_num_threads(), torch.get_num_threads()
-    monkeypatch.setattr(_backend, "_threads_set_by_user", False)
-    yield
-    torch.set_num_threads(torch_threads)
-    _backend.set_core_threads(core)
 
 
 def test_frozen_follows_torchs_thread_count(default_threads):

@@ -11,7 +11,6 @@ import warnings
 import pytest
 
 import pyrnn
-from pyrnn import _backend
 from pyrnn._cells import CELLS
 
 torch = pytest.importorskip("torch")
@@ -148,16 +147,6 @@ def test_graphs_in_several_threads_give_the_serial_results():
     assert not errors
     for got, want in zip(results, serial, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-
-
-@pytest.fixture
-def default_threads(monkeypatch):
-    """pyrnn's thread count as never set by the user; restored afterwards, as torch's."""
-    core, torch_threads = _backend.get_num_threads(), torch.get_num_threads()
-    monkeypatch.setattr(_backend, "_threads_set_by_user", False)
-    yield
-    torch.set_num_threads(torch_threads)
-    _backend.set_core_threads(core)
 
 
 def test_core_follows_torchs_thread_count_until_set_explicitly(default_threads):
